@@ -1,0 +1,108 @@
+"""torch FlexAttention reading the paged cache in place.
+
+The whole physical cache is one key sequence of num_blocks * block_size slots and the packed
+queries one query sequence; a mask_mod built from the block table lets each query see exactly the
+slots its own sequence owns (document masking over physical slots), so no page is gathered. The
+block mask's sparsity skips every key tile a query tile cannot see.
+
+Every feature is a tensor the mask_mod / score_mod read (not a Python branch), and shapes are
+padded to power-of-two buckets, so one compiled kernel serves many cases: torch.compile of
+flex_attention costs seconds per new graph (on CPU, dynamic shapes hit an inductor bug with fp16).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from conformance import Backend, Capabilities, Case, register_backend
+
+
+def _bucket(n: int, least: int) -> int:
+    return max(least, 1 << (n - 1).bit_length())
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@register_backend
+class FlexBackend(Backend):
+    name = "flex"
+    description = "torch FlexAttention (compiled) over the physical paged cache with a block-table mask_mod"
+    capabilities = Capabilities(returns_lse=False)  # compiled flex on CPU has no LSE; on CUDA it is returned
+    # Masked-out slots of a visible key tile still enter P @ V with P = 0, and 0 * NaN = NaN.
+    finite_poison = True
+
+    def unavailable(self):
+        try:
+            import torch.nn.attention.flex_attention  # noqa: F401
+        except ImportError as e:
+            return f"torch.nn.attention.flex_attention not importable: {e}"
+        return None
+
+    def run(self, case: Case):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        spec, dev = case.spec, case.device
+        nb, bs, hkv, d = case.k_cache.shape
+        t, s = case.q.shape[0], nb * bs
+        t_pad, s_pad = _bucket(t, 128), _bucket(s, 128)
+
+        # Ownership of each physical slot, from the block table: the sequence and logical position.
+        bt = case.block_table.to(torch.int64)
+        n_blocks = (case.seq_lens.to(torch.int64) + bs - 1) // bs
+        owned = torch.arange(bt.shape[1], device=dev)[None, :] < n_blocks[:, None]
+        seq_ids = torch.arange(bt.shape[0], device=dev)[:, None].expand_as(bt)
+        block_seq = torch.full((nb,), -2, dtype=torch.int64, device=dev)
+        block_first_pos = torch.zeros(nb, dtype=torch.int64, device=dev)
+        block_seq[bt[owned]] = seq_ids[owned]
+        block_first_pos[bt[owned]] = (torch.arange(bt.shape[1], device=dev)[None, :] * bs).expand_as(bt)[owned]
+        slot_seq = torch.full((s_pad,), -2, dtype=torch.int64, device=dev)
+        slot_pos = torch.zeros(s_pad, dtype=torch.int64, device=dev)
+        slot_seq[:s] = block_seq.repeat_interleave(bs)
+        slot_pos[:s] = block_first_pos.repeat_interleave(bs) + torch.arange(bs, device=dev).repeat(nb)
+        seq_lens = case.seq_lens.to(torch.int64)
+        slot_seq[:s] = torch.where(slot_pos[:s] < seq_lens[slot_seq[:s].clamp(min=0)], slot_seq[:s], -2)
+
+        # Each query's sequence and absolute position (context + i); padding rows own nothing.
+        qsl = case.query_start_loc.to(torch.int64)
+        q_lens = qsl[1:] - qsl[:-1]
+        q_seq = torch.full((t_pad,), -1, dtype=torch.int64, device=dev)
+        q_pos = torch.zeros(t_pad, dtype=torch.int64, device=dev)
+        q_seq[:t] = torch.repeat_interleave(torch.arange(q_lens.numel(), device=dev), q_lens)
+        q_pos[:t] = torch.arange(t, device=dev) - qsl[q_seq[:t]] + case.context_lens.to(torch.int64)[q_seq[:t]]
+
+        causal = torch.tensor(spec.causal, device=dev)
+        window = torch.tensor(spec.sliding_window or (1 << 40), device=dev)
+        cap = torch.tensor(spec.softcap or 0.0, device=dev, dtype=torch.float32)
+
+        def mask_mod(b, h, qi, ki):
+            same = q_seq[qi] == slot_seq[ki]
+            dist = q_pos[qi] - slot_pos[ki]
+            return same & ((dist >= 0) | ~causal) & (dist < window)
+
+        def score_mod(score, b, h, qi, ki):
+            return torch.where(cap > 0, cap * torch.tanh(score / cap), score)
+
+        block_mask = create_block_mask(mask_mod, 1, None, t_pad, s_pad, device=dev)
+        q = torch.zeros(1, spec.heads.num_q_heads, t_pad, d, dtype=case.q.dtype, device=dev)
+        q[0, :, :t] = case.q.transpose(0, 1)
+        k = _pad_slots(case.k_cache.view(s, hkv, d), s_pad)
+        v = _pad_slots(case.v_cache.view(s, hkv, d), s_pad)
+        want_lse = dev.type == "cuda"
+        with torch.no_grad():
+            res = _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=case.scale,
+                                   enable_gqa=True, return_lse=want_lse)
+        out, lse = res if want_lse else (res, None)
+        case.out.copy_(out[0, :, :t].transpose(0, 1))
+        return case.out, (lse[0, :, :t].transpose(0, 1) if lse is not None else None)
+
+
+def _pad_slots(cache: torch.Tensor, s_pad: int) -> torch.Tensor:
+    """[S, Hkv, D] -> [1, Hkv, s_pad, D]; pad slots are zeros and masked out anyway."""
+    out = cache.new_zeros(1, cache.shape[1], s_pad, cache.shape[2])
+    out[0, :, : cache.shape[0]] = cache.transpose(0, 1)
+    return out

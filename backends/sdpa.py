@@ -1,0 +1,71 @@
+"""torch.nn.functional.scaled_dot_product_attention over K/V gathered from the paged cache.
+
+SDPA takes no pages, so the adapter reads each sequence's K/V back through its block table and
+calls SDPA once per sequence (one call for a ragged batch would need a padded [B, max_q, max_kv]
+mask, which flash cannot take). Causal cases use torch's bottom-right CausalBias; a sliding window
+needs an explicit boolean mask. On CUDA each SDPA kernel is also registered under its own name.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
+
+from conformance import Backend, Capabilities, Case, gather_kv, register_backend
+
+NO_SOFTCAP = frozenset({"causal", "non_causal", "sliding_window"})
+
+
+class SdpaBackend(Backend):
+    def __init__(self, name: str, kernel: SDPBackend | None, devices=("cpu", "cuda"), dtypes=None):
+        self.name, self.kernel = name, kernel
+        kernel_name = kernel.name.lower() if kernel else "default dispatch"
+        self.description = f"torch SDPA ({kernel_name}) per sequence over K/V gathered through the block table"
+        caps = dict(devices=frozenset(devices), features=NO_SOFTCAP)
+        if dtypes:
+            caps["dtypes"] = frozenset(dtypes)
+        self.capabilities = Capabilities(**caps)
+
+    def unsupported(self, spec, device):
+        if self.kernel == SDPBackend.FLASH_ATTENTION and device.type == "cuda":
+            if spec.dtype == torch.float32:
+                return "the CUDA flash kernel has no fp32"
+            if spec.sliding_window is not None:
+                return "the CUDA flash kernel takes no attention mask (sliding window needs one)"
+            if spec.heads.head_dim > 256:
+                return f"head_dim {spec.heads.head_dim} > 256 (CUDA flash limit)"
+        return None
+
+    def run(self, case: Case):
+        k_all, v_all, kv_start = gather_kv(case)
+        group = case.spec.heads.group_size
+        q_start = case.query_start_loc.tolist()
+        kv_start = kv_start.tolist()
+        spec = case.spec
+        for i in range(len(q_start) - 1):
+            q = case.q[q_start[i]:q_start[i + 1]].transpose(0, 1)[None]  # [1, Hq, q_len, D]
+            k = k_all[kv_start[i]:kv_start[i + 1]].transpose(0, 1)[None].repeat_interleave(group, dim=1)
+            v = v_all[kv_start[i]:kv_start[i + 1]].transpose(0, 1)[None].repeat_interleave(group, dim=1)
+            q_len, kv_len = q.shape[2], k.shape[2]
+            mask = None
+            if spec.sliding_window is not None:
+                qpos = torch.arange(kv_len - q_len, kv_len, device=case.device)[:, None]
+                kpos = torch.arange(kv_len, device=case.device)[None, :]
+                mask = (kpos <= qpos) & (qpos - kpos < spec.sliding_window)
+            elif spec.causal:
+                mask = causal_lower_right(q_len, kv_len)
+            with sdpa_kernel(self.kernel) if self.kernel else contextlib.nullcontext():
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=case.scale)
+            case.out[q_start[i]:q_start[i + 1]] = o[0].transpose(0, 1)
+        return case.out
+
+
+register_backend(SdpaBackend("sdpa", None))
+register_backend(SdpaBackend("sdpa-math", SDPBackend.MATH))
+register_backend(SdpaBackend("sdpa-flash", SDPBackend.FLASH_ATTENTION))
+_HALF = (torch.float16, torch.bfloat16)
+register_backend(SdpaBackend("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION, devices=("cuda",)))
+register_backend(SdpaBackend("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION, devices=("cuda",), dtypes=_HALF))

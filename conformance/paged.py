@@ -1,0 +1,181 @@
+"""The paged KV cache a backend sees, built from a CaseSpec with seeded random data.
+
+Inputs holds every random draw of a case (queries, the logical K/V of each sequence, the block
+assignment); materialize() turns it into a fresh Case for one backend run: a poisoned cache with
+the context pre-written, the new tokens' K/V and slot mapping, and a NaN-filled output buffer.
+The logical K/V stay with the harness (the reference reads them, backends never do).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .spec import CaseSpec
+
+NULL_BLOCK = 0  # vLLM's convention: block 0 is reserved and never holds data
+
+
+def poison_value(dtype: torch.dtype, finite: bool) -> float:
+    """NaN shows any read of an unused slot; finite poison (for backends that mask by multiplying
+    with 0, where NaN * 0 = NaN) is still large enough that an unmasked read ruins the output."""
+    return min(1e4, torch.finfo(dtype).max / 4) if finite else math.nan
+
+
+@dataclass
+class Case:
+    """What an adapter gets. Tensors are fresh per run; the adapter may write the caches and `out`.
+
+    Shapes: T new tokens (all sequences, packed in order), B sequences, H heads, D head dim.
+    """
+
+    spec: CaseSpec
+    q: torch.Tensor  # [T, Hq, D]
+    k_new: torch.Tensor  # [T, Hkv, D], the new tokens' keys, to be written to the cache
+    v_new: torch.Tensor  # [T, Hkv, D]
+    k_cache: torch.Tensor  # [num_blocks, block_size, Hkv, D]; context pre-written, the rest poisoned
+    v_cache: torch.Tensor  # [num_blocks, block_size, Hkv, D]
+    block_table: torch.Tensor  # [B, max_blocks] int32; entries past a sequence's last block are garbage
+    slot_mapping: torch.Tensor  # [T] int64: block_table[b, pos // bs] * bs + pos % bs of each new token
+    seq_lens: torch.Tensor  # [B] int32, context + new tokens
+    context_lens: torch.Tensor  # [B] int32
+    query_start_loc: torch.Tensor  # [B + 1] int32, cu_seqlens of the queries
+    max_query_len: int
+    max_seq_len: int
+    out: torch.Tensor  # [T, Hq, D], NaN-filled: rows a backend leaves unwritten fail
+    poison: float
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def scale(self) -> float:
+        return self.spec.scale
+
+
+@dataclass
+class Inputs:
+    """All random data of one case, drawn once from the case's own seed."""
+
+    spec: CaseSpec
+    q: torch.Tensor  # [T, Hq, D]
+    k: torch.Tensor  # [N, Hkv, D], every sequence's keys packed (context then new tokens)
+    v: torch.Tensor
+    kv_start_loc: torch.Tensor  # [B + 1] int64
+    new_token_index: torch.Tensor  # [T] int64: row of each new token in k / v
+    context_index: torch.Tensor  # [N - T] int64: rows of context tokens in k / v
+    context_slots: torch.Tensor  # [N - T] int64: cache slot of each context token
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    num_blocks: int
+
+    def materialize(self, finite_poison: bool = False) -> Case:
+        spec, b = self.spec, self.spec.batch
+        bs, hkv, d = spec.block_size, spec.heads.num_kv_heads, spec.heads.head_dim
+        poison = poison_value(spec.dtype, finite_poison)
+        dev = self.q.device
+
+        def cache(src: torch.Tensor) -> torch.Tensor:
+            c = torch.full((self.num_blocks, bs, hkv, d), poison, dtype=spec.dtype, device=dev)
+            c.view(-1, hkv, d)[self.context_slots] = src[self.context_index]
+            return c
+
+        i32 = dict(dtype=torch.int32, device=dev)
+        return Case(
+            spec=spec,
+            q=self.q.clone(),
+            k_new=self.k[self.new_token_index],
+            v_new=self.v[self.new_token_index],
+            k_cache=cache(self.k),
+            v_cache=cache(self.v),
+            block_table=self.block_table.clone(),
+            slot_mapping=self.slot_mapping.clone(),
+            seq_lens=torch.tensor(b.seq_lens, **i32),
+            context_lens=torch.tensor(b.context_lens, **i32),
+            query_start_loc=torch.tensor([0, *_cumsum(b.query_lens)], **i32),
+            max_query_len=max(b.query_lens),
+            max_seq_len=max(b.seq_lens),
+            out=torch.full_like(self.q, math.nan),
+            poison=poison,
+        )
+
+
+def _cumsum(xs) -> list[int]:
+    out, total = [], 0
+    for x in xs:
+        total += x
+        out.append(total)
+    return out
+
+
+def make_inputs(spec: CaseSpec, device: torch.device | str, seed: int) -> Inputs:
+    """Draw a case's data. Every draw comes from one generator seeded by the case, so the same
+    case gives the same tensors on a device whatever ran before it."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    b, h, bs = spec.batch, spec.heads, spec.block_size
+    seq_lens = torch.tensor(b.seq_lens, dtype=torch.int64, device=device)
+    query_lens = torch.tensor(b.query_lens, dtype=torch.int64, device=device)
+    n_total, n_new = sum(b.seq_lens), b.num_query_tokens
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(spec.dtype)
+
+    q = randn(n_new, h.num_q_heads, h.head_dim)
+    k = randn(n_total, h.num_kv_heads, h.head_dim)
+    v = randn(n_total, h.num_kv_heads, h.head_dim)
+
+    # Blocks: a random, non-contiguous pick from a pool twice the size needed (block 0 excluded).
+    blocks_per_seq = [math.ceil(s / bs) for s in b.seq_lens]
+    needed = sum(blocks_per_seq)
+    num_blocks = 1 + 2 * needed
+    perm = torch.randperm(num_blocks - 1, generator=gen, device=device) + 1
+    used, unused = perm[:needed], perm[needed:]
+    width = max(blocks_per_seq) + 1  # one spare column: even the longest sequence has garbage after it
+    # Garbage past each sequence's last block: ids of unused (poisoned) blocks, so a read past the
+    # end shows as NaN rather than as another sequence's plausible data.
+    table = unused[torch.randint(0, unused.numel(), (b.batch_size, width), generator=gen, device=device)]
+    col = torch.arange(width, device=device)
+    nblk = torch.tensor(blocks_per_seq, device=device)
+    owned = col[None, :] < nblk[:, None]
+    table[owned] = used  # row-major fill: sequence 0 takes the first blocks of the permutation, ...
+    table = table.to(torch.int32)
+
+    # Token bookkeeping for the packed logical K/V.
+    kv_start = torch.zeros(b.batch_size + 1, dtype=torch.int64, device=device)
+    kv_start[1:] = torch.cumsum(seq_lens, 0)
+    seq_of_token = torch.repeat_interleave(torch.arange(b.batch_size, device=device), seq_lens)
+    pos = torch.arange(n_total, device=device) - kv_start[seq_of_token]
+    slots = table[seq_of_token, pos // bs].to(torch.int64) * bs + pos % bs
+    is_new = pos >= (seq_lens - query_lens)[seq_of_token]
+    new_idx = torch.nonzero(is_new).flatten()
+    ctx_idx = torch.nonzero(~is_new).flatten()
+    return Inputs(
+        spec=spec, q=q, k=k, v=v, kv_start_loc=kv_start, new_token_index=new_idx, context_index=ctx_idx,
+        context_slots=slots[ctx_idx], block_table=table, slot_mapping=slots[new_idx], num_blocks=num_blocks,
+    )
+
+
+def scatter_to_cache(case: Case) -> None:
+    """The default cache write: the new tokens' K/V into their slots. Adapters with their own
+    cache-write op override Backend.write_cache instead."""
+    hkv, d = case.k_cache.shape[-2:]
+    case.k_cache.view(-1, hkv, d)[case.slot_mapping] = case.k_new
+    case.v_cache.view(-1, hkv, d)[case.slot_mapping] = case.v_new
+
+
+def gather_kv(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each sequence's K/V read back from the paged cache through its block table, packed:
+    ([N, Hkv, D], [N, Hkv, D], kv_start_loc [B + 1]). For adapters whose library takes no pages."""
+    dev = case.device
+    seq_lens = case.seq_lens.to(torch.int64)
+    bs = case.k_cache.shape[1]
+    starts = torch.zeros(seq_lens.numel() + 1, dtype=torch.int64, device=dev)
+    starts[1:] = torch.cumsum(seq_lens, 0)
+    seq = torch.repeat_interleave(torch.arange(seq_lens.numel(), device=dev), seq_lens)
+    pos = torch.arange(int(starts[-1]), device=dev) - starts[seq]
+    slots = case.block_table[seq, pos // bs].to(torch.int64) * bs + pos % bs
+    hkv, d = case.k_cache.shape[-2:]
+    return case.k_cache.view(-1, hkv, d)[slots], case.v_cache.view(-1, hkv, d)[slots], starts

@@ -1,0 +1,102 @@
+"""Ground truth: attention over the logical (unpaged) K/V, independent of every backend.
+
+It reads the harness's own packed K/V, never the paged cache, builds every mask explicitly
+(bottom-right causal: query i of a sequence with context c sees keys 0..c+i; sliding window;
+key padding), maps query head h to KV head h // group, and computes in float64 by default.
+Sequences are padded into one batch (no per-sequence Python loop) and keys are processed in
+chunks with an online softmax, so memory stays bounded for long contexts.
+
+precision="lowp" runs the same math the way a fused kernel in the case's dtype would (scores and
+probabilities rounded to the dtype, fp32 statistics, output rounded): the noise level that
+calibrates the tolerance.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .paged import Inputs
+
+# Elements of one chunk's score tensor; bounds the reference's memory (128 MiB in float64).
+SCORE_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class Reference:
+    out: torch.Tensor  # [T, Hq, D]
+    lse: torch.Tensor  # [T, Hq], natural log; -inf for a row that sees no key (its out is 0)
+
+
+def reference_attention(inputs: Inputs, precision: str = "float64") -> Reference:
+    if precision not in ("float64", "lowp"):
+        raise ValueError(f"precision = {precision!r}: must be 'float64' or 'lowp'")
+    spec, b = inputs.spec, inputs.spec.batch
+    dev = inputs.q.device
+    lowp = precision == "lowp"
+    acc_dtype = torch.float32 if lowp else torch.float64
+
+    def rnd(x):  # round to the case's dtype where a low-precision kernel would
+        return x.to(spec.dtype).to(acc_dtype) if lowp else x
+
+    B, hq, hkv, d = b.batch_size, spec.heads.num_q_heads, spec.heads.num_kv_heads, spec.heads.head_dim
+    g = hq // hkv
+    max_q, max_kv = max(b.query_lens), max(b.seq_lens)
+    seq_lens = torch.tensor(b.seq_lens, device=dev)
+    query_lens = torch.tensor(b.query_lens, device=dev)
+    ctx_lens = seq_lens - query_lens
+
+    # Pad queries to [B, Hkv, G, max_q, D] (head h = kv_head * G + g) and keys to [B, Hkv, max_kv, D].
+    q_start = torch.zeros(B + 1, dtype=torch.int64, device=dev)
+    q_start[1:] = torch.cumsum(query_lens, 0)
+    q_seq = torch.repeat_interleave(torch.arange(B, device=dev), query_lens)
+    q_pos = torch.arange(b.num_query_tokens, device=dev) - q_start[q_seq]
+    q_pad = torch.zeros(B, max_q, hq, d, dtype=acc_dtype, device=dev)
+    q_pad[q_seq, q_pos] = inputs.q.to(acc_dtype)
+    q_pad = q_pad.view(B, max_q, hkv, g, d).permute(0, 2, 3, 1, 4)
+
+    kv_seq = torch.repeat_interleave(torch.arange(B, device=dev), seq_lens)
+    kv_pos = torch.arange(inputs.k.shape[0], device=dev) - inputs.kv_start_loc[kv_seq]
+    k_pad = inputs.k.new_zeros(B, max_kv, hkv, d)
+    v_pad = inputs.v.new_zeros(B, max_kv, hkv, d)
+    k_pad[kv_seq, kv_pos] = inputs.k
+    v_pad[kv_seq, kv_pos] = inputs.v
+
+    # Absolute position of each padded query row: context + i.
+    qpos = (ctx_lens[:, None] + torch.arange(max_q, device=dev)[None, :])[:, None, None, :, None]
+
+    m = torch.full((B, hkv, g, max_q), float("-inf"), dtype=acc_dtype, device=dev)
+    l = torch.zeros_like(m)
+    acc = torch.zeros(B, hkv, g, max_q, d, dtype=acc_dtype, device=dev)
+    chunk = max(16, SCORE_CHUNK_ELEMENTS // max(1, B * hq * max_q))
+    for j0 in range(0, max_kv, chunk):
+        j1 = min(max_kv, j0 + chunk)
+        kc = k_pad[:, j0:j1].to(acc_dtype).permute(0, 2, 1, 3)  # [B, Hkv, C, D]
+        vc = v_pad[:, j0:j1].to(acc_dtype).permute(0, 2, 1, 3)
+        s = rnd(torch.einsum("bhgqd,bhkd->bhgqk", q_pad, kc) * spec.scale)
+        if spec.softcap is not None:
+            s = rnd(spec.softcap * torch.tanh(s / spec.softcap))
+        kpos = torch.arange(j0, j1, device=dev)[None, None, None, None, :]
+        visible = kpos < seq_lens[:, None, None, None, None]
+        if spec.causal:
+            visible = visible & (kpos <= qpos)
+        if spec.sliding_window is not None:
+            visible = visible & (qpos - kpos < spec.sliding_window)
+        s = s.masked_fill(~visible, float("-inf"))
+        m_new = torch.maximum(m, s.amax(-1))
+        shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows with no key yet
+        p = torch.exp(s - shift[..., None])
+        alpha = torch.exp(m - shift)
+        l = l * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + torch.einsum("bhgqk,bhkd->bhgqd", rnd(p), vc)
+        m = m_new
+
+    seen = l > 0
+    out = torch.where(seen[..., None], acc / torch.where(seen, l, torch.ones_like(l))[..., None], torch.zeros_like(acc))
+    lse = torch.where(seen, m + torch.log(torch.where(seen, l, torch.ones_like(l))), torch.full_like(m, float("-inf")))
+    # Back to packed rows: [B, Hkv, G, max_q, ...] -> [T, Hq, ...].
+    out = out.permute(0, 3, 1, 2, 4).reshape(B, max_q, hq, d)[q_seq, q_pos]
+    lse = lse.permute(0, 3, 1, 2).reshape(B, max_q, hq)[q_seq, q_pos]
+    if lowp:
+        out = out.to(spec.dtype)
+    return Reference(out=out, lse=lse)

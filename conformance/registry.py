@@ -1,0 +1,170 @@
+"""Backends: the adapter interface, their declared capabilities, and the registry.
+
+An adapter translates a Case into one library call. It never builds inputs, computes references
+or judges. Built-in adapters live in the `backends` package and register on import; other
+packages register theirs through the entry-point group below, without editing this repo.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+import torch
+
+from .paged import Case, scatter_to_cache
+from .spec import DTYPE_NAMES, CaseSpec
+from .tolerance import Tolerance
+
+ENTRY_POINT_GROUP = "attention_conformance.backends"
+ALL_FEATURES = frozenset({"causal", "non_causal", "sliding_window", "softcap"})
+
+
+def _names(values) -> str:
+    return ", ".join(sorted(DTYPE_NAMES.get(v, str(v)) for v in values))
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can run. Every case outside it is skipped with the rule it breaks."""
+
+    devices: frozenset[str] = frozenset({"cpu", "cuda"})
+    compute_capability: tuple[tuple[int, int], tuple[int, int]] | None = None  # inclusive range, CUDA only
+    dtypes: frozenset[torch.dtype] = frozenset(DTYPE_NAMES)
+    kv_dtypes: frozenset[str] = frozenset({"auto"})
+    head_dims: frozenset[int] | None = None  # None: any
+    block_sizes: frozenset[int] | None = None  # None: any (subject to block_size_multiple)
+    block_size_multiple: int = 1
+    gqa_ratios: frozenset[int] | None = None  # None: any
+    features: frozenset[str] = ALL_FEATURES
+    returns_lse: bool = False
+    requires: tuple[str, ...] = ()  # importable modules; a missing one skips every case, naming it
+
+    def unsupported(self, spec: CaseSpec, device: torch.device) -> str | None:
+        """Why this backend cannot run `spec` on `device`, or None."""
+        if device.type not in self.devices:
+            return f"device {device.type} not supported (supports: {', '.join(sorted(self.devices))})"
+        if self.compute_capability and device.type == "cuda":
+            cc = torch.cuda.get_device_capability(device)
+            lo, hi = self.compute_capability
+            if not lo <= cc <= hi:
+                return f"compute capability sm_{cc[0]}{cc[1]} outside sm_{lo[0]}{lo[1]}..sm_{hi[0]}{hi[1]}"
+        if spec.dtype not in self.dtypes:
+            return f"dtype {spec.dtype_name} not supported (supports: {_names(self.dtypes)})"
+        if spec.kv_dtype not in self.kv_dtypes:
+            return f"kv dtype {spec.kv_dtype} not supported (supports: {', '.join(sorted(self.kv_dtypes))})"
+        if self.head_dims is not None and spec.heads.head_dim not in self.head_dims:
+            return f"head_dim {spec.heads.head_dim} not supported (supports: {sorted(self.head_dims)})"
+        if self.block_sizes is not None and spec.block_size not in self.block_sizes:
+            return f"block size {spec.block_size} not supported (supports: {sorted(self.block_sizes)})"
+        if spec.block_size % self.block_size_multiple:
+            return f"block size {spec.block_size} not a multiple of {self.block_size_multiple}"
+        if self.gqa_ratios is not None and spec.heads.group_size not in self.gqa_ratios:
+            return f"GQA ratio {spec.heads.group_size} not supported (supports: {sorted(self.gqa_ratios)})"
+        missing = sorted(spec.features - self.features)
+        if missing:
+            return f"feature {', '.join(missing)} not supported"
+        return None
+
+
+class Backend:
+    """Base class of adapters. Subclasses set `name` and `capabilities` and implement run()."""
+
+    name: str = ""
+    description: str = ""
+    capabilities: Capabilities = Capabilities()
+    tolerance: Tolerance | None = None  # an override of the pass rule, with its reason
+    finite_poison: bool = False  # the kernel masks by multiplying with 0, so NaN poison would leak
+
+    def unavailable(self) -> str | None:
+        """Why this backend cannot run at all on this machine (missing library ...), or None."""
+        for module in self.capabilities.requires:
+            if importlib.util.find_spec(module.split(".")[0]) is None:
+                return f"{module} is not installed"
+        return None
+
+    def unsupported(self, spec: CaseSpec, device: torch.device) -> str | None:
+        """Extra per-case rules beyond Capabilities; override to add them (return the reason)."""
+        return None
+
+    def skip_reason(self, spec: CaseSpec, device: torch.device) -> str | None:
+        return self.unavailable() or self.capabilities.unsupported(spec, device) or self.unsupported(spec, device)
+
+    def write_cache(self, case: Case) -> None:
+        """Write the new tokens' K/V into the paged cache. Override with the library's own op."""
+        scatter_to_cache(case)
+
+    def run(self, case: Case):
+        """Return out [T, Hq, D] in the case's dtype, or (out, lse) with lse [T, Hq] in natural log."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<backend {self.name}>"
+
+
+class RegistryError(ValueError):
+    pass
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register_backend(backend):
+    """Register a Backend subclass (usable as a class decorator) or instance. Returns it unchanged."""
+    instance = backend() if isinstance(backend, type) else backend
+    if not isinstance(instance, Backend):
+        raise RegistryError(f"register_backend({backend!r}): must be a Backend subclass or instance")
+    name = instance.name
+    if not name or not all(c.isalnum() or c in "-_" for c in name):
+        raise RegistryError(f"backend name = {name!r}: must be non-empty, letters, digits, '-' and '_' only")
+    other = _REGISTRY.get(name)
+    if other is not None and type(other) is not type(instance):
+        raise RegistryError(f"backend name = {name!r}: already registered by {type(other).__qualname__}")
+    _REGISTRY[name] = instance
+    return backend
+
+
+def unregister_backend(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+class _BrokenPlugin(Backend):
+    """Stands in for an entry point that failed to load, so the failure shows as ERROR, not silence."""
+
+    def __init__(self, name: str, error: str):
+        self.name, self.error = name, error
+        self.description = f"entry point failed to load: {error}"
+
+    def run(self, case: Case):
+        raise RegistryError(f"plugin {self.name!r} failed to load: {self.error}")
+
+
+_loaded = False
+
+
+def load_backends(modules: tuple[str, ...] = ()) -> dict[str, Backend]:
+    """Import the built-in adapters, those of installed packages (entry points), and `modules`."""
+    global _loaded
+    if not _loaded:
+        importlib.import_module("backends")
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                obj = ep.load()
+                if isinstance(obj, Backend) or (isinstance(obj, type) and issubclass(obj, Backend)):
+                    register_backend(obj)
+                elif callable(obj):
+                    obj()  # a function that registers its backends
+            except Exception as e:  # noqa: BLE001 - any plugin failure must be visible, not fatal
+                register_backend(_BrokenPlugin(ep.name, f"{type(e).__name__}: {e}"))
+        _loaded = True
+    for module in modules:
+        importlib.import_module(module)
+    return dict(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    backends = load_backends()
+    if name not in backends:
+        raise RegistryError(f"backend = {name!r}: not registered (registered: {', '.join(sorted(backends))})")
+    return backends[name]

@@ -1,0 +1,191 @@
+"""Run one backend on one case and judge it: the only place where a Result is made."""
+from __future__ import annotations
+
+import time
+import traceback
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from enum import Enum
+
+import torch
+
+from .paged import Case, Inputs, make_inputs
+from .reference import Reference, reference_attention
+from .registry import Backend
+from .spec import CaseSpec
+from .tolerance import DEFAULT_TOLERANCE, Comparison, compare
+
+
+class Status(str, Enum):
+    PASS = "PASS"
+    FAIL = "FAIL"  # wrong numbers, NaN/Inf, or a wrong cache write
+    SKIP = "SKIP"  # the backend cannot run this case here; reason says why
+    ERROR = "ERROR"  # the adapter raised, or returned the wrong shape, dtype or device
+    CRASH = "CRASH"  # reserved for isolated runs: the worker process died
+    TIMEOUT = "TIMEOUT"  # reserved for isolated runs: the worker hung
+
+
+@dataclass
+class Result:
+    """A plain record of one backend x case; reports are written from these alone."""
+
+    backend: str
+    case: str  # the case id, without the backend
+    scenario: str
+    dtype: str
+    block_size: int
+    heads: str
+    device: str
+    status: Status
+    reason: str = ""
+    err: float | None = None  # max |out - ref|
+    ref_err: float | None = None  # max |ref_lowp - ref|: the dtype's own noise on this case
+    tol: float | None = None
+    ratio: float | None = None  # err / tol, <= 1 passes
+    lse_err: float | None = None
+    lse_tol: float | None = None
+    backend_seconds: float | None = None
+    harness_seconds: float | None = None  # inputs, references and judging; the backend excluded
+    seed: int | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.backend}-{self.case}"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["status"] = self.status.value
+        return d
+
+
+class _Prepared:
+    """A case's inputs and both references, shared by every backend run on the same case."""
+
+    def __init__(self, spec: CaseSpec, device: torch.device, seed: int):
+        self.inputs: Inputs = make_inputs(spec, device, seed)
+        self.ref: Reference = reference_attention(self.inputs, "float64")
+        self.ref_lowp: Reference = reference_attention(self.inputs, "lowp")
+
+
+class Runner:
+    """Runs cases on one device. Keeps the last few prepared cases, so running several backends
+    on the same case in a row computes its references once."""
+
+    def __init__(self, device: str | torch.device = "cpu", base_seed: int = 0, keep: int = 2):
+        self.device = torch.device(device)
+        self.base_seed = base_seed
+        self._keep = keep
+        self._prepared: OrderedDict[tuple, _Prepared] = OrderedDict()
+
+    def prepared(self, spec: CaseSpec) -> _Prepared:
+        key = (spec, self.base_seed)
+        if key not in self._prepared:
+            if len(self._prepared) >= self._keep:
+                self._prepared.popitem(last=False)
+            self._prepared[key] = _Prepared(spec, self.device, spec.seed(self.base_seed))
+        self._prepared.move_to_end(key)
+        return self._prepared[key]
+
+    def run(self, backend: Backend, spec: CaseSpec) -> Result:
+        t0 = time.perf_counter()
+        result = Result(backend=backend.name, case=spec.id, scenario=spec.scenario, dtype=spec.dtype_name,
+                        block_size=spec.block_size, heads=spec.heads.id, device=str(self.device),
+                        status=Status.PASS, seed=spec.seed(self.base_seed))
+        reason = backend.skip_reason(spec, self.device)
+        if reason:
+            result.status, result.reason = Status.SKIP, reason
+            return result
+        prep = self.prepared(spec)
+        case = prep.inputs.materialize(finite_poison=backend.finite_poison)
+        expected_k, expected_v = _expected_caches(case)
+        self._sync()
+        t_backend = time.perf_counter()
+        try:
+            backend.write_cache(case)
+            returned = backend.run(case)
+            self._sync()
+        except Exception as e:  # noqa: BLE001 - an adapter's exception is its result, not the run's end
+            result.status = Status.ERROR
+            result.reason = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}"
+            return result
+        result.backend_seconds = time.perf_counter() - t_backend
+        try:
+            out, lse = _unpack(returned, case, backend)
+        except _BadOutput as e:
+            result.status, result.reason = Status.ERROR, str(e)
+            return result
+        self._judge(result, backend, case, prep, out, lse, expected_k, expected_v)
+        result.harness_seconds = time.perf_counter() - t0 - result.backend_seconds
+        return result
+
+    def _judge(self, result, backend, case, prep, out, lse, expected_k, expected_v) -> None:
+        tolerance = backend.tolerance or DEFAULT_TOLERANCE
+        c = compare(out, prep.ref.out, prep.ref_lowp.out, case.spec.dtype, tolerance)
+        result.err, result.ref_err, result.tol, result.ratio = c.err, c.ref_err, c.tol, c.ratio
+        problems = []
+        if not c.passed:
+            problems.append(_describe("output", c, case))
+        if lse is not None:
+            cl = compare(lse, prep.ref.lse, prep.ref_lowp.lse, case.spec.dtype, tolerance)
+            result.lse_err, result.lse_tol = cl.err, cl.tol
+            if not cl.passed:
+                problems.append(_describe("lse", cl, case))
+        for name, got, want in (("k_cache", case.k_cache, expected_k), ("v_cache", case.v_cache, expected_v)):
+            wrong = _cache_mismatch(got, want)
+            if wrong:
+                problems.append(f"{name}: {wrong}")
+        if problems:
+            result.status, result.reason = Status.FAIL, "; ".join(problems)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class _BadOutput(Exception):
+    pass
+
+
+def _unpack(returned, case: Case, backend: Backend):
+    out, lse = (returned if isinstance(returned, tuple) else (returned, None))
+    want = tuple(case.q.shape)
+    if not isinstance(out, torch.Tensor):
+        raise _BadOutput(f"{backend.name}.run returned {type(out).__name__}: must return a tensor or (out, lse)")
+    if tuple(out.shape) != want or out.dtype != case.spec.dtype or out.device != case.device:
+        raise _BadOutput(f"{backend.name}.run output: shape {tuple(out.shape)}, {out.dtype}, {out.device}; "
+                         f"must be shape {want}, {case.spec.dtype}, {case.device}")
+    if lse is not None:
+        if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != want[:2] or not lse.is_floating_point():
+            got = tuple(lse.shape) if isinstance(lse, torch.Tensor) else type(lse).__name__
+            raise _BadOutput(f"{backend.name}.run lse: {got}; must be a float tensor of shape {want[:2]}")
+    elif backend.capabilities.returns_lse:
+        raise _BadOutput(f"{backend.name}.run returned no lse, but its capabilities declare returns_lse")
+    return out, lse
+
+
+def _expected_caches(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
+    """The caches as they must be after the backend's write: untouched but for the new slots."""
+    hkv, d = case.k_cache.shape[-2:]
+    k, v = case.k_cache.clone(), case.v_cache.clone()
+    k.view(-1, hkv, d)[case.slot_mapping] = case.k_new
+    v.view(-1, hkv, d)[case.slot_mapping] = case.v_new
+    return k, v
+
+
+def _cache_mismatch(got: torch.Tensor, want: torch.Tensor) -> str:
+    differs = ~((got == want) | (got.isnan() & want.isnan()))
+    n = int(differs.any(dim=(-1, -2)).sum())
+    if not n:
+        return ""
+    block, offset = (int(i) for i in torch.nonzero(differs.any(dim=(-1, -2)))[0])
+    return f"{n} slots differ from the expected write (first: block {block}, offset {offset})"
+
+
+def _describe(what: str, c: Comparison, case: Case) -> str:
+    t = c.worst[0] if c.worst else 0
+    qsl = case.query_start_loc.tolist()
+    seq = max(i for i in range(len(qsl) - 1) if qsl[i] <= t)
+    where = f"seq {seq} query {t - qsl[seq]} head {c.worst[1] if len(c.worst) > 1 else 0}"
+    if c.nonfinite:
+        return f"{what}: {c.nonfinite} NaN/Inf entries (first at {where})"
+    return f"{what}: max err {c.err:.3g} > tol {c.tol:.3g} (ref_err {c.ref_err:.3g}, ratio {c.ratio:.2f}) at {where}"

@@ -1,0 +1,185 @@
+"""What a case is: a batch of sequences, a head layout, a dtype, a block size and features.
+
+Everything here is a frozen, validated value. Bad input raises SpecError naming the field, the
+value and the rule, so a malformed scenario never turns into a silently wrong test.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+
+class SpecError(ValueError):
+    """A scenario, head config or case that breaks a rule of the suite."""
+
+
+def _require(ok: bool, field: str, value, rule: str) -> None:
+    if not ok:
+        raise SpecError(f"{field} = {value!r}: {rule}")
+
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# KV-cache storage types. "auto" stores the cache in the case's dtype.
+KV_DTYPES = ("auto", "fp8_e4m3")
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """One batch: per sequence, its total length (context + new tokens) and its new tokens.
+
+    Sequence i holds seq_lens[i] tokens; the last query_lens[i] of them are new this step (their
+    K/V are written to the cache by the backend and their queries attend). The rest,
+    seq_lens[i] - query_lens[i], is context already in the paged cache.
+    """
+
+    seq_lens: tuple[int, ...]
+    query_lens: tuple[int, ...]
+
+    def __post_init__(self):
+        for field in ("seq_lens", "query_lens"):
+            value = getattr(self, field)
+            _require(isinstance(value, (list, tuple)), f"BatchSpec.{field}", value, "must be a list or tuple of ints")
+            object.__setattr__(self, field, tuple(value))
+        _require(len(self.seq_lens) > 0, "BatchSpec.seq_lens", self.seq_lens, "a batch needs at least one sequence")
+        _require(len(self.seq_lens) == len(self.query_lens), "BatchSpec.query_lens", self.query_lens,
+                 f"must have one entry per sequence ({len(self.seq_lens)} seq_lens given)")
+        for i, (s, q) in enumerate(zip(self.seq_lens, self.query_lens)):
+            _require(isinstance(s, int) and not isinstance(s, bool) and s >= 1, f"BatchSpec.seq_lens[{i}]", s,
+                     "must be an int >= 1")
+            _require(isinstance(q, int) and not isinstance(q, bool) and q >= 1, f"BatchSpec.query_lens[{i}]", q,
+                     "must be an int >= 1 (every sequence brings at least one new token)")
+            _require(q <= s, f"BatchSpec.query_lens[{i}]", q, f"must not exceed seq_lens[{i}] = {s}")
+
+    @property
+    def context_lens(self) -> tuple[int, ...]:
+        return tuple(s - q for s, q in zip(self.seq_lens, self.query_lens))
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def num_query_tokens(self) -> int:
+        return sum(self.query_lens)
+
+    @property
+    def is_decode(self) -> bool:
+        return max(self.query_lens) == 1
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A named batch shape, at full size ("gpu" profile) and scaled down ("cpu" profile).
+
+    cpu=None marks a scenario that only makes sense at full size (long contexts, wide batches).
+    """
+
+    name: str
+    gpu: BatchSpec
+    cpu: BatchSpec | None
+    causal: bool = True
+    description: str = ""
+
+    def batch(self, profile: str) -> BatchSpec | None:
+        _require(profile in ("cpu", "gpu"), "profile", profile, "must be 'cpu' or 'gpu'")
+        return self.gpu if profile == "gpu" else self.cpu
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Attention heads of one layer (per tensor-parallel rank). Query head h reads KV head h // group."""
+
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    model: str = ""  # where the shape comes from, for people reading the catalog
+
+    def __post_init__(self):
+        for field in ("num_q_heads", "num_kv_heads", "head_dim"):
+            v = getattr(self, field)
+            _require(isinstance(v, int) and v >= 1, f"HeadConfig.{field}", v, "must be an int >= 1")
+        _require(self.num_q_heads % self.num_kv_heads == 0, "HeadConfig.num_kv_heads", self.num_kv_heads,
+                 f"must divide num_q_heads = {self.num_q_heads}")
+
+    @property
+    def group_size(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def id(self) -> str:
+        return f"gqa{self.group_size}-d{self.head_dim}"
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """One conformance case, backend-independent. Its id seeds its data."""
+
+    scenario: str
+    batch: BatchSpec
+    heads: HeadConfig
+    dtype: torch.dtype
+    block_size: int
+    causal: bool = True
+    sliding_window: int | None = None  # keys visible to a query, itself included: pos_q - pos_k < window
+    softcap: float | None = None  # logits -> softcap * tanh(logits / softcap), after the scale
+    kv_dtype: str = "auto"
+    scale: float | None = None  # softmax scale; None means head_dim ** -0.5
+
+    def __post_init__(self):
+        _require(isinstance(self.batch, BatchSpec), "CaseSpec.batch", self.batch, "must be a BatchSpec")
+        _require(isinstance(self.heads, HeadConfig), "CaseSpec.heads", self.heads, "must be a HeadConfig")
+        _require(self.dtype in DTYPE_NAMES, "CaseSpec.dtype", self.dtype, f"must be one of {list(DTYPES.values())}")
+        _require(isinstance(self.block_size, int) and self.block_size >= 1, "CaseSpec.block_size", self.block_size,
+                 "must be an int >= 1")
+        _require(self.kv_dtype in KV_DTYPES, "CaseSpec.kv_dtype", self.kv_dtype, f"must be one of {KV_DTYPES}")
+        if self.sliding_window is not None:
+            _require(isinstance(self.sliding_window, int) and self.sliding_window >= 1, "CaseSpec.sliding_window",
+                     self.sliding_window, "must be None or an int >= 1")
+            _require(self.causal, "CaseSpec.sliding_window", self.sliding_window,
+                     "needs a causal case (a window is defined backwards from the query)")
+        if self.softcap is not None:
+            _require(self.softcap > 0, "CaseSpec.softcap", self.softcap, "must be None or > 0")
+        if self.scale is None:
+            object.__setattr__(self, "scale", self.heads.head_dim ** -0.5)
+        _require(self.scale > 0, "CaseSpec.scale", self.scale, "must be > 0")
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES[self.dtype]
+
+    @property
+    def features(self) -> frozenset[str]:
+        """The features a backend must support to run this case (matched against Capabilities.features)."""
+        f = {"causal" if self.causal else "non_causal"}
+        if self.sliding_window is not None:
+            f.add("sliding_window")
+        if self.softcap is not None:
+            f.add("softcap")
+        return frozenset(f)
+
+    @property
+    def id(self) -> str:
+        """The part of a test id after the backend name, e.g. 'mixed_small-bf16-bs16-gqa4-d128-sw32'."""
+        parts = [self.scenario, self.dtype_name, f"bs{self.block_size}", self.heads.id]
+        if self.kv_dtype != "auto":
+            parts.append(f"kv{self.kv_dtype.replace('_', '')}")
+        if self.sliding_window is not None:
+            parts.append(f"sw{self.sliding_window}")
+        if self.softcap is not None:
+            parts.append(f"cap{self.softcap:g}")
+        if self.scale != self.heads.head_dim ** -0.5:
+            parts.append(f"scale{self.scale:g}")
+        return "-".join(parts)
+
+    def seed(self, base_seed: int = 0) -> int:
+        """Seed of this case's random data: a function of its id and the base seed only, never of
+        test order, worker or process (Python's hash() is salted per process, so not that)."""
+        digest = hashlib.sha256(f"{base_seed}:{self.id}:{self.batch}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+    def replace(self, **changes) -> "CaseSpec":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,79 @@
+"""The pass rule, calibrated per case to the dtype's own noise (as flash-attn's tests do).
+
+pass iff max|out - ref| <= k * max|ref_lowp - ref| + floor(dtype)
+
+ref is the float64 ground truth, ref_lowp the same math rounded like a kernel in the case's
+dtype. A backend may be a bit noisier than ref_lowp (k = 2), never much noisier. The floor covers
+cases where ref_lowp happens to be exact (e.g. a single visible key). NaN or Inf in any output
+row fails outright.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Half an ulp at 1.0 is the least a correctly rounded output can be off; these are about one ulp.
+FLOORS = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+DEFAULT_K = 2.0
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """A backend's override of the rule; `reason` is required so every loosening is explained."""
+
+    reason: str
+    k: float = DEFAULT_K
+    floor_scale: float = 1.0  # multiplies the dtype's floor
+
+    def __post_init__(self):
+        if not self.reason or not self.reason.strip():
+            raise ValueError("Tolerance.reason = '': an override must say why the backend needs it")
+        if self.k < 1 or self.floor_scale < 1:
+            raise ValueError(f"Tolerance(k={self.k}, floor_scale={self.floor_scale}): overrides may only loosen "
+                             "(k >= 1, floor_scale >= 1); a tighter rule belongs in the default")
+
+
+DEFAULT_TOLERANCE = Tolerance(reason="default: noise-calibrated, k = 2")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    err: float  # max |out - ref| over finite entries
+    ref_err: float  # max |ref_lowp - ref|
+    tol: float  # k * ref_err + floor
+    nonfinite: int  # entries of out that are NaN or Inf
+    worst: tuple[int, ...]  # index of the largest error (or of the first non-finite entry)
+
+    @property
+    def passed(self) -> bool:
+        return self.nonfinite == 0 and self.err <= self.tol
+
+    @property
+    def ratio(self) -> float:
+        """err / tol: at most 1 passes."""
+        return self.err / self.tol if self.tol > 0 else float("inf")
+
+
+def compare(out: torch.Tensor, ref: torch.Tensor, ref_lowp: torch.Tensor, dtype: torch.dtype,
+            tolerance: Tolerance = DEFAULT_TOLERANCE) -> Comparison:
+    """out, ref_lowp: the backend's and the low-precision reference's values; ref: float64 truth.
+    Entries where ref is -inf (LSE of a row that sees no key) must be -inf in out too."""
+    ref = ref.to(torch.float64)
+    out = out.to(torch.float64)
+    ref_lowp = ref_lowp.to(torch.float64)
+    both_neg_inf = torch.isneginf(ref) & torch.isneginf(out)
+    bad = ~torch.isfinite(out) & ~both_neg_inf
+    nonfinite = int(bad.sum())
+    diff = torch.where(both_neg_inf, torch.zeros_like(out), (out - ref).abs())
+    diff = torch.where(bad, torch.zeros_like(diff), diff)
+    # A finite output where the truth is -inf is as wrong as it gets.
+    diff = torch.where(torch.isneginf(ref) & torch.isfinite(out), torch.full_like(diff, float("inf")), diff)
+    ref_diff = torch.where(torch.isneginf(ref), torch.zeros_like(ref), (ref_lowp - ref).abs())
+    ref_diff = torch.nan_to_num(ref_diff, nan=0.0, posinf=0.0)
+    err = float(diff.max()) if diff.numel() else 0.0
+    ref_err = float(ref_diff.max()) if ref_diff.numel() else 0.0
+    tol = tolerance.k * ref_err + FLOORS[dtype] * tolerance.floor_scale
+    flat = int(torch.argmax(bad.flatten().to(torch.uint8))) if nonfinite else int(torch.argmax(diff.flatten())) if diff.numel() else 0
+    worst = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), out.shape)) if out.numel() else ()
+    return Comparison(err=err, ref_err=ref_err, tol=tol, nonfinite=nonfinite, worst=worst)
