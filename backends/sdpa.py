@@ -30,13 +30,13 @@ class SdpaBackend(Backend):
         self.capabilities = Capabilities(**caps)
 
     def unsupported(self, spec, device):
-        if self.kernel == SDPBackend.FLASH_ATTENTION and device.type == "cuda":
+        if self.kernel == SDPBackend.FLASH_ATTENTION:
             if spec.dtype == torch.float32:
-                return "the CUDA flash kernel has no fp32"
+                return "the flash kernel has no fp32"
             if spec.sliding_window is not None:
-                return "the CUDA flash kernel takes no attention mask (sliding window needs one)"
+                return "the flash kernel takes no attention mask (sliding window needs one)"
             if spec.heads.head_dim > 256:
-                return f"head_dim {spec.heads.head_dim} > 256 (CUDA flash limit)"
+                return f"head_dim {spec.heads.head_dim} > 256 (flash limit)"
         return None
 
     def run(self, case: Case):
@@ -64,8 +64,9 @@ class SdpaBackend(Backend):
 
 
 register_backend(SdpaBackend("sdpa", None))
-register_backend(SdpaBackend("sdpa-math", SDPBackend.MATH))
-register_backend(SdpaBackend("sdpa-flash", SDPBackend.FLASH_ATTENTION))
-_HALF = (torch.float16, torch.bfloat16)
+# One name per CUDA kernel, so a regression in one is not hidden by the dispatcher picking another.
+register_backend(SdpaBackend("sdpa-math", SDPBackend.MATH, devices=("cuda",)))
+register_backend(SdpaBackend("sdpa-flash", SDPBackend.FLASH_ATTENTION, devices=("cuda",)))
 register_backend(SdpaBackend("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION, devices=("cuda",)))
-register_backend(SdpaBackend("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION, devices=("cuda",), dtypes=_HALF))
+register_backend(SdpaBackend("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION, devices=("cuda",),
+                             dtypes=(torch.float16, torch.bfloat16)))

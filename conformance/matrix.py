@@ -1,0 +1,64 @@
+"""Profiles and their expansion into cases: scenario x head config x dtype x block size x features."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .spec import CaseSpec, HeadConfig, Scenario, SpecError
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One sizing of the matrix. "cpu": scenarios scaled down for CI; "gpu": full sizes.
+
+    Every (scenario, heads, dtype, block size) runs plain, with a sliding window (causal
+    scenarios only) and with a logit softcap.
+    """
+
+    name: str
+    heads: tuple[HeadConfig, ...]
+    dtypes: tuple[torch.dtype, ...]
+    block_sizes: tuple[int, ...]
+    sliding_window: int
+    softcap: float
+
+    def __post_init__(self):
+        ids = [h.id for h in self.heads]
+        if len(set(ids)) != len(ids):
+            raise SpecError(f"Profile({self.name}).heads = {ids}: head-config ids must be unique within a profile")
+
+    def cases(self, scenarios: dict[str, Scenario]) -> list[CaseSpec]:
+        out = []
+        for sc in scenarios.values():
+            batch = sc.batch(self.name)
+            if batch is None:
+                continue
+            for heads in self.heads:
+                for dtype in self.dtypes:
+                    for bs in self.block_sizes:
+                        base = CaseSpec(sc.name, batch, heads, dtype, bs, causal=sc.causal)
+                        out.append(base)
+                        if sc.causal:
+                            out.append(base.replace(sliding_window=self.sliding_window))
+                        out.append(base.replace(softcap=self.softcap))
+        return out
+
+
+def default_profile() -> str:
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def select_cases(profile: str, scenarios: list[str] | None = None) -> list[CaseSpec]:
+    """The cases of a profile, optionally only some scenarios (names checked against the catalog)."""
+    from fixtures import PROFILES, SCENARIOS
+
+    if profile not in PROFILES:
+        raise SpecError(f"profile = {profile!r}: must be one of {sorted(PROFILES)}")
+    catalog = SCENARIOS
+    if scenarios:
+        unknown = sorted(set(scenarios) - set(SCENARIOS))
+        if unknown:
+            raise SpecError(f"scenario = {unknown}: not in the catalog (known: {', '.join(SCENARIOS)})")
+        catalog = {n: s for n, s in SCENARIOS.items() if n in scenarios}
+    return PROFILES[profile].cases(catalog)

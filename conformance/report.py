@@ -1,0 +1,78 @@
+"""Turning Results into what people read: the console table, the JSON report, the environment."""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from collections import Counter, defaultdict
+
+import torch
+
+from .runner import Result, Status
+
+REPORT_SCHEMA = "attention-conformance/report/v1"
+BAD = (Status.FAIL, Status.ERROR, Status.CRASH, Status.TIMEOUT)
+
+
+def environment(device: torch.device) -> dict:
+    """Versions that decide what a result means: recorded in every report."""
+    env = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
+           "device": str(device), "reference_dtype": "float64"}
+    if device.type == "cuda":
+        env.update(cuda=torch.version.cuda, gpu=torch.cuda.get_device_name(device),
+                   compute_capability="sm_%d%d" % torch.cuda.get_device_capability(device))
+    for module in ("triton", "flashinfer", "flash_attn"):
+        try:
+            env[module] = __import__(module).__version__
+        except Exception:  # noqa: BLE001 - absent or broken: recorded as absent
+            env[module] = None
+    return env
+
+
+def write_json(path: str, results: list[Result], meta: dict) -> None:
+    with open(path, "w") as f:
+        json.dump({"schema": REPORT_SCHEMA, **meta, "results": [r.to_dict() for r in results]}, f, indent=1)
+
+
+def _cell(rs: list[Result]) -> str:
+    ran = [r for r in rs if r.status != Status.SKIP]
+    if not ran:
+        return "skip"
+    passed = sum(r.status == Status.PASS for r in ran)
+    ratios = [r.ratio for r in ran if r.ratio is not None]
+    text = f"{passed}/{len(ran)}"
+    if ratios:
+        text += f" r{max(ratios):.2f}"
+    if passed < len(ran):
+        text = "FAIL " + text
+    skipped = len(rs) - len(ran)
+    return text + (f" s{skipped}" if skipped else "")
+
+
+def format_table(results: list[Result]) -> str:
+    """Scenario x backend: passed/run, worst err/tol ratio (r), skipped count (s)."""
+    backends = list(dict.fromkeys(r.backend for r in results))
+    scenarios = list(dict.fromkeys(r.scenario for r in results))
+    by = defaultdict(list)
+    for r in results:
+        by[r.scenario, r.backend].append(r)
+    rows = [["scenario", *backends]] + [[s, *(_cell(by[s, b]) for b in backends)] for s in scenarios]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def summarize(results: list[Result]) -> str:
+    counts = Counter(r.status for r in results)
+    lines = ["  ".join(f"{s.value} {counts[s]}" for s in Status if counts[s])]
+    bad = [r for r in results if r.status in BAD]
+    for r in bad[:50]:
+        lines.append(f"  {r.status.value} {r.id}: {r.reason.splitlines()[0] if r.reason else ''}")
+    if len(bad) > 50:
+        lines.append(f"  ... and {len(bad) - 50} more (see the JSON report)")
+    reasons = Counter((r.backend, r.reason) for r in results if r.status == Status.SKIP)
+    if reasons:
+        lines.append("skip reasons:")
+        lines += [f"  {b}: {reason} ({n} cases)" for (b, reason), n in sorted(reasons.items())]
+    return "\n".join(lines)
