@@ -1,0 +1,11 @@
+"""The conformance test: every registered backend on every case of the profile.
+
+    pytest -k "flex and mixed_small"            one backend, one scenario
+    pytest --backend sdpa --profile cpu -n auto the CPU profile of one backend on all cores
+"""
+from fixtures.pytest_plugin import check
+
+
+def test_backend(conformance_case, conformance_runner):
+    backend, spec = conformance_case
+    check(conformance_runner.run(backend, spec))
