@@ -12,6 +12,7 @@ flex_attention costs seconds per new graph (on CPU, dynamic shapes hit an induct
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -93,7 +94,12 @@ class FlexBackend(Backend):
         k = _pad_slots(case.k_cache.view(s, hkv, d), s_pad)
         v = _pad_slots(case.v_cache.view(s, hkv, d), s_pad)
         want_lse = dev.type == "cuda"
-        with torch.no_grad():
+        # Each dtype x head layout x bucket is a graph: more than dynamo's default 8 per function.
+        # Past its limit dynamo silently runs flex eagerly (the unfused math path); that must be an
+        # ERROR, not a PASS of something else, so the fallback warning is raised.
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=512, accumulated_recompile_limit=4096), \
+                warnings.catch_warnings():
+            warnings.filterwarnings("error", message="flex_attention called without torch.compile")
             res = _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=case.scale,
                                    enable_gqa=True, return_lse=want_lse)
         out, lse = res if want_lse else (res, None)

@@ -141,6 +141,11 @@ def make_inputs(spec: CaseSpec, device: torch.device | str, seed: int) -> Inputs
     nblk = torch.tensor(blocks_per_seq, device=device)
     owned = col[None, :] < nblk[:, None]
     table[owned] = used  # row-major fill: sequence 0 takes the first blocks of the permutation, ...
+    # A random pick can still come out as consecutive ids; swap the first two blocks of any such
+    # sequence, so an adapter that assumes contiguous pages always reads the wrong ones.
+    step_ok = (table[:, 1:] == table[:, :-1] + 1) | ~owned[:, 1:]
+    contiguous = step_ok.all(1) & (nblk >= 2)
+    table[contiguous, :2] = table[contiguous, :2].flip(1)
     table = table.to(torch.int32)
 
     # Token bookkeeping for the packed logical K/V.

@@ -1,0 +1,122 @@
+"""Invariants of the paged KV cache a backend is handed."""
+import math
+
+import pytest
+import torch
+
+from conformance import BatchSpec, CaseSpec, HeadConfig, make_inputs, scatter_to_cache
+from conformance.paged import NULL_BLOCK
+from fixtures import SCENARIOS
+
+CASES = [
+    CaseSpec(name, SCENARIOS[name].cpu, HeadConfig(4, 2, 16), torch.float16, bs, causal=SCENARIOS[name].causal)
+    for name in ("mixed_small", "chunked_context_prefill", "kv_shorter_than_block", "ragged_many_small",
+                 "encoder_prefill")
+    for bs in (1, 16, 48)
+]
+
+
+def _logical_slots(case, b, n):
+    bs = case.k_cache.shape[1]
+    return [int(case.block_table[b, p // bs]) * bs + p % bs for p in range(n)]
+
+
+@pytest.fixture(params=CASES, ids=[f"{c.scenario}-bs{c.block_size}" for c in CASES])
+def built(request):
+    inputs = make_inputs(request.param, "cpu", request.param.seed())
+    return inputs, inputs.materialize()
+
+
+def test_blocks_are_private_nonnull_and_shuffled(built):
+    inputs, case = built
+    spec, bs = case.spec, case.spec.block_size
+    owned = []
+    for b, s in enumerate(spec.batch.seq_lens):
+        blocks = case.block_table[b, : math.ceil(s / bs)].tolist()
+        if len(blocks) >= 2:
+            assert blocks != list(range(blocks[0], blocks[0] + len(blocks))), f"seq {b}: contiguous pages"
+        owned += blocks
+    assert len(owned) == len(set(owned)), "a block is shared between sequences"
+    assert NULL_BLOCK not in owned
+    assert case.k_cache.shape[0] >= 1 + 2 * len(owned), "pool must be at least twice the blocks needed"
+
+
+def test_garbage_past_each_sequence_points_at_unused_blocks(built):
+    _, case = built
+    bs = case.spec.block_size
+    owned = {int(x) for b, s in enumerate(case.spec.batch.seq_lens) for x in case.block_table[b, : math.ceil(s / bs)]}
+    for b, s in enumerate(case.spec.batch.seq_lens):
+        tail = case.block_table[b, math.ceil(s / bs):].tolist()
+        assert tail, "every row has at least one garbage entry after its last block"
+        assert all(x not in owned and x != NULL_BLOCK for x in tail)
+
+
+def test_slot_mapping_targets_the_new_tokens_positions(built):
+    _, case = built
+    expected = []
+    for b, (s, q) in enumerate(zip(case.spec.batch.seq_lens, case.spec.batch.query_lens)):
+        expected += _logical_slots(case, b, s)[s - q:]
+    assert case.slot_mapping.tolist() == expected
+
+
+def test_context_is_written_and_everything_else_is_poison(built):
+    inputs, case = built
+    hkv, d = case.k_cache.shape[-2:]
+    k_flat, v_flat = case.k_cache.view(-1, hkv, d), case.v_cache.view(-1, hkv, d)
+    starts = inputs.kv_start_loc.tolist()
+    context_slots = []
+    for b, (s, q) in enumerate(zip(case.spec.batch.seq_lens, case.spec.batch.query_lens)):
+        slots = _logical_slots(case, b, s - q)
+        context_slots += slots
+        assert torch.equal(k_flat[slots], inputs.k[starts[b]: starts[b] + s - q])
+        assert torch.equal(v_flat[slots], inputs.v[starts[b]: starts[b] + s - q])
+    poisoned = torch.ones(k_flat.shape[0], dtype=torch.bool)
+    poisoned[context_slots] = False
+    assert k_flat[poisoned].isnan().all() and v_flat[poisoned].isnan().all()
+    assert not k_flat[~poisoned].isnan().any()
+    assert case.out.isnan().all(), "output buffers start as NaN so unwritten rows fail"
+
+
+def test_default_scatter_fills_exactly_the_new_slots(built):
+    inputs, case = built
+    scatter_to_cache(case)
+    hkv, d = case.k_cache.shape[-2:]
+    assert torch.equal(case.k_cache.view(-1, hkv, d)[case.slot_mapping], inputs.k[inputs.new_token_index])
+    written = case.k_cache.view(-1, hkv, d).isnan().all(-1).all(-1).logical_not().sum()
+    assert int(written) == sum(case.spec.batch.seq_lens)
+
+
+def test_finite_poison_mode():
+    spec = CASES[0]
+    case = make_inputs(spec, "cpu", 0).materialize(finite_poison=True)
+    assert math.isfinite(case.poison) and case.poison >= 1e3
+    assert not case.k_cache.isnan().any() and (case.k_cache == case.poison).any()
+
+
+def test_inputs_are_bit_identical_whatever_ran_before():
+    spec = CASES[3]
+    a = make_inputs(spec, "cpu", spec.seed())
+    torch.randn(1000)  # global RNG state must not matter
+    make_inputs(CASES[0], "cpu", CASES[0].seed())
+    b = make_inputs(spec, "cpu", spec.seed())
+    for name in ("q", "k", "v", "block_table", "slot_mapping"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_fresh_case_per_materialize():
+    inputs = make_inputs(CASES[0], "cpu", 0)
+    c1 = inputs.materialize()
+    c1.k_cache.zero_()
+    c1.q.zero_()
+    c2 = inputs.materialize()
+    assert c2.k_cache.isnan().any() and c2.q.abs().sum() > 0
+
+
+def test_shapes_and_dtypes_handed_to_adapters():
+    spec = CaseSpec("t", BatchSpec([5, 20], [2, 20]), HeadConfig(6, 2, 32), torch.bfloat16, 16)
+    case = make_inputs(spec, "cpu", 0).materialize()
+    assert case.q.shape == (22, 6, 32) and case.k_new.shape == (22, 2, 32)
+    assert case.k_cache.shape[1:] == (16, 2, 32) and case.k_cache.dtype == torch.bfloat16
+    assert case.block_table.dtype == torch.int32 and case.slot_mapping.dtype == torch.int64
+    assert case.query_start_loc.tolist() == [0, 2, 22] and case.seq_lens.tolist() == [5, 20]
+    assert case.context_lens.tolist() == [3, 0] and case.max_query_len == 20 and case.max_seq_len == 20

@@ -1,0 +1,123 @@
+"""Scenario, head-config and case validation; the catalog; case seeds."""
+import pytest
+import torch
+
+from conformance import BatchSpec, CaseSpec, HeadConfig, SpecError
+from conformance.matrix import select_cases
+from fixtures import PROFILES, SCENARIOS
+
+H = HeadConfig(4, 1, 64)
+
+
+@pytest.mark.parametrize("seq, query, message", [
+    ([], [], "BatchSpec.seq_lens = (): a batch needs at least one sequence"),
+    ([8, 8], [1], "BatchSpec.query_lens = (1,): must have one entry per sequence (2 seq_lens given)"),
+    ([8, 4], [1, 5], "BatchSpec.query_lens[1] = 5: must not exceed seq_lens[1] = 4"),
+    ([8, 0], [1, 1], "BatchSpec.seq_lens[1] = 0: must be an int >= 1"),
+    ([8, -3], [1, 1], "BatchSpec.seq_lens[1] = -3: must be an int >= 1"),
+    ([8], [0], "BatchSpec.query_lens[0] = 0: must be an int >= 1"),
+    ([8.0], [1], "BatchSpec.seq_lens[0] = 8.0: must be an int >= 1"),
+    ("abc", [1], "BatchSpec.seq_lens = 'abc': must be a list or tuple of ints"),
+])
+def test_batch_spec_errors_name_field_value_and_rule(seq, query, message):
+    with pytest.raises(SpecError) as e:
+        BatchSpec(seq, query)
+    assert str(e.value).startswith(message)
+
+
+def test_batch_spec_derived_lengths():
+    b = BatchSpec([32, 40, 48], [1, 5, 48])
+    assert b.context_lens == (31, 35, 0) and b.num_query_tokens == 54 and not b.is_decode
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_q_heads=6, num_kv_heads=4, head_dim=64), "HeadConfig.num_kv_heads = 4: must divide num_q_heads = 6"),
+    (dict(num_q_heads=0, num_kv_heads=1, head_dim=64), "HeadConfig.num_q_heads = 0: must be an int >= 1"),
+])
+def test_head_config_errors(kwargs, message):
+    with pytest.raises(SpecError, match=message):
+        HeadConfig(**kwargs)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(sliding_window=8, causal=False), "CaseSpec.sliding_window = 8: needs a causal case"),
+    (dict(sliding_window=0), "CaseSpec.sliding_window = 0: must be None or an int >= 1"),
+    (dict(block_size=0), "CaseSpec.block_size = 0: must be an int >= 1"),
+    (dict(dtype=torch.float64), "CaseSpec.dtype = torch.float64: must be one of"),
+    (dict(kv_dtype="int4"), "CaseSpec.kv_dtype = 'int4': must be one of"),
+    (dict(softcap=-1.0), "CaseSpec.softcap = -1.0: must be None or > 0"),
+])
+def test_case_spec_errors(changes, message):
+    base = dict(scenario="x", batch=BatchSpec([8], [1]), heads=H, dtype=torch.float16, block_size=16)
+    with pytest.raises(SpecError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        CaseSpec(**{**base, **changes})
+
+
+def test_unknown_scenario_and_profile_are_named():
+    with pytest.raises(SpecError, match=r"scenario = \['nope'\]: not in the catalog"):
+        select_cases("cpu", ["nope"])
+    with pytest.raises(SpecError, match="profile = 'tpu'"):
+        select_cases("tpu")
+
+
+VLLM = {  # name: (seq_lens, query_lens) as vLLM's tests/v1/attention define them
+    "small_decode": ([32, 40], [1, 1]),
+    "small_prefill": ([32, 40], [8, 8]),
+    "mixed_small": ([32, 40, 48, 56], [1, 1, 5, 5]),
+    "medium_decode": ([128, 256, 512, 1024] * 2, [1] * 8),
+    "medium_prefill": ([256, 512, 1024, 2048], [16] * 4),
+    "mixed_medium": ([512, 1024, 2048] * 2, [1, 1, 1, 7, 7, 7]),
+    "large_decode": ([2048] * 32, [1] * 32),
+    "large_prefill": ([4096] * 8, [32] * 8),
+    "mixed_large": ([1024, 2048, 4096] * 2, [1, 1, 1, 32, 32, 32]),
+    "single_decode": ([1024], [1]),
+    "single_prefill": ([1024], [64]),
+    "spec_decode_small": ([128, 256, 512, 1024], [4] * 4),
+    "spec_decode_medium": ([512, 1024, 2048] * 2, [8] * 6),
+    "chunked_context_prefill": ([1568, 520, 8, 80, 96, 8], [32, 8, 8, 16, 16, 8]),
+}
+
+
+@pytest.mark.parametrize("name", VLLM)
+def test_catalog_has_vllm_scenarios_at_full_size(name):
+    seq, query = VLLM[name]
+    assert SCENARIOS[name].gpu == BatchSpec(seq, query)
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_cpu_twin_keeps_the_structure(name):
+    s = SCENARIOS[name]
+    if s.cpu is None:
+        assert name in ("long_context", "wide_decode")
+        return
+    assert s.cpu.batch_size == s.gpu.batch_size
+    assert s.cpu.is_decode == s.gpu.is_decode
+    # Pure-prefill sequences stay pure prefill, decode stays decode.
+    for (gs, gq), (cs, cq) in zip(zip(s.gpu.seq_lens, s.gpu.query_lens), zip(s.cpu.seq_lens, s.cpu.query_lens)):
+        assert (gs == gq) == (cs == cq) and (gq == 1) == (cq == 1)
+
+
+def test_encoder_prefill_is_non_causal_and_others_causal():
+    assert [n for n, s in SCENARIOS.items() if not s.causal] == ["encoder_prefill"]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_profile_case_ids_are_unique(profile):
+    ids = [c.id for c in select_cases(profile)]
+    assert len(ids) == len(set(ids))
+
+
+def test_seed_depends_on_case_and_base_seed_only():
+    a = CaseSpec("x", BatchSpec([8], [1]), H, torch.float16, 16)
+    assert a.seed() == CaseSpec("x", BatchSpec([8], [1]), H, torch.float16, 16).seed()
+    assert a.seed() != a.replace(block_size=32).seed()
+    assert a.seed() != a.seed(base_seed=1)
+    # Same name, different batch (custom cases): different data.
+    assert a.seed() != a.replace(batch=BatchSpec([9], [1])).seed()
+    assert a.seed() == 7290236068632305522  # stable across processes and runs (no salted hash)
+
+
+def test_case_id_reads_like_a_k_expression():
+    c = CaseSpec("mixed_small", SCENARIOS["mixed_small"].gpu, HeadConfig(32, 8, 128), torch.bfloat16, 16)
+    assert c.id == "mixed_small-bf16-bs16-gqa4-d128"
+    assert c.replace(sliding_window=128, softcap=4.0).id == "mixed_small-bf16-bs16-gqa4-d128-sw128-cap4"
