@@ -1,0 +1,36 @@
+"""The README's adapter example must stay a working adapter."""
+import pathlib
+import re
+import types
+
+import pytest
+
+import conformance.registry as registry
+from conformance import Runner, Status
+from conformance.matrix import select_cases
+
+README = pathlib.Path(__file__).parents[2] / "README.md"
+
+
+def test_readme_example_adapter_runs_and_passes(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    code = re.search(r"<!-- example-adapter -->\n```python\n(.*?)```", README.read_text(), re.S).group(1)
+    module = types.ModuleType("readme_example")
+    exec(compile(code, str(README), "exec"), module.__dict__)
+    backend = registry._REGISTRY["naive-torch"]
+    runner = Runner("cpu")
+    results = [runner.run(backend, spec) for spec in select_cases("cpu", ["mixed_small", "encoder_prefill"])]
+    statuses = {r.status for r in results}
+    assert statuses == {Status.PASS, Status.SKIP}, [r.reason for r in results if r.status not in statuses]
+    assert {r.reason for r in results if r.status == Status.SKIP} == {
+        "feature sliding_window not supported", "feature softcap not supported"}
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "python -m pytest -n auto" in README.read_text() and "python -m pytest -n auto" in ci
+
+
+@pytest.mark.parametrize("name", ["sdpa", "flex", "sdpa-math", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn"])
+def test_readme_lists_every_builtin_backend(name):
+    assert f"`{name}`" in README.read_text()
