@@ -66,6 +66,12 @@ def format_table(results: list[Result]) -> str:
 def summarize(results: list[Result]) -> str:
     counts = Counter(r.status for r in results)
     lines = ["  ".join(f"{s.value} {counts[s]}" for s in Status if counts[s])]
+    harness = sum(r.harness_seconds or 0 for r in results)
+    backend = sum(r.backend_seconds or 0 for r in results)
+    n_cases = len({r.case for r in results if r.harness_seconds is not None})
+    if n_cases:
+        lines.append(f"time: harness {harness:.1f}s over {n_cases} cases run ({1000 * harness / n_cases:.1f} ms/case: "
+                     f"inputs, references, judging), backends {backend:.1f}s")
     bad = [r for r in results if r.status in BAD]
     for r in bad[:50]:
         lines.append(f"  {r.status.value} {r.id}: {r.reason.splitlines()[0] if r.reason else ''}")

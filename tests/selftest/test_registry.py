@@ -165,6 +165,6 @@ def test_flex_falling_back_to_eager_is_an_error(monkeypatch):
 
     import backends.flex as flex
 
-    monkeypatch.setattr(flex, "_compiled_flex", lambda: flex_attention)
+    monkeypatch.setattr(flex, "_compiled_flex", lambda dynamic: flex_attention)
     result = Runner(CPU).run(flex.FlexBackend(), SPEC)
     assert result.status == Status.ERROR and "without torch.compile" in result.reason
