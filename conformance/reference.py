@@ -18,7 +18,7 @@ import torch
 
 from .paged import Inputs
 
-# Elements of one chunk's score tensor; bounds the reference's memory (128 MiB in float64).
+# Elements of one chunk's scores (and of its keys); bounds the reference's memory (128 MiB each in float64).
 SCORE_CHUNK_ELEMENTS = 1 << 24
 
 
@@ -46,7 +46,7 @@ def reference_attention(inputs: Inputs, precision: str = "float64") -> Reference
     query_lens = torch.tensor(b.query_lens, device=dev)
     ctx_lens = seq_lens - query_lens
 
-    # Pad queries to [B, Hkv, G, max_q, D] (head h = kv_head * G + g) and keys to [B, Hkv, max_kv, D].
+    # Pad queries to [B, Hkv, G, max_q, D] (head h = kv_head * G + g); keys are read per chunk.
     q_start = torch.zeros(B + 1, dtype=torch.int64, device=dev)
     q_start[1:] = torch.cumsum(query_lens, 0)
     q_seq = torch.repeat_interleave(torch.arange(B, device=dev), query_lens)
@@ -55,24 +55,22 @@ def reference_attention(inputs: Inputs, precision: str = "float64") -> Reference
     q_pad[q_seq, q_pos] = inputs.q.to(acc_dtype)
     q_pad = q_pad.view(B, max_q, hkv, g, d).permute(0, 2, 3, 1, 4)
 
-    kv_seq = torch.repeat_interleave(torch.arange(B, device=dev), seq_lens)
-    kv_pos = torch.arange(inputs.k.shape[0], device=dev) - inputs.kv_start_loc[kv_seq]
-    k_pad = inputs.k.new_zeros(B, max_kv, hkv, d)
-    v_pad = inputs.v.new_zeros(B, max_kv, hkv, d)
-    k_pad[kv_seq, kv_pos] = inputs.k
-    v_pad[kv_seq, kv_pos] = inputs.v
-
     # Absolute position of each padded query row: context + i.
     qpos = (ctx_lens[:, None] + torch.arange(max_q, device=dev)[None, :])[:, None, None, :, None]
 
     m = torch.full((B, hkv, g, max_q), float("-inf"), dtype=acc_dtype, device=dev)
     l = torch.zeros_like(m)
     acc = torch.zeros(B, hkv, g, max_q, d, dtype=acc_dtype, device=dev)
-    chunk = max(16, SCORE_CHUNK_ELEMENTS // max(1, B * hq * max_q))
+    # Chunk size: both the scores [B, Hq, max_q, C] and the keys read [B, C, Hkv, D] stay in budget.
+    chunk = max(16, SCORE_CHUNK_ELEMENTS // max(B * hq * max_q, B * hkv * d))
+    kv_start, last_row = inputs.kv_start_loc[:-1, None], inputs.k.shape[0] - 1
     for j0 in range(0, max_kv, chunk):
         j1 = min(max_kv, j0 + chunk)
-        kc = k_pad[:, j0:j1].to(acc_dtype).permute(0, 2, 1, 3)  # [B, Hkv, C, D]
-        vc = v_pad[:, j0:j1].to(acc_dtype).permute(0, 2, 1, 3)
+        # Keys j0..j1 of every sequence, read from the packed K/V; rows past a sequence's end
+        # borrow a neighbour's (finite) row and are masked below.
+        rows = (kv_start + torch.arange(j0, j1, device=dev)[None, :]).clamp(max=last_row)  # [B, C]
+        kc = inputs.k[rows].to(acc_dtype).permute(0, 2, 1, 3)  # [B, Hkv, C, D]
+        vc = inputs.v[rows].to(acc_dtype).permute(0, 2, 1, 3)
         s = rnd(torch.einsum("bhgqd,bhkd->bhgqk", q_pad, kc) * spec.scale)
         if spec.softcap is not None:
             s = rnd(spec.softcap * torch.tanh(s / spec.softcap))

@@ -9,7 +9,7 @@ from enum import Enum
 
 import torch
 
-from .paged import Case, Inputs, make_inputs
+from .paged import Case, Inputs, make_inputs, scatter_to_cache
 from .reference import Reference, reference_attention
 from .registry import Backend
 from .spec import CaseSpec
@@ -97,7 +97,6 @@ class Runner:
             return result
         prep = self.prepared(spec)
         case = prep.inputs.materialize(finite_poison=backend.finite_poison)
-        expected_k, expected_v = _expected_caches(case)
         self._sync()
         t_backend = time.perf_counter()
         try:
@@ -114,11 +113,11 @@ class Runner:
         except _BadOutput as e:
             result.status, result.reason = Status.ERROR, str(e)
             return result
-        self._judge(result, backend, case, prep, out, lse, expected_k, expected_v)
+        self._judge(result, backend, case, prep, out, lse)
         result.harness_seconds = time.perf_counter() - t0 - result.backend_seconds
         return result
 
-    def _judge(self, result, backend, case, prep, out, lse, expected_k, expected_v) -> None:
+    def _judge(self, result, backend, case, prep, out, lse) -> None:
         tolerance = backend.tolerance or DEFAULT_TOLERANCE
         c = compare(out, prep.ref.out, prep.ref_lowp.out, case.spec.dtype, tolerance)
         result.err, result.ref_err, result.tol, result.ratio = c.err, c.ref_err, c.tol, c.ratio
@@ -130,7 +129,10 @@ class Runner:
             result.lse_err, result.lse_tol = cl.err, cl.tol
             if not cl.passed:
                 problems.append(_describe("lse", cl, case))
-        for name, got, want in (("k_cache", case.k_cache, expected_k), ("v_cache", case.v_cache, expected_v)):
+        # The caches as they must be now: as handed over, plus the new tokens in their slots.
+        expected = prep.inputs.materialize(finite_poison=backend.finite_poison)
+        scatter_to_cache(expected)
+        for name, got, want in (("k_cache", case.k_cache, expected.k_cache), ("v_cache", case.v_cache, expected.v_cache)):
             wrong = _cache_mismatch(got, want)
             if wrong:
                 problems.append(f"{name}: {wrong}")
@@ -161,15 +163,6 @@ def _unpack(returned, case: Case, backend: Backend):
     elif backend.capabilities.returns_lse:
         raise _BadOutput(f"{backend.name}.run returned no lse, but its capabilities declare returns_lse")
     return out, lse
-
-
-def _expected_caches(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
-    """The caches as they must be after the backend's write: untouched but for the new slots."""
-    hkv, d = case.k_cache.shape[-2:]
-    k, v = case.k_cache.clone(), case.v_cache.clone()
-    k.view(-1, hkv, d)[case.slot_mapping] = case.k_new
-    v.view(-1, hkv, d)[case.slot_mapping] = case.v_new
-    return k, v
 
 
 def _cache_mismatch(got: torch.Tensor, want: torch.Tensor) -> str:
