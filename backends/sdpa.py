@@ -8,13 +8,14 @@ needs an explicit boolean mask. On CUDA each SDPA kernel is also registered unde
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
-from conformance import Backend, Capabilities, Case, gather_kv, register_backend
+from conformance import Backend, Capabilities, Case, Unsupported, gather_kv, register_backend
 
 NO_SOFTCAP = frozenset({"causal", "non_causal", "sliding_window"})
 
@@ -57,6 +58,8 @@ class SdpaBackend(Backend):
                 mask = (kpos <= qpos) & (qpos - kpos < spec.sliding_window)
             elif spec.causal:
                 mask = causal_lower_right(q_len, kv_len)
+            if self.kernel == SDPBackend.CUDNN_ATTENTION:
+                _check_cudnn_takes(q, k, v, mask)
             with sdpa_kernel(self.kernel) if self.kernel else contextlib.nullcontext():
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=case.scale)
             case.out[q_start[i]:q_start[i + 1]] = o[0].transpose(0, 1)
@@ -64,6 +67,19 @@ class SdpaBackend(Backend):
 
 
 register_backend(SdpaBackend("sdpa", None))
+def _check_cudnn_takes(q, k, v, mask) -> None:
+    """cuDNN's dispatcher refuses some shapes that no static rule here describes; ask it (with the
+    mask it will actually get: CausalBias materializes for cuDNN) and skip with its own words."""
+    dense = mask._materialize(q.device) if isinstance(mask, CausalBias) else mask
+    params = torch.backends.cuda.SDPAParams(q, k, v, dense, 0.0, False, False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ok = torch.backends.cuda.can_use_cudnn_attention(params, debug=True)
+    if not ok:
+        why = "; ".join(str(w.message) for w in caught) or "no reason given"
+        raise Unsupported(f"cuDNN takes no q_len={q.shape[2]}, kv_len={k.shape[2]} call: {why}")
+
+
 # One name per CUDA kernel, so a regression in one is not hidden by the dispatcher picking another.
 register_backend(SdpaBackend("sdpa-math", SDPBackend.MATH, devices=("cuda",)))
 register_backend(SdpaBackend("sdpa-flash", SDPBackend.FLASH_ATTENTION, devices=("cuda",)))

@@ -2,14 +2,14 @@
 from .paged import Case, Inputs, gather_kv, make_inputs, scatter_to_cache
 from .reference import Reference, reference_attention
 from .registry import (ENTRY_POINT_GROUP, Backend, Capabilities, RegistryError, get_backend, load_backends,
-                       register_backend, unregister_backend)
+                       register_backend, unregister_backend, Unsupported)
 from .runner import Result, Runner, Status
 from .spec import BatchSpec, CaseSpec, HeadConfig, Scenario, SpecError
 from .tolerance import Tolerance, compare
 
 __all__ = [
     "BatchSpec", "Backend", "Capabilities", "Case", "CaseSpec", "ENTRY_POINT_GROUP", "HeadConfig", "Inputs",
-    "Reference", "RegistryError", "Result", "Runner", "Scenario", "SpecError", "Status", "Tolerance", "compare",
-    "gather_kv", "get_backend", "load_backends", "make_inputs", "reference_attention", "register_backend",
+    "Reference", "RegistryError", "Result", "Runner", "Scenario", "SpecError", "Status", "Tolerance", "Unsupported",
+    "compare", "gather_kv", "get_backend", "load_backends", "make_inputs", "reference_attention", "register_backend",
     "scatter_to_cache", "unregister_backend",
 ]

@@ -6,16 +6,11 @@ import argparse
 import sys
 import time
 
-import torch
-
-from .matrix import default_profile, select_cases
-from .registry import load_backends
-from .report import BAD, environment, format_table, summarize, write_json
+from .matrix import default_device, default_profile, select_cases, split_names
+from .registry import RegistryError, load_backends, select_backends
+from .report import BAD, environment, format_table, read_json, summarize, write_json
 from .runner import Runner
-
-
-def _csv(values: list[str] | None) -> list[str] | None:
-    return [x for v in values for x in v.split(",") if x] if values else None
+from .spec import SpecError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="base seed mixed into every case's seed (default 0)")
     run.add_argument("--json", default="conformance-report.json", help="JSON report path ('' to skip)")
     run.add_argument("--load", action="append", default=[], help="also import this adapter module")
+    rep = sub.add_parser("report", help="merge JSON reports into one Markdown support table")
+    rep.add_argument("reports", nargs="+", help="JSON reports written by `run --json`")
     lst = sub.add_parser("list", help="list registered backends and scenarios")
     lst.add_argument("--load", action="append", default=[], help="also import this adapter module")
     return p
@@ -36,24 +33,25 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    backends = load_backends(tuple(args.load))
+    if args.command == "report":
+        return _report(args.reports)
     if args.command == "list":
-        return _list(backends)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    names = _csv(args.backend) or sorted(backends)
-    unknown = [n for n in names if n not in backends]
-    if unknown:
-        print(f"--backend {unknown}: not registered (registered: {', '.join(sorted(backends))})", file=sys.stderr)
+        return _list(load_backends(tuple(args.load)))
+    try:
+        backends = select_backends(split_names(args.backend), tuple(args.load))
+        profile = args.profile or default_profile()
+        cases = select_cases(profile, split_names(args.scenario))
+    except (RegistryError, SpecError) as e:
+        print(e, file=sys.stderr)
         return 2
-    profile = args.profile or default_profile()
-    cases = select_cases(profile, _csv(args.scenario))
+    device = default_device(args.device)
     runner = Runner(device, base_seed=args.seed)
-    total, results, start, last = len(cases) * len(names), [], time.time(), 0.0
-    print(f"{len(cases)} cases x {len(names)} backends on {device} (profile {profile}, seed {args.seed})",
+    total, results, start, last = len(cases) * len(backends), [], time.time(), 0.0
+    print(f"{len(cases)} cases x {len(backends)} backends on {device} (profile {profile}, seed {args.seed})",
           file=sys.stderr)
     for spec in cases:  # backends inner: a case's references are computed once for all of them
-        for name in names:
-            results.append(runner.run(backends[name], spec))
+        for backend in backends:
+            results.append(runner.run(backend, spec))
             now = time.time()
             if now - last > 5 or len(results) == total:
                 bad = sum(r.status in BAD for r in results)
@@ -65,17 +63,33 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(results)} results in {time.time() - start:.1f}s")
     if args.json:
         write_json(args.json, results, {"profile": profile, "seed": args.seed, "environment": environment(device),
-                                        "backends": {n: backends[n].description for n in names}})
+                                        "backends": {b.name: b.description for b in backends}})
         print(f"JSON report: {args.json}")
+    return 1 if any(r.status in BAD for r in results) else 0
+
+
+def _report(paths: list[str]) -> int:
+    """Markdown on stdout: each report's environment, then one table over all of them."""
+    results, lines = [], ["# Conformance results", ""]
+    for path in paths:
+        meta, rs = read_json(path)
+        results += rs
+        env = meta["environment"]
+        lines.append(f"- `{path.rsplit('/', 1)[-1]}`: profile {meta['profile']}, seed {meta['seed']}, "
+                     + ", ".join(f"{k} {v}" for k, v in env.items() if v is not None))
+    lines += ["", "Cell: passed/run, r = worst err/tol (at most 1 passes), s = skipped.", "",
+              format_table(results, markdown=True), "", "```", summarize(results), "```"]
+    print("\n".join(lines))
     return 1 if any(r.status in BAD for r in results) else 0
 
 
 def _list(backends) -> int:
     from fixtures import SCENARIOS
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     for name, b in sorted(backends.items()):
-        why = b.unavailable() or (None if device.type in b.capabilities.devices else f"needs {sorted(b.capabilities.devices)}")
+        wrong_device = device.type not in b.capabilities.devices
+        why = b.unavailable() or (f"needs {sorted(b.capabilities.devices)}" if wrong_device else None)
         print(f"{name:16} {'ok' if not why else 'unavailable: ' + why:40} {b.description}")
     print()
     for s in SCENARIOS.values():

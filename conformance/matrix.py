@@ -49,6 +49,15 @@ def default_profile() -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
+def default_device(name: str | None = None) -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def split_names(values: list[str] | None) -> list[str] | None:
+    """Repeated and/or comma-separated option values ('--backend a,b --backend c') as one list."""
+    return [x for v in values for x in v.split(",") if x] if values else None
+
+
 def select_cases(profile: str, scenarios: list[str] | None = None) -> list[CaseSpec]:
     """The cases of a profile, optionally only some scenarios (names checked against the catalog)."""
     from fixtures import PROFILES, SCENARIOS

@@ -59,7 +59,7 @@ def reference_attention(inputs: Inputs, precision: str = "float64") -> Reference
     qpos = (ctx_lens[:, None] + torch.arange(max_q, device=dev)[None, :])[:, None, None, :, None]
 
     m = torch.full((B, hkv, g, max_q), float("-inf"), dtype=acc_dtype, device=dev)
-    l = torch.zeros_like(m)
+    row_sum = torch.zeros_like(m)
     acc = torch.zeros(B, hkv, g, max_q, d, dtype=acc_dtype, device=dev)
     # Chunk size: both the scores [B, Hq, max_q, C] and the keys read [B, C, Hkv, D] stay in budget.
     chunk = max(16, SCORE_CHUNK_ELEMENTS // max(B * hq * max_q, B * hkv * d))
@@ -85,13 +85,14 @@ def reference_attention(inputs: Inputs, precision: str = "float64") -> Reference
         shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows with no key yet
         p = torch.exp(s - shift[..., None])
         alpha = torch.exp(m - shift)
-        l = l * alpha + p.sum(-1)
+        row_sum = row_sum * alpha + p.sum(-1)
         acc = acc * alpha[..., None] + torch.einsum("bhgqk,bhkd->bhgqd", rnd(p), vc)
         m = m_new
 
-    seen = l > 0
-    out = torch.where(seen[..., None], acc / torch.where(seen, l, torch.ones_like(l))[..., None], torch.zeros_like(acc))
-    lse = torch.where(seen, m + torch.log(torch.where(seen, l, torch.ones_like(l))), torch.full_like(m, float("-inf")))
+    seen = row_sum > 0
+    safe_sum = torch.where(seen, row_sum, torch.ones_like(row_sum))
+    out = torch.where(seen[..., None], acc / safe_sum[..., None], torch.zeros_like(acc))
+    lse = torch.where(seen, m + torch.log(safe_sum), torch.full_like(m, float("-inf")))
     # Back to packed rows: [B, Hkv, G, max_q, ...] -> [T, Hq, ...].
     out = out.permute(0, 3, 1, 2, 4).reshape(B, max_q, hq, d)[q_seq, q_pos]
     lse = lse.permute(0, 3, 1, 2).reshape(B, max_q, hq)[q_seq, q_pos]

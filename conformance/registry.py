@@ -68,6 +68,12 @@ class Capabilities:
         return None
 
 
+class Unsupported(Exception):
+    """Raised by an adapter's run() when its library refuses the input at call time (a dispatcher
+    that finds no kernel for a shape): the case is a SKIP with this reason, counted and shown like
+    any other. Use the Capabilities or unsupported() for every rule known before the call."""
+
+
 class Backend:
     """Base class of adapters. Subclasses set `name` and `capabilities` and implement run()."""
 
@@ -168,3 +174,13 @@ def get_backend(name: str) -> Backend:
     if name not in backends:
         raise RegistryError(f"backend = {name!r}: not registered (registered: {', '.join(sorted(backends))})")
     return backends[name]
+
+
+def select_backends(names: list[str] | None, modules: tuple[str, ...] = ()) -> list[Backend]:
+    """The backends a run asked for (all registered when `names` is empty), unknown names refused."""
+    backends = load_backends(modules)
+    names = names or sorted(backends)
+    unknown = [n for n in names if n not in backends]
+    if unknown:
+        raise RegistryError(f"--backend {unknown}: not registered (registered: {', '.join(sorted(backends))})")
+    return [backends[n] for n in names]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import lzma
 import platform
 import sys
 from collections import Counter, defaultdict
@@ -49,7 +50,17 @@ def _cell(rs: list[Result]) -> str:
     return text + (f" s{skipped}" if skipped else "")
 
 
-def format_table(results: list[Result]) -> str:
+def read_json(path: str) -> tuple[dict, list[Result]]:
+    """A report written by write_json (optionally xz-compressed): its metadata and its Results."""
+    with (lzma.open(path, "rt") if path.endswith(".xz") else open(path)) as f:
+        data = json.load(f)
+    if data.get("schema") != REPORT_SCHEMA:
+        raise ValueError(f"{path}: schema = {data.get('schema')!r}, expected {REPORT_SCHEMA!r}")
+    results = [Result(**{**r, "status": Status(r["status"])}) for r in data.pop("results")]
+    return data, results
+
+
+def format_table(results: list[Result], markdown: bool = False) -> str:
     """Scenario x backend: passed/run, worst err/tol ratio (r), skipped count (s)."""
     backends = list(dict.fromkeys(r.backend for r in results))
     scenarios = list(dict.fromkeys(r.scenario for r in results))
@@ -57,6 +68,10 @@ def format_table(results: list[Result]) -> str:
     for r in results:
         by[r.scenario, r.backend].append(r)
     rows = [["scenario", *backends]] + [[s, *(_cell(by[s, b]) for b in backends)] for s in scenarios]
+    if markdown:
+        lines = ["| " + " | ".join(row) + " |" for row in rows]
+        lines.insert(1, "|" + " --- |" * len(rows[0]))
+        return "\n".join(lines)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -11,7 +11,7 @@ import torch
 
 from .paged import Case, Inputs, make_inputs, scatter_to_cache
 from .reference import Reference, reference_attention
-from .registry import Backend
+from .registry import Backend, Unsupported
 from .spec import CaseSpec
 from .tolerance import DEFAULT_TOLERANCE, Comparison, compare
 
@@ -103,6 +103,9 @@ class Runner:
             backend.write_cache(case)
             returned = backend.run(case)
             self._sync()
+        except Unsupported as e:
+            result.status, result.reason = Status.SKIP, f"refused at call time: {e}"
+            return result
         except Exception as e:  # noqa: BLE001 - an adapter's exception is its result, not the run's end
             result.status = Status.ERROR
             result.reason = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}"
@@ -132,7 +135,8 @@ class Runner:
         # The caches as they must be now: as handed over, plus the new tokens in their slots.
         expected = prep.inputs.materialize(finite_poison=backend.finite_poison)
         scatter_to_cache(expected)
-        for name, got, want in (("k_cache", case.k_cache, expected.k_cache), ("v_cache", case.v_cache, expected.v_cache)):
+        for name, got, want in (("k_cache", case.k_cache, expected.k_cache),
+                                ("v_cache", case.v_cache, expected.v_cache)):
             wrong = _cache_mismatch(got, want)
             if wrong:
                 problems.append(f"{name}: {wrong}")

@@ -74,6 +74,9 @@ def compare(out: torch.Tensor, ref: torch.Tensor, ref_lowp: torch.Tensor, dtype:
     err = float(diff.max()) if diff.numel() else 0.0
     ref_err = float(ref_diff.max()) if ref_diff.numel() else 0.0
     tol = tolerance.k * ref_err + FLOORS[dtype] * tolerance.floor_scale
-    flat = int(torch.argmax(bad.flatten().to(torch.uint8))) if nonfinite else int(torch.argmax(diff.flatten())) if diff.numel() else 0
+    if nonfinite:
+        flat = int(torch.argmax(bad.flatten().to(torch.uint8)))
+    else:
+        flat = int(torch.argmax(diff.flatten())) if diff.numel() else 0
     worst = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), out.shape)) if out.numel() else ()
     return Comparison(err=err, ref_err=ref_err, tol=tol, nonfinite=nonfinite, worst=worst)

@@ -100,7 +100,8 @@ def test_broken_entry_point_becomes_an_error_not_silence(tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "_loaded", False)
     broken = load_backends()["broken"]
     result = Runner(CPU).run(broken, SPEC)
-    assert result.status == Status.ERROR and "failed to load" in result.reason and "ModuleNotFoundError" in result.reason
+    assert result.status == Status.ERROR
+    assert "failed to load" in result.reason and "ModuleNotFoundError" in result.reason
 
 
 class Raises(Echo):
@@ -129,7 +130,7 @@ class BadLse(Echo):
 
 @pytest.mark.parametrize("backend, reason", [
     (Raises(), "RuntimeError: kernel exploded"),
-    (WrongShape(), "echo.run output: shape (4, 4, 16), torch.float16, cpu; must be shape (5, 4, 16), torch.float16, cpu"),
+    (WrongShape(), "echo.run output: shape (4, 4, 16), torch.float16, cpu; must be shape (5, 4, 16), torch.float16"),
     (WrongDtype(), "echo.run output: shape (5, 4, 16), torch.float32, cpu; must be shape (5, 4, 16), torch.float16"),
     (NoLse(), "echo.run returned no lse, but its capabilities declare returns_lse"),
     (BadLse(), "echo.run lse: (3,); must be a float tensor of shape (5, 4)"),

@@ -1,0 +1,21 @@
+"""The main job end to end: run -> table + JSON -> merged Markdown report."""
+from conformance.cli import main
+from conformance.report import read_json
+
+
+def test_run_writes_a_report_that_report_turns_into_a_table(tmp_path, capsys):
+    path = str(tmp_path / "r.json")
+    assert main(["run", "--backend", "sdpa", "--scenario", "small_decode", "--json", path]) == 0
+    out = capsys.readouterr().out
+    assert "small_decode" in out and "PASS 24  SKIP 12" in out and "feature softcap not supported (12 cases)" in out
+    meta, results = read_json(path)
+    assert meta["environment"]["torch"] and meta["environment"]["reference_dtype"] == "float64"
+    assert len(results) == 36 and {r.backend for r in results} == {"sdpa"}
+    assert main(["report", path]) == 0
+    md = capsys.readouterr().out
+    assert "| scenario | sdpa |" in md and "| small_decode | 24/24 r" in md
+
+
+def test_unknown_backend_is_named_and_exits_2(capsys):
+    assert main(["run", "--backend", "nope", "--json", ""]) == 2
+    assert "--backend ['nope']: not registered" in capsys.readouterr().err
