@@ -20,6 +20,19 @@ from conformance import Backend, Capabilities, Case, Unsupported, gather_kv, reg
 NO_SOFTCAP = frozenset({"causal", "non_causal", "sliding_window"})
 
 
+def _check_cudnn_takes(q, k, v, mask) -> None:
+    """cuDNN's dispatcher refuses some shapes that no static rule here describes; ask it (with the
+    mask it will actually get: CausalBias materializes for cuDNN) and skip with its own words."""
+    dense = mask._materialize(q.device) if isinstance(mask, CausalBias) else mask
+    params = torch.backends.cuda.SDPAParams(q, k, v, dense, 0.0, False, False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ok = torch.backends.cuda.can_use_cudnn_attention(params, debug=True)
+    if not ok:
+        why = "; ".join(str(w.message) for w in caught) or "torch.backends.cuda.can_use_cudnn_attention is False"
+        raise Unsupported(f"cuDNN takes no q_len={q.shape[2]}, kv_len={k.shape[2]} call: {why}")
+
+
 class SdpaBackend(Backend):
     def __init__(self, name: str, kernel: SDPBackend | None, devices=("cpu", "cuda"), dtypes=None):
         self.name, self.kernel = name, kernel
@@ -67,19 +80,6 @@ class SdpaBackend(Backend):
 
 
 register_backend(SdpaBackend("sdpa", None))
-def _check_cudnn_takes(q, k, v, mask) -> None:
-    """cuDNN's dispatcher refuses some shapes that no static rule here describes; ask it (with the
-    mask it will actually get: CausalBias materializes for cuDNN) and skip with its own words."""
-    dense = mask._materialize(q.device) if isinstance(mask, CausalBias) else mask
-    params = torch.backends.cuda.SDPAParams(q, k, v, dense, 0.0, False, False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ok = torch.backends.cuda.can_use_cudnn_attention(params, debug=True)
-    if not ok:
-        why = "; ".join(str(w.message) for w in caught) or "no reason given"
-        raise Unsupported(f"cuDNN takes no q_len={q.shape[2]}, kv_len={k.shape[2]} call: {why}")
-
-
 # One name per CUDA kernel, so a regression in one is not hidden by the dispatcher picking another.
 register_backend(SdpaBackend("sdpa-math", SDPBackend.MATH, devices=("cuda",)))
 register_backend(SdpaBackend("sdpa-flash", SDPBackend.FLASH_ATTENTION, devices=("cuda",)))
