@@ -173,7 +173,9 @@ def scatter_to_cache(case: Case) -> None:
 
 def gather_kv(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each sequence's K/V read back from the paged cache through its block table, packed:
-    ([N, Hkv, D], [N, Hkv, D], kv_start_loc [B + 1]). For adapters whose library takes no pages."""
+    ([N, Hkv, D], [N, Hkv, D], kv_start_loc [B + 1]). For adapters whose library takes no pages.
+    It repeats the builder's slot arithmetic on purpose: adapter-side code shares nothing with the
+    code that lays out the cache, so one bug cannot agree with itself."""
     dev = case.device
     seq_lens = case.seq_lens.to(torch.int64)
     bs = case.k_cache.shape[1]
