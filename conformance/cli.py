@@ -1,5 +1,6 @@
 """`python -m conformance run`: every registered backend over a profile on this machine's device.
-`python -m conformance list`: backends (with availability) and scenarios."""
+`python -m conformance list`: backends (with availability) and scenarios.
+`python -m conformance report A.json [B.json.xz ...]`: several JSON reports as one Markdown table."""
 from __future__ import annotations
 
 import argparse
