@@ -2,3 +2,4 @@
 checkout on PYTHONPATH works). An adapter whose library is missing still registers: its cases
 skip with the reason."""
 from . import flex, sdpa  # noqa: F401
+from . import triton_attention  # noqa: F401,E402

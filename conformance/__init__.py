@@ -1,4 +1,14 @@
 """Attention-backend conformance: paged-KV cases, an independent ground truth, and a registry."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton has no CPU target: without CUDA, Triton kernels run under its interpreter. Triton reads
+    # the flag when it is first imported (torch._dynamo imports it), so it is set here, first.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# isort: split
 from .paged import Case, Inputs, gather_kv, make_inputs, scatter_to_cache
 from .reference import Reference, reference_attention
 from .registry import (ENTRY_POINT_GROUP, Backend, Capabilities, RegistryError, get_backend, load_backends,

@@ -12,8 +12,10 @@ from .spec import CaseSpec, HeadConfig, Scenario, SpecError
 class Profile:
     """One sizing of the matrix. "cpu": scenarios scaled down for CI; "gpu": full sizes.
 
-    Every (scenario, heads, dtype, block size) runs plain, with a sliding window (causal
-    scenarios only) and with a logit softcap.
+    Main grid: every scenario x head config x dtype x block size, each run plain, with a sliding
+    window (causal scenarios), a logit softcap, attention sinks and an fp8 KV cache. Sweep: a few
+    scenarios over more head dims and block sizes (plain cases only), so odd shapes are covered
+    without multiplying the whole grid.
     """
 
     name: str
@@ -22,9 +24,12 @@ class Profile:
     block_sizes: tuple[int, ...]
     sliding_window: int
     softcap: float
+    sweep_scenarios: tuple[str, ...] = ()
+    sweep_heads: tuple[HeadConfig, ...] = ()
+    sweep_block_sizes: tuple[int, ...] = ()
 
     def __post_init__(self):
-        ids = [h.id for h in self.heads]
+        ids = [h.id for h in self.heads + self.sweep_heads]
         if len(set(ids)) != len(ids):
             raise SpecError(f"Profile({self.name}).heads = {ids}: head-config ids must be unique within a profile")
 
@@ -42,6 +47,14 @@ class Profile:
                         if sc.causal:
                             out.append(base.replace(sliding_window=self.sliding_window))
                         out.append(base.replace(softcap=self.softcap))
+                        out.append(base.replace(sinks=True))
+                        out.append(base.replace(kv_dtype="fp8_e4m3"))
+            if sc.name in self.sweep_scenarios:
+                for heads in self.heads + self.sweep_heads:
+                    for bs in self.block_sizes + self.sweep_block_sizes:
+                        if heads in self.heads and bs in self.block_sizes:
+                            continue  # in the main grid
+                        out += [CaseSpec(sc.name, batch, heads, dtype, bs, causal=sc.causal) for dtype in self.dtypes]
         return out
 
 

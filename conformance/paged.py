@@ -12,9 +12,25 @@ from dataclasses import dataclass
 
 import torch
 
-from .spec import CaseSpec
+from .spec import FP8_CACHE_DTYPES, CaseSpec
 
 NULL_BLOCK = 0  # vLLM's convention: block 0 is reserved and never holds data
+
+
+def quantize(x: torch.Tensor, scale: float, cache_dtype: torch.dtype) -> torch.Tensor:
+    """What a cache of `cache_dtype` stores for values x: x itself, or for an fp8 cache the code
+    round-to-nearest-even(fp32(x) / scale), division in IEEE fp32. A cache write must store exactly
+    these codes (the cache check compares bits)."""
+    if cache_dtype == x.dtype:
+        return x
+    return (x.float() / torch.tensor(scale, dtype=torch.float32)).to(cache_dtype)
+
+
+def dequantize(stored: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Cache contents as the values they stand for (code * scale), in `dtype`."""
+    if stored.dtype in FP8_CACHE_DTYPES.values():
+        return (stored.to(torch.float64) * scale).to(dtype)
+    return stored.to(dtype)
 
 
 def poison_value(dtype: torch.dtype, finite: bool) -> float:
@@ -34,7 +50,7 @@ class Case:
     q: torch.Tensor  # [T, Hq, D]
     k_new: torch.Tensor  # [T, Hkv, D], the new tokens' keys, to be written to the cache
     v_new: torch.Tensor  # [T, Hkv, D]
-    k_cache: torch.Tensor  # [num_blocks, block_size, Hkv, D]; context pre-written, the rest poisoned
+    k_cache: torch.Tensor  # [num_blocks, block_size, Hkv, D] of spec.cache_dtype; context pre-written, the rest poisoned
     v_cache: torch.Tensor  # [num_blocks, block_size, Hkv, D]
     block_table: torch.Tensor  # [B, max_blocks] int32; entries past a sequence's last block are garbage
     slot_mapping: torch.Tensor  # [T] int64: block_table[b, pos // bs] * bs + pos % bs of each new token
@@ -45,6 +61,9 @@ class Case:
     max_seq_len: int
     out: torch.Tensor  # [T, Hq, D], NaN-filled: rows a backend leaves unwritten fail
     poison: float
+    k_scale: float = 1.0  # fp8 caches: a stored code c stands for c * k_scale (exact in fp32)
+    v_scale: float = 1.0
+    sinks: torch.Tensor | None = None  # [Hq] float32 sink logits when spec.sinks, else None
 
     @property
     def device(self) -> torch.device:
@@ -70,16 +89,24 @@ class Inputs:
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
     num_blocks: int
+    k_scale: float = 1.0
+    v_scale: float = 1.0
+    sinks: torch.Tensor | None = None  # [Hq] float32
+
+    def stored(self, which: str, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """Rows of the packed K or V ('k' / 'v') as the cache stores them (fp8 codes for an fp8 cache)."""
+        x, scale = (self.k, self.k_scale) if which == "k" else (self.v, self.v_scale)
+        return quantize(x[rows], scale, self.spec.cache_dtype)
 
     def materialize(self, finite_poison: bool = False) -> Case:
         spec, b = self.spec, self.spec.batch
         bs, hkv, d = spec.block_size, spec.heads.num_kv_heads, spec.heads.head_dim
-        poison = poison_value(spec.dtype, finite_poison)
+        poison = poison_value(spec.cache_dtype, finite_poison)
         dev = self.q.device
 
-        def cache(src: torch.Tensor) -> torch.Tensor:
-            c = torch.full((self.num_blocks, bs, hkv, d), poison, dtype=spec.dtype, device=dev)
-            c.view(-1, hkv, d)[self.context_slots] = src[self.context_index]
+        def cache(which: str) -> torch.Tensor:
+            c = torch.full((self.num_blocks, bs, hkv, d), poison, dtype=spec.cache_dtype, device=dev)
+            c.view(-1, hkv, d)[self.context_slots] = self.stored(which, self.context_index)
             return c
 
         i32 = dict(dtype=torch.int32, device=dev)
@@ -88,8 +115,8 @@ class Inputs:
             q=self.q.clone(),
             k_new=self.k[self.new_token_index],
             v_new=self.v[self.new_token_index],
-            k_cache=cache(self.k),
-            v_cache=cache(self.v),
+            k_cache=cache("k"),
+            v_cache=cache("v"),
             block_table=self.block_table.clone(),
             slot_mapping=self.slot_mapping.clone(),
             seq_lens=torch.tensor(b.seq_lens, **i32),
@@ -99,6 +126,9 @@ class Inputs:
             max_seq_len=max(b.seq_lens),
             out=torch.full_like(self.q, math.nan),
             poison=poison,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
+            sinks=None if self.sinks is None else self.sinks.clone(),
         )
 
 
@@ -157,18 +187,28 @@ def make_inputs(spec: CaseSpec, device: torch.device | str, seed: int) -> Inputs
     is_new = pos >= (seq_lens - query_lens)[seq_of_token]
     new_idx = torch.nonzero(is_new).flatten()
     ctx_idx = torch.nonzero(~is_new).flatten()
+    # Sink logits spread from negligible to dominant: N(0, 2) against scores of about N(0, 1).
+    sinks = 2 * torch.randn(h.num_q_heads, generator=gen, device=device) if spec.sinks else None
+    k_scale = v_scale = 1.0
+    if spec.kv_dtype != "auto":
+        # Calibrated per-tensor scales, as an engine would set them: amax over the fp8 range's
+        # half, rounded to fp32 so that every implementation holds the same scale.
+        fp8_max = torch.finfo(spec.cache_dtype).max
+        k_scale, v_scale = (float(torch.tensor(float(x.abs().max()) / (fp8_max / 2), dtype=torch.float32))
+                            for x in (k, v))
     return Inputs(
         spec=spec, q=q, k=k, v=v, kv_start_loc=kv_start, new_token_index=new_idx, context_index=ctx_idx,
         context_slots=slots[ctx_idx], block_table=table, slot_mapping=slots[new_idx], num_blocks=num_blocks,
+        k_scale=k_scale, v_scale=v_scale, sinks=sinks,
     )
 
 
 def scatter_to_cache(case: Case) -> None:
-    """The default cache write: the new tokens' K/V into their slots. Adapters with their own
-    cache-write op override Backend.write_cache instead."""
+    """The default cache write: the new tokens' K/V into their slots (quantized for an fp8 cache).
+    Adapters with their own cache-write op override Backend.write_cache instead."""
     hkv, d = case.k_cache.shape[-2:]
-    case.k_cache.view(-1, hkv, d)[case.slot_mapping] = case.k_new
-    case.v_cache.view(-1, hkv, d)[case.slot_mapping] = case.v_new
+    case.k_cache.view(-1, hkv, d)[case.slot_mapping] = quantize(case.k_new, case.k_scale, case.k_cache.dtype)
+    case.v_cache.view(-1, hkv, d)[case.slot_mapping] = quantize(case.v_new, case.v_scale, case.v_cache.dtype)
 
 
 def gather_kv(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -3,6 +3,8 @@
 It reads the harness's own packed K/V, never the paged cache, builds every mask explicitly
 (bottom-right causal: query i of a sequence with context c sees keys 0..c+i; sliding window;
 key padding), maps query head h to KV head h // group, and computes in float64 by default.
+An fp8 cache's keys are what the cache holds: the codes times their scale. A sink is one more
+logit in every row's softmax, with no value: the running max starts at it with a sum of 1.
 Sequences are padded into one batch (no per-sequence Python loop) and keys are processed in
 chunks with an online softmax, so memory stays bounded for long contexts.
 
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .paged import Inputs
+from .paged import Inputs, dequantize
 
 # Elements of one chunk's scores (and of its keys); bounds the reference's memory (128 MiB each in float64).
 SCORE_CHUNK_ELEMENTS = 1 << 24
@@ -25,7 +27,7 @@ SCORE_CHUNK_ELEMENTS = 1 << 24
 @dataclass
 class Reference:
     out: torch.Tensor  # [T, Hq, D]
-    lse: torch.Tensor  # [T, Hq], natural log; -inf for a row that sees no key (its out is 0)
+    lse: torch.Tensor  # [T, Hq], natural log, sink included; -inf for a row that sees nothing (its out is 0)
 
 
 def reference_attention(inputs: Inputs, precision: str = "float64") -> Reference:
@@ -60,6 +62,9 @@ def reference_attention(inputs: Inputs, precision: str = "float64") -> Reference
 
     m = torch.full((B, hkv, g, max_q), float("-inf"), dtype=acc_dtype, device=dev)
     row_sum = torch.zeros_like(m)
+    if inputs.sinks is not None:
+        m[:] = inputs.sinks.to(acc_dtype).view(1, hkv, g, 1)
+        row_sum[:] = 1.0
     acc = torch.zeros(B, hkv, g, max_q, d, dtype=acc_dtype, device=dev)
     # Chunk size: both the scores [B, Hq, max_q, C] and the keys read [B, C, Hkv, D] stay in budget.
     chunk = max(16, SCORE_CHUNK_ELEMENTS // max(B * hq * max_q, B * hkv * d))
@@ -69,8 +74,9 @@ def reference_attention(inputs: Inputs, precision: str = "float64") -> Reference
         # Keys j0..j1 of every sequence, read from the packed K/V; rows past a sequence's end
         # borrow a neighbour's (finite) row and are masked below.
         rows = (kv_start + torch.arange(j0, j1, device=dev)[None, :]).clamp(max=last_row)  # [B, C]
-        kc = inputs.k[rows].to(acc_dtype).permute(0, 2, 1, 3)  # [B, Hkv, C, D]
-        vc = inputs.v[rows].to(acc_dtype).permute(0, 2, 1, 3)
+        # Keys and values as the cache holds them; a low-precision kernel computes with them in the case's dtype.
+        kc = rnd(dequantize(inputs.stored("k", rows), inputs.k_scale, acc_dtype)).permute(0, 2, 1, 3)  # [B, Hkv, C, D]
+        vc = rnd(dequantize(inputs.stored("v", rows), inputs.v_scale, acc_dtype)).permute(0, 2, 1, 3)
         s = rnd(torch.einsum("bhgqd,bhkd->bhgqk", q_pad, kc) * spec.scale)
         if spec.softcap is not None:
             s = rnd(spec.softcap * torch.tanh(s / spec.softcap))

@@ -18,7 +18,10 @@ from .spec import DTYPE_NAMES, CaseSpec
 from .tolerance import Tolerance
 
 ENTRY_POINT_GROUP = "attention_conformance.backends"
-ALL_FEATURES = frozenset({"causal", "non_causal", "sliding_window", "softcap"})
+ALL_FEATURES = frozenset({"causal", "non_causal", "sliding_window", "softcap", "sinks"})
+# What Capabilities() claims unless told otherwise. Features the suite adds later (sinks) are
+# opt-in, so an adapter written before them is not suddenly failing cases it never claimed.
+DEFAULT_FEATURES = frozenset({"causal", "non_causal", "sliding_window", "softcap"})
 
 
 def _names(values) -> str:
@@ -37,7 +40,7 @@ class Capabilities:
     block_sizes: frozenset[int] | None = None  # None: any (subject to block_size_multiple)
     block_size_multiple: int = 1
     gqa_ratios: frozenset[int] | None = None  # None: any
-    features: frozenset[str] = ALL_FEATURES
+    features: frozenset[str] = DEFAULT_FEATURES
     returns_lse: bool = False
     requires: tuple[str, ...] = ()  # importable modules; a missing one skips every case, naming it
 

@@ -23,8 +23,10 @@ def _require(ok: bool, field: str, value, rule: str) -> None:
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-# KV-cache storage types. "auto" stores the cache in the case's dtype.
+# KV-cache storage types: "auto" stores the cache in the case's dtype; fp8 caches store codes that
+# read back as code * scale, with one scale per tensor (k_scale, v_scale).
 KV_DTYPES = ("auto", "fp8_e4m3")
+FP8_CACHE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn}
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ class CaseSpec:
     sliding_window: int | None = None  # keys visible to a query, itself included: pos_q - pos_k < window
     softcap: float | None = None  # logits -> softcap * tanh(logits / softcap), after the scale
     kv_dtype: str = "auto"
+    sinks: bool = False  # one learned logit per query head joins every softmax (no value; not scaled or capped)
     scale: float | None = None  # softmax scale; None means head_dim ** -0.5
 
     def __post_init__(self):
@@ -141,6 +144,7 @@ class CaseSpec:
                      self.sliding_window, "must be None or an int >= 1")
             _require(self.causal, "CaseSpec.sliding_window", self.sliding_window,
                      "needs a causal case (a window is defined backwards from the query)")
+        _require(isinstance(self.sinks, bool), "CaseSpec.sinks", self.sinks, "must be True or False")
         if self.softcap is not None:
             _require(self.softcap > 0, "CaseSpec.softcap", self.softcap, "must be None or > 0")
         if self.scale is None:
@@ -152,6 +156,11 @@ class CaseSpec:
         return DTYPE_NAMES[self.dtype]
 
     @property
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype of the paged K/V cache tensors."""
+        return FP8_CACHE_DTYPES.get(self.kv_dtype, self.dtype)
+
+    @property
     def features(self) -> frozenset[str]:
         """The features a backend must support to run this case (matched against Capabilities.features)."""
         f = {"causal" if self.causal else "non_causal"}
@@ -159,6 +168,8 @@ class CaseSpec:
             f.add("sliding_window")
         if self.softcap is not None:
             f.add("softcap")
+        if self.sinks:
+            f.add("sinks")
         return frozenset(f)
 
     @property
@@ -171,6 +182,8 @@ class CaseSpec:
             parts.append(f"sw{self.sliding_window}")
         if self.softcap is not None:
             parts.append(f"cap{self.softcap:g}")
+        if self.sinks:
+            parts.append("sinks")
         if self.scale != self.heads.head_dim ** -0.5:
             parts.append(f"scale{self.scale:g}")
         return "-".join(parts)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from conformance import Backend, Case, scatter_to_cache
+from conformance import Backend, Capabilities, Case, scatter_to_cache
+from conformance.registry import ALL_FEATURES
 
 BUGS = {
     "top_left_causal": "causal mask aligned top-left (SDPA is_causal=True with q_len != kv_len)",
@@ -21,11 +22,14 @@ BUGS = {
     "k_v_swapped": "K and V caches swapped",
     "new_tokens_not_written": "the new tokens' K/V never reach the cache",
     "query_offsets_shifted": "query start offsets shifted by one token",
+    "sinks_ignored": "attention sinks left out of the softmax",
+    "fp8_scale_ignored": "fp8 cache codes read without their scale",
 }
 
 
 class PagedTorch(Backend):
     description = "plain torch, per sequence, keys read through the block table (self-test adapter)"
+    capabilities = Capabilities(kv_dtypes=frozenset({"auto", "fp8_e4m3"}), features=ALL_FEATURES)
 
     def __init__(self, bug: str | None = None):
         assert bug is None or bug in BUGS, bug
@@ -42,6 +46,7 @@ class PagedTorch(Backend):
         k_flat, v_flat = case.k_cache.view(-1, hkv, d), case.v_cache.view(-1, hkv, d)
         if bug == "k_v_swapped":
             k_flat, v_flat = v_flat, k_flat
+        k_scale, v_scale = (1.0, 1.0) if bug == "fp8_scale_ignored" else (case.k_scale, case.v_scale)
         g = spec.heads.group_size
         heads = torch.arange(spec.heads.num_q_heads)
         kv_head = heads % hkv if bug == "gqa_modulo" else heads // g
@@ -56,8 +61,8 @@ class PagedTorch(Backend):
                 slots = int(case.block_table[b, 0]) * bs + pos % bs
             else:
                 slots = case.block_table[b, pos // bs].long() * bs + pos % bs
-            k = k_flat[slots].double()[:, kv_head]  # [n, Hq, D]
-            v = v_flat[slots].double()[:, kv_head]
+            k = k_flat[slots].double()[:, kv_head] * k_scale  # [n, Hq, D]
+            v = v_flat[slots].double()[:, kv_head] * v_scale
             q0, q1 = qsl[b], qsl[b + 1]
             if bug == "query_offsets_shifted":
                 q0, q1 = min(q0 + 1, case.q.shape[0] - (q1 - q0)), min(q1 + 1, case.q.shape[0])
@@ -75,6 +80,9 @@ class PagedTorch(Backend):
                 visible &= (qpos - kpos <= spec.sliding_window) if bug == "window_off_by_one" \
                     else (qpos - kpos < spec.sliding_window)
             logits = logits.masked_fill(~visible, float("-inf"))
+            if case.sinks is not None and bug != "sinks_ignored":  # one more logit, with a zero value row
+                logits = torch.cat([logits, case.sinks.double()[:, None, None].expand(-1, q1 - q0, 1)], -1)
+                v = torch.cat([v, torch.zeros_like(v[:1])])
             out = torch.einsum("hqk,khd->qhd", torch.softmax(logits, -1), v)
             rows = slice(qsl[b], qsl[b + 1] - (1 if bug == "rows_unwritten" else 0))
             case.out[rows] = out[: rows.stop - rows.start].to(case.out.dtype)

@@ -4,10 +4,12 @@ import torch
 
 import conformance.reference as reference
 from conformance import BatchSpec, CaseSpec, HeadConfig, make_inputs, reference_attention
+from conformance.paged import dequantize
 
 
 def naive(inputs):
-    """Textbook attention, one sequence, head and query at a time, float64, masks by definition."""
+    """Textbook attention, one sequence, head and query at a time, float64, masks by definition;
+    a sink is one more logit whose value row is zero."""
     spec = inputs.spec
     g = spec.heads.group_size
     out = torch.zeros(inputs.q.shape, dtype=torch.float64)
@@ -15,8 +17,9 @@ def naive(inputs):
     starts = inputs.kv_start_loc.tolist()
     t = 0
     for b, (s, ql) in enumerate(zip(spec.batch.seq_lens, spec.batch.query_lens)):
-        k = inputs.k[starts[b]: starts[b] + s].double()
-        v = inputs.v[starts[b]: starts[b] + s].double()
+        rows = slice(starts[b], starts[b] + s)
+        k = dequantize(inputs.stored("k", rows), inputs.k_scale, torch.float64)
+        v = dequantize(inputs.stored("v", rows), inputs.v_scale, torch.float64)
         for i in range(ql):
             p = s - ql + i  # absolute position of this query
             keys = [j for j in range(s)
@@ -25,8 +28,12 @@ def naive(inputs):
                 logits = torch.stack([inputs.q[t, h].double() @ k[j, h // g] for j in keys]) * spec.scale
                 if spec.softcap:
                     logits = spec.softcap * torch.tanh(logits / spec.softcap)
+                values = [v[j, h // g] for j in keys]
+                if spec.sinks:
+                    logits = torch.cat([logits, inputs.sinks[h:h + 1].double()])
+                    values.append(torch.zeros_like(v[0, 0]))
                 w = torch.softmax(logits, 0)
-                out[t, h] = sum(w[n] * v[j, h // g] for n, j in enumerate(keys))
+                out[t, h] = sum(w[n] * x for n, x in enumerate(values))
                 lse[t, h] = torch.logsumexp(logits, 0)
             t += 1
     return out, lse
@@ -39,6 +46,8 @@ SPECS = [
     CaseSpec("softcap", BatchSpec([10, 6], [4, 1]), HeadConfig(2, 2, 8), torch.float16, 4, softcap=0.7),
     CaseSpec("bidir", BatchSpec([7, 13], [7, 13]), HeadConfig(4, 4, 8), torch.float32, 4, causal=False),
     CaseSpec("scale", BatchSpec([8], [3]), HeadConfig(2, 1, 8), torch.float32, 4, scale=0.9),
+    CaseSpec("sinks", BatchSpec([9, 4], [3, 4]), HeadConfig(4, 2, 8), torch.float16, 4, sliding_window=3, sinks=True),
+    CaseSpec("fp8", BatchSpec([11, 5], [2, 5]), HeadConfig(4, 2, 8), torch.bfloat16, 4, kv_dtype="fp8_e4m3"),
 ]
 
 
@@ -93,3 +102,15 @@ def test_bad_precision_is_named():
     inputs = make_inputs(SPECS[0], "cpu", 0)
     with pytest.raises(ValueError, match="precision = 'fp8': must be 'float64' or 'lowp'"):
         reference_attention(inputs, "fp8")
+
+
+def test_fp8_reference_reads_the_quantized_cache():
+    """An fp8 case's truth is attention over code * scale, not over the unquantized draws."""
+    spec = SPECS[-1]
+    inputs = make_inputs(spec, "cpu", 4)
+    assert spec.cache_dtype == torch.float8_e4m3fn
+    assert 0 < inputs.k_scale != inputs.v_scale > 0 and 1.0 not in (inputs.k_scale, inputs.v_scale)
+    exact = dequantize(inputs.stored("k"), inputs.k_scale, torch.float64)
+    assert 0 < (exact - inputs.k.double()).abs().max() < 0.1 * inputs.k.double().abs().max()
+    raw = reference_attention(make_inputs(spec.replace(kv_dtype="auto"), "cpu", 4)).out
+    assert (reference_attention(inputs).out - raw).abs().max() > 1e-3
