@@ -1,7 +1,7 @@
 """Adapters for our Triton paged attention (backends/triton_kernels.py).
 
 `triton` picks its path by a heuristic (split-KV for decode batches that leave the GPU idle);
-`triton-split` always takes the split-KV path, so both are tested on every case. On a machine
+`triton-split` takes the split-KV path on every decode case, so both paths are tested on all of them. On a machine
 without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from conformance import Backend, Capabilities, Case, register_backend
 
 SEGMENTS = 16  # split-KV segments the heuristic picks (a power of two: the reduce loads them as one tile)
-FORCED_SEGMENTS = 4  # triton-split: enough to have full, partial and empty segments on short CPU cases
+FORCED_SEGMENTS = 4  # triton-split: full, partial and empty segments even on short CPU cases
 MIN_SPLIT_KEYS = 2048  # below this, segments would be too short to pay for the reduce
 
 
@@ -48,7 +48,7 @@ class TritonBackend(Backend):
         self.name = name
         self.split = split
         self.description = ("our Triton paged attention, " +
-                            ("split-KV path always (segments + reduce)" if split else "split-KV chosen by heuristic"))
+                            ("split-KV path on every decode batch" if split else "split-KV for decode chosen by heuristic"))
 
     def unavailable(self):
         reason = super().unavailable()
@@ -57,6 +57,8 @@ class TritonBackend(Backend):
         return reason
 
     def unsupported(self, spec, device):
+        if self.split and not spec.batch.is_decode:
+            return "split-KV is the decode path: batches with prefill tokens take the one-pass kernel (tested as triton)"
         if device.type == "cpu" and spec.dtype == torch.bfloat16:
             return ("bf16 under Triton's interpreter is computed on the raw bits (upstream will not fix it); "
                     "bf16 is covered on the GPU")

@@ -44,12 +44,12 @@ def _find_sequence(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr
 def _attention_kernel(
     out_ptr, lse_ptr,  # NUM_SEGMENTS == 1: out [T, Hq, D], lse [T, Hq]; else partial acc, (max, sum) per segment
     q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr, query_start_loc_ptr, sinks_ptr,
-    num_seqs, num_q_heads, scale, k_scale, v_scale, softcap,
+    num_seqs, num_q_heads, block_size, window, scale, k_scale, v_scale, softcap,
     stride_q_t, stride_q_h, stride_o_t, stride_o_h,
     stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head, stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_SINKS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TILE: tl.constexpr,
+    CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_SINKS: tl.constexpr,
     KV_FP8: tl.constexpr, NUM_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     q_block_global = tl.program_id(0)
@@ -79,8 +79,8 @@ def _attention_kernel(
     last_q = tl.minimum((q_block + 1) * BLOCK_Q, q_len) - 1
     key_hi = context_len + last_q + 1 if CAUSAL else seq_len
     key_lo = 0
-    if WINDOW > 0:
-        key_lo = tl.maximum(context_len + q_block * BLOCK_Q - WINDOW + 1, 0)
+    if USE_WINDOW:
+        key_lo = tl.maximum(context_len + q_block * BLOCK_Q - window + 1, 0)
     tile_lo = key_lo // TILE
     tile_hi = (key_hi + TILE - 1) // TILE
     if NUM_SEGMENTS > 1:
@@ -100,8 +100,8 @@ def _attention_kernel(
     for tile in range(tile_lo, tile_hi):
         k_pos = tile * TILE + tl.arange(0, TILE)
         k_ok = (k_pos >= key_lo) & (k_pos < key_hi)
-        block = tl.load(block_table_ptr + seq * stride_bt + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
-        slot = k_pos % BLOCK_SIZE
+        block = tl.load(block_table_ptr + seq * stride_bt + k_pos // block_size, mask=k_ok, other=0).to(tl.int64)
+        slot = k_pos % block_size
         k_off = block[None, :] * stride_k_block + slot[None, :] * stride_k_slot + kv_head * stride_k_head + d[:, None]
         k = tl.load(k_cache_ptr + k_off, mask=k_ok[None, :] & d_ok[:, None], other=0.0)  # [D, TILE]
         if KV_FP8:
@@ -115,8 +115,8 @@ def _attention_kernel(
         visible = row_ok[:, None] & k_ok[None, :]
         if CAUSAL:
             visible = visible & (k_pos[None, :] <= q_pos[:, None])
-        if WINDOW > 0:
-            visible = visible & (q_pos[:, None] - k_pos[None, :] < WINDOW)
+        if USE_WINDOW:
+            visible = visible & (q_pos[:, None] - k_pos[None, :] < window)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
@@ -195,8 +195,8 @@ def _round_to_e4m3(x):
 @triton.jit
 def _write_cache_kernel(
     k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale, v_scale,
-    stride_new_t, stride_cache_block, stride_cache_slot,
-    ROW: tl.constexpr, BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, KV_FP8: tl.constexpr,
+    block_size, stride_new_t, stride_cache_block, stride_cache_slot,
+    ROW: tl.constexpr, CHUNK: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """New token t's K/V ([Hkv, D], contiguous, ROW elements) into its slot; slot -1 is a padding
     token (vLLM's convention) and is skipped. fp8: code = RNE(fp32(x) / scale), IEEE division."""
@@ -206,7 +206,7 @@ def _write_cache_kernel(
         return
     i = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
     ok = i < ROW
-    dst = (slot // BLOCK_SIZE) * stride_cache_block + (slot % BLOCK_SIZE) * stride_cache_slot + i
+    dst = (slot // block_size) * stride_cache_block + (slot % block_size) * stride_cache_slot + i
     k = tl.load(k_new_ptr + t * stride_new_t + i, mask=ok)
     v = tl.load(v_new_ptr + t * stride_new_t + i, mask=ok)
     if KV_FP8:
@@ -232,9 +232,9 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
     # Rows of a program: BLOCK_Q tokens x GROUP heads, at least 16 (tl.dot's minimum); decode
     # programs hold one token per sequence, so they stay small.
     block_m = max(16 if max_query_len == 1 else 64, triton.next_power_of_2(group))
-    block_q = block_m // group
     dim_pad = max(16, triton.next_power_of_2(dim))
     tile = 64 if dim_pad <= 128 else 32
+    block_q = block_m // group
     lse = torch.empty(T, hq, dtype=torch.float32, device=q.device)
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     if num_segments == 1:
@@ -246,11 +246,11 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
     _attention_kernel[grid](
         dst, stats, q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
         sinks if sinks is not None else q,  # never read without USE_SINKS
-        num_seqs, hq, scale, k_scale, v_scale, softcap or 1.0,
+        num_seqs, hq, block_size, window or 0, scale, k_scale, v_scale, softcap or 1.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=dim, HEAD_DIM_PAD=dim_pad,
-        BLOCK_SIZE=block_size, TILE=tile, CAUSAL=causal, WINDOW=window or 0, USE_SOFTCAP=softcap is not None,
+        TILE=tile, CAUSAL=causal, USE_WINDOW=window is not None, USE_SOFTCAP=softcap is not None,
         USE_SINKS=sinks is not None, KV_FP8=fp8, NUM_SEGMENTS=num_segments,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 cases must not round to tf32
     )
@@ -271,6 +271,6 @@ def write_cache(k_new, v_new, k_cache, v_cache, slot_mapping, k_scale=1.0, v_sca
     chunk = min(1024, triton.next_power_of_2(row))
     _write_cache_kernel[(T, triton.cdiv(row, chunk))](
         k_new, v_new, k_cache, v_cache, slot_mapping, k_scale, v_scale,
-        k_new.stride(0), k_cache.stride(0), k_cache.stride(1),
-        ROW=row, BLOCK_SIZE=k_cache.shape[1], CHUNK=chunk, KV_FP8=k_cache.dtype == torch.float8_e4m3fn,
+        k_cache.shape[1], k_new.stride(0), k_cache.stride(0), k_cache.stride(1),
+        ROW=row, CHUNK=chunk, KV_FP8=k_cache.dtype == torch.float8_e4m3fn,
     )
