@@ -189,7 +189,8 @@ def _round_to_e4m3(x):
     # (3 mantissa bits): IEEE addition does the round-to-nearest-even, the subtraction is exact.
     magic = (((exponent + 147) << 23) | 0x400000).to(tl.float32, bitcast=True)
     a = (a + magic) - magic
-    return tl.where(bits < 0, -a, a)  # the sign bit, so -0.0 stays -0.0
+    # x's sign bit back on: -a would be 0 - a on the GPU, turning -0.0 into +0.0.
+    return (a.to(tl.int32, bitcast=True) | ((bits >> 31) << 31)).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -1,6 +1,7 @@
 """`python -m conformance run`: every registered backend over a profile on this machine's device.
 `python -m conformance list`: backends (with availability) and scenarios.
-`python -m conformance report A.json [B.json.xz ...]`: several JSON reports as one Markdown table."""
+`python -m conformance report A.json [B.json.xz ...]`: several JSON reports as one Markdown table.
+`python -m conformance bench --scenario large_decode --backend triton,flashinfer-decode`: latency and GB/s."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,7 @@ from .matrix import default_device, default_profile, select_cases, split_names
 from .registry import RegistryError, load_backends, select_backends
 from .report import BAD, environment, format_table, read_json, summarize, write_json
 from .runner import Runner
-from .spec import SpecError
+from .spec import DTYPES, KV_DTYPES, CaseSpec, SpecError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +28,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--load", action="append", default=[], help="also import this adapter module")
     rep = sub.add_parser("report", help="merge JSON reports into one Markdown support table")
     rep.add_argument("reports", nargs="+", help="JSON reports written by `run --json`")
+    b = sub.add_parser("bench", help="latency and GB/s of backends on chosen cases (judged first)")
+    b.add_argument("--backend", action="append", required=True, help="backend name(s), comma-separated or repeated")
+    b.add_argument("--scenario", action="append", required=True, help="scenario name(s)")
+    b.add_argument("--profile", choices=("cpu", "gpu"), help="case sizes (default: gpu with CUDA, else cpu)")
+    b.add_argument("--heads", default="llama3_8b", help="head-config preset (default llama3_8b)")
+    b.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="(default bf16)")
+    b.add_argument("--block-size", type=int, default=16, help="(default 16)")
+    b.add_argument("--kv-dtype", default="auto", choices=KV_DTYPES, help="(default auto)")
+    b.add_argument("--iters", type=int, default=20, help="calls per timed repeat (default 20)")
+    b.add_argument("--baseline", action="append", default=[],
+                   help="backend(s) the 'vs' column compares with: the first that passed on a case")
+    b.add_argument("--json", default="", help="also write the rows as JSON here")
+    b.add_argument("--load", action="append", default=[], help="also import this adapter module")
     lst = sub.add_parser("list", help="list registered backends and scenarios")
     lst.add_argument("--load", action="append", default=[], help="also import this adapter module")
     return p
@@ -38,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         return _report(args.reports)
     if args.command == "list":
         return _list(load_backends(tuple(args.load)))
+    if args.command == "bench":
+        return _bench(args)
     try:
         backends = select_backends(split_names(args.backend), tuple(args.load))
         profile = args.profile or default_profile()
@@ -99,3 +115,36 @@ def _list(backends) -> int:
               f"query_lens={list(s.gpu.query_lens)[:8]}{'...' if s.gpu.batch_size > 8 else ''}"
               f"{'' if s.causal else ' non-causal'}")
     return 0
+
+
+def _bench(args) -> int:
+    from fixtures import HEAD_CONFIGS, SCENARIOS
+
+    from .bench import bench, format_bench
+
+    try:
+        backends = select_backends(split_names(args.backend), tuple(args.load))
+        profile = args.profile or default_profile()
+        names = split_names(args.scenario)
+        for field, values, known in (("--scenario", names, SCENARIOS), ("--heads", [args.heads], HEAD_CONFIGS)):
+            unknown = [v for v in values if v not in known]
+            if unknown:
+                raise SpecError(f"{field} = {unknown}: not in the catalog (known: {', '.join(known)})")
+        specs = [CaseSpec(n, SCENARIOS[n].batch(profile), HEAD_CONFIGS[args.heads], DTYPES[args.dtype],
+                          args.block_size, causal=SCENARIOS[n].causal, kv_dtype=args.kv_dtype)
+                 for n in names if SCENARIOS[n].batch(profile) is not None]
+    except (RegistryError, SpecError) as e:
+        print(e, file=sys.stderr)
+        return 2
+    device = default_device()
+    rows = bench(backends, specs, Runner(device), iters=args.iters)
+    env = environment(device)
+    print(f"{env.get('gpu') or env['device']}, torch {env['torch']}, triton {env['triton']}, "
+          f"flashinfer {env['flashinfer']}; median of 5 x {args.iters} calls\n")
+    print(format_bench(rows, split_names(args.baseline) or []))
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "rows": [r.to_dict() for r in rows]}, f, indent=1)
+    return 1 if any(r.status not in ("PASS", "SKIP") for r in rows) else 0

@@ -19,11 +19,14 @@ NULL_BLOCK = 0  # vLLM's convention: block 0 is reserved and never holds data
 
 def quantize(x: torch.Tensor, scale: float, cache_dtype: torch.dtype) -> torch.Tensor:
     """What a cache of `cache_dtype` stores for values x: x itself, or for an fp8 cache the code
-    round-to-nearest-even(fp32(x) / scale), division in IEEE fp32. A cache write must store exactly
-    these codes (the cache check compares bits)."""
+    round-to-nearest-even(fp32(x) / scale), the division correctly rounded to fp32 (IEEE). A cache
+    write must store exactly these codes (the cache check compares bits)."""
     if cache_dtype == x.dtype:
         return x
-    return (x.float() / torch.tensor(scale, dtype=torch.float32)).to(cache_dtype)
+    # float64 then fp32 is the correctly rounded fp32 quotient (53 >= 2 * 24 + 2 bits). Not
+    # x.float() / scale: torch on CUDA multiplies by the reciprocal of a scalar divisor, which
+    # lands on the wrong side of exact fp8 ties (21.0000019 for 21).
+    return (x.double() / scale).float().to(cache_dtype)
 
 
 def dequantize(stored: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:

@@ -106,7 +106,14 @@ class Backend:
 
     def run(self, case: Case):
         """Return out [T, Hq, D] in the case's dtype, or (out, lse) with lse [T, Hq] in natural log."""
-        raise NotImplementedError
+        return self.prepare(case)()
+
+    def prepare(self, case: Case):
+        """The call that runs the kernel on `case`, with the per-batch work (plans, metadata) done
+        before it: benchmarks time the returned call. Override either this or run()."""
+        if type(self).run is Backend.run:
+            raise NotImplementedError(f"{type(self).__name__} must implement run() or prepare()")
+        return lambda: self.run(case)
 
     def __repr__(self) -> str:
         return f"<backend {self.name}>"

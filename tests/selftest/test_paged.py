@@ -120,3 +120,14 @@ def test_shapes_and_dtypes_handed_to_adapters():
     assert case.block_table.dtype == torch.int32 and case.slot_mapping.dtype == torch.int64
     assert case.query_start_loc.tolist() == [0, 2, 22] and case.seq_lens.tolist() == [5, 20]
     assert case.context_lens.tolist() == [3, 0] and case.max_query_len == 20 and case.max_seq_len == 20
+
+
+def test_fp8_quantization_rounds_ties_to_even():
+    """Quotients exactly between two e4m3 codes go to the even one (21 -> 20, 22.5... ), and the
+    division is the correctly rounded one: the multiply-by-reciprocal torch does on CUDA for a
+    scalar divisor gives 21.0000019 and the wrong code."""
+    from conformance.paged import quantize
+    scale = float(torch.tensor(0.0228445865213871, dtype=torch.float32))
+    x = torch.tensor([21.0, 42.0, -21.0, 5.25, 11.0], dtype=torch.float32) * scale
+    assert quantize(x, scale, torch.float8_e4m3fn).float().tolist() == [20.0, 40.0, -20.0, 5.0, 11.0]
+    assert quantize(x, scale, torch.float32) is x  # an "auto" cache stores the values as they are
