@@ -6,33 +6,35 @@ without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 
 from conformance import Backend, Capabilities, Case, register_backend
 
-SEGMENTS = 16  # split-KV segments the heuristic picks (a power of two: the reduce loads them as one tile)
 FORCED_SEGMENTS = 4  # triton-split: full, partial and empty segments even on short CPU cases
-MIN_SPLIT_KEYS = 2048  # below this, segments would be too short to pay for the reduce
+MIN_SPLIT_KEYS = 2048  # split only a decode batch whose longest sequence has at least this many keys
+MIN_SEGMENT_KEYS = 512  # ... and into segments of at least this many keys of it
+MAX_SEGMENTS = 64  # the reduce loads a program's segments as one tile
+PROGRAMS_PER_SM = 4  # enough resident programs to keep an SM's memory pipe busy
 
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _kernels():
-    from backends import triton_kernels  # imports triton; only when a case runs
-    return triton_kernels
-
-
 def choose_segments(case: Case) -> int:
-    """Split-KV when a decode batch's programs (sequences x KV heads) would not fill the GPU's SMs
-    and the longest sequence is long: segments then put the idle SMs to work."""
+    """Split-KV for a decode batch whose programs (sequences x KV heads) leave SMs idle and whose
+    longest sequence is long: enough segments (a power of two) for PROGRAMS_PER_SM programs per SM."""
     if case.device.type != "cuda" or case.max_query_len != 1 or case.max_seq_len < MIN_SPLIT_KEYS:
         return 1
     programs = case.seq_lens.numel() * case.k_cache.shape[2]
-    return SEGMENTS if programs < torch.cuda.get_device_properties(case.device).multi_processor_count else 1
+    sms = torch.cuda.get_device_properties(case.device).multi_processor_count
+    if programs >= sms:
+        return 1
+    wanted = 1 << max(1, math.ceil(math.log2(PROGRAMS_PER_SM * sms / programs)))
+    return min(wanted, MAX_SEGMENTS, 1 << int(math.log2(case.max_seq_len // MIN_SEGMENT_KEYS)))
 
 
 class TritonBackend(Backend):
@@ -44,9 +46,10 @@ class TritonBackend(Backend):
         requires=("triton",),
     )
 
-    def __init__(self, name: str, split: bool):
+    def __init__(self, name: str, split: bool, kernels=None):
         self.name = name
         self.split = split
+        self._kernels = kernels  # a module like backends.triton_kernels (self-tests pass broken copies)
         self.description = ("our Triton paged attention, " +
                             ("split-KV path on every decode batch" if split else "split-KV for decode chosen by heuristic"))
 
@@ -64,13 +67,19 @@ class TritonBackend(Backend):
                     "bf16 is covered on the GPU")
         return None
 
+    def kernels(self):
+        if self._kernels is None:
+            from backends import triton_kernels  # imports triton: only once a case runs
+            self._kernels = triton_kernels
+        return self._kernels
+
     def write_cache(self, case: Case) -> None:
-        _kernels().write_cache(case.k_new, case.v_new, case.k_cache, case.v_cache, case.slot_mapping,
+        self.kernels().write_cache(case.k_new, case.v_new, case.k_cache, case.v_cache, case.slot_mapping,
                                case.k_scale, case.v_scale)
 
     def run(self, case: Case):
         spec = case.spec
-        lse = _kernels().paged_attention(
+        lse = self.kernels().paged_attention(
             case.q, case.k_cache, case.v_cache, case.block_table, case.seq_lens, case.query_start_loc,
             case.max_query_len, case.out, scale=case.scale, causal=spec.causal, window=spec.sliding_window,
             softcap=spec.softcap, sinks=case.sinks, k_scale=case.k_scale, v_scale=case.v_scale,

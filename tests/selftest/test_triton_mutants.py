@@ -1,0 +1,74 @@
+"""Broken variants of our Triton kernels must be caught. Each mutant is the kernel module's source
+with one edit, imported as its own module and run by the real adapter on cases that can show
+the bug. An edit must apply exactly once: if a refactor moves the line, this test fails rather
+than keeping a 'mutant' that is the unbroken kernel."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from conformance import Runner, Status
+from conformance.matrix import select_cases
+
+pytest.importorskip("triton")
+from backends import triton_kernels  # noqa: E402
+from backends.triton_attention import TritonBackend  # noqa: E402
+
+# name: (the bug, source line, its broken form, split-KV variant?, cases that can show it)
+MUTANTS = {
+    "window_edge": (
+        "the sliding window admits the key at distance `window`",
+        "visible = visible & (q_pos[:, None] - k_pos[None, :] < window)",
+        "visible = visible & (q_pos[:, None] - k_pos[None, :] <= window)",
+        False, ["mixed_small-fp16-bs16-gqa4-d128-sw24"]),
+    "fp8_scale_ignored": (
+        "fp8 key codes read without k_scale",
+        "k = (k.to(tl.float32) * k_scale).to(q.dtype)",
+        "k = k.to(tl.float32).to(q.dtype)",
+        False, ["mixed_small-fp16-bs16-gqa4-d128-kvfp8e4m3"]),
+    "last_block_len_wrong": (
+        "the last block read as if it were full",
+        "key_hi = context_len + last_q + 1 if CAUSAL else seq_len",
+        "key_hi = context_len + last_q + 1 if CAUSAL else (seq_len + block_size - 1) // block_size * block_size",
+        False, ["encoder_prefill-fp16-bs48-gqa4-d128"]),
+    "sink_in_every_segment": (
+        "split-KV counts the sink once per segment instead of once",
+        "if USE_SINKS and NUM_SEGMENTS == 1:",
+        "if USE_SINKS:",
+        True, ["small_decode-fp16-bs16-gqa4-d128-sinks"]),
+    "cache_write_scale_ignored": (
+        "the cache write quantizes x instead of x / v_scale",
+        "v = _round_to_e4m3(tl.math.div_rn(v.to(tl.float32), v_scale))",
+        "v = _round_to_e4m3(v.to(tl.float32))",
+        False, ["small_decode-fp16-bs16-gqa1-d80-kvfp8e4m3"]),
+}
+CASES = {c.id: c for c in select_cases("cpu")}
+
+
+def mutant_module(name: str, old: str, new: str, tmp_path: Path):
+    source = Path(triton_kernels.__file__).read_text()
+    assert source.count(old) == 1, f"mutant {name}: {old!r} must occur exactly once in triton_kernels.py"
+    path = tmp_path / f"triton_kernels_mutant_{name}.py"
+    path.write_text(source.replace(old, new))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # @triton.jit reads its function's source through the module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return Runner("cpu")
+
+
+@pytest.mark.parametrize("name", MUTANTS)
+def test_kernel_mutant_is_caught(name, runner, tmp_path):
+    bug, old, new, split, case_ids = MUTANTS[name]
+    mutant = TritonBackend(f"triton-mutant-{name}", split, kernels=mutant_module(name, old, new, tmp_path))
+    real = TritonBackend("triton-real", split)
+    for spec in (CASES[i] for i in case_ids):
+        assert runner.run(real, spec).status == Status.PASS, spec.id  # the case itself is sound
+        result = runner.run(mutant, spec)
+        assert result.status == Status.FAIL, f"{name} ({bug}) not caught on {spec.id}: {result.status} {result.reason}"
