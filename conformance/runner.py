@@ -74,6 +74,7 @@ class Runner:
     def __init__(self, device: str | torch.device = "cpu", base_seed: int = 0, keep: int = 2):
         self.device = torch.device(device)
         self.base_seed = base_seed
+        self.results: list[Result] = []  # every result of this runner, in order (reports are written from it)
         self._keep = keep
         self._prepared: OrderedDict[tuple, _Prepared] = OrderedDict()
 
@@ -87,6 +88,11 @@ class Runner:
         return self._prepared[key]
 
     def run(self, backend: Backend, spec: CaseSpec) -> Result:
+        result = self._run(backend, spec)
+        self.results.append(result)
+        return result
+
+    def _run(self, backend: Backend, spec: CaseSpec) -> Result:
         t0 = time.perf_counter()
         result = Result(backend=backend.name, case=spec.id, scenario=spec.scenario, dtype=spec.dtype_name,
                         block_size=spec.block_size, heads=spec.heads.id, device=str(self.device),
