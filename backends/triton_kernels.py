@@ -19,8 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# Literals in the kernels: 1.4426950408889634 = log2(e), 0.6931471805599453 = ln(2).
 
 
 @triton.jit
@@ -228,6 +227,16 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
     """
     T, hq, dim = q.shape
     _, block_size, hkv, _ = k_cache.shape
+    for ok, field, value, rule in (
+        (num_segments >= 1 and num_segments & (num_segments - 1) == 0, "num_segments", num_segments,
+         "must be a power of two"),
+        (hq % hkv == 0, "k_cache.shape[2]", hkv, f"must divide the query heads ({hq})"),
+        (k_cache.dtype in (q.dtype, torch.float8_e4m3fn) and v_cache.dtype == k_cache.dtype, "k_cache.dtype",
+         k_cache.dtype, f"must be q's dtype ({q.dtype}) or float8_e4m3fn, and v_cache's"),
+        (dim <= 256 and k_cache.shape[3] == dim, "head_dim", dim, "must be <= 256 and the same in q and the caches"),
+    ):
+        if not ok:
+            raise ValueError(f"paged_attention: {field} = {value}: {rule}")
     num_seqs = seq_lens.numel()
     group = hq // hkv
     # Rows of a program: BLOCK_Q tokens x GROUP heads, at least 16 (tl.dot's minimum); decode

@@ -46,6 +46,7 @@ def test_head_config_errors(kwargs, message):
     (dict(dtype=torch.float64), "CaseSpec.dtype = torch.float64: must be one of"),
     (dict(kv_dtype="int4"), "CaseSpec.kv_dtype = 'int4': must be one of"),
     (dict(softcap=-1.0), "CaseSpec.softcap = -1.0: must be None or > 0"),
+    (dict(sinks=1), "CaseSpec.sinks = 1: must be True or False"),
 ])
 def test_case_spec_errors(changes, message):
     base = dict(scenario="x", batch=BatchSpec([8], [1]), heads=H, dtype=torch.float16, block_size=16)
@@ -121,3 +122,6 @@ def test_case_id_reads_like_a_k_expression():
     c = CaseSpec("mixed_small", SCENARIOS["mixed_small"].gpu, HeadConfig(32, 8, 128), torch.bfloat16, 16)
     assert c.id == "mixed_small-bf16-bs16-gqa4-d128"
     assert c.replace(sliding_window=128, softcap=4.0).id == "mixed_small-bf16-bs16-gqa4-d128-sw128-cap4"
+    fp8_sinks = c.replace(kv_dtype="fp8_e4m3", sinks=True)
+    assert fp8_sinks.id == "mixed_small-bf16-bs16-gqa4-d128-kvfp8e4m3-sinks"
+    assert fp8_sinks.features == {"causal", "sinks"} and fp8_sinks.cache_dtype == torch.float8_e4m3fn
