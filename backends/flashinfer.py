@@ -1,10 +1,19 @@
-"""FlashInfer's paged wrappers: `flashinfer-decode` (BatchDecodeWithPagedKVCacheWrapper, decode
-batches) and `flashinfer-prefill` (BatchPrefillWithPagedKVCacheWrapper, any batch).
+"""FlashInfer's paged wrappers, one adapter per wrapper x kernel backend:
 
-FlashInfer takes pages as CSR (indptr, indices, last_page_len), a window as window_left = keys to
-the left of the query (window - 1), returns LSE in base 2, folds k_scale into the softmax scale
-and applies v_scale to the output. Its `sinks=` argument is dropped by the fa2/fa3 kernels of
-these wrappers (read from flashinfer 0.7.2's source), so sinks are not claimed.
+- `flashinfer-prefill-fa2`, `flashinfer-prefill-fa3`: BatchPrefillWithPagedKVCacheWrapper, any batch;
+- `flashinfer-decode`: BatchDecodeWithPagedKVCacheWrapper on CUDA cores (its own decode kernels);
+- `flashinfer-decode-fa2`, `flashinfer-decode-fa3`: the decode wrapper on tensor cores (the prefill
+  kernels of that backend; fa2 also takes a uniform number of new tokens per sequence, as in
+  speculative decoding).
+
+FlashInfer takes pages as CSR (indptr, indices, last_page_len), the cache in any of the suite's
+layouts ("NHD"/"HND", as a (k, v) pair or one [pages, 2, ...] tensor), a window as window_left =
+keys to the left of the query (window - 1); it folds k_scale into the softmax scale and applies
+v_scale to the output, and returns LSE in base 2 (converted here). New tokens are written by
+FlashInfer's own append_paged_kv_cache; for an fp8 cache they are quantized first by the suite's
+rule (FlashInfer's append copies elements of the cache's dtype and quantizes nothing).
+Sinks are not claimed: these wrappers drop `sinks=` in the fa2/fa3 kernels (flashinfer 0.7.2);
+FlashInfer serves them through a separate wrapper, not adapted here.
 """
 from __future__ import annotations
 
@@ -14,8 +23,12 @@ import math
 import torch
 
 from conformance import Backend, Capabilities, Case, register_backend
+from conformance.paged import quantize
+from conformance.registry import ALL_KV_LAYOUTS
 
 WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended float workspace
+HEAD_DIMS = frozenset({64, 128, 256})  # what its prefill and decode kernels instantiate
+SM90 = ((9, 0), (9, 0))  # fa3 is Hopper-only
 
 
 @functools.cache
@@ -35,25 +48,63 @@ def _pages(case: Case):
     return indptr, indices, last_page_len
 
 
-class FlashInferBackend(Backend):
-    capabilities = Capabilities(
-        devices=frozenset({"cuda"}),
-        dtypes=frozenset({torch.float16, torch.bfloat16}),
-        kv_dtypes=frozenset({"auto", "fp8_e4m3"}),
-        head_dims=frozenset({64, 128, 256}),  # its split-KV merge dispatches only these
-        returns_lse=True,
-        requires=("flashinfer",),
-    )
+def _layout(case: Case) -> str:
+    return "HND" if case.spec.kv_layout.endswith("hnd") else "NHD"
 
-    def __init__(self, name: str, decode: bool):
-        self.name, self.decode = name, decode
-        self.description = ("FlashInfer BatchDecodeWithPagedKVCacheWrapper (tensor cores)" if decode
-                            else "FlashInfer BatchPrefillWithPagedKVCacheWrapper")
+
+class FlashInferBackend(Backend):
+    def __init__(self, name: str, wrapper: str, kernels: str | None):
+        """wrapper: "prefill", "decode" (CUDA cores) or "decode_tc" (tensor cores); kernels: the
+        wrapper's `backend=` ("fa2" / "fa3"), None for the CUDA-core decode kernels."""
+        self.name, self.wrapper, self.kernels = name, wrapper, kernels
+        self.description = {
+            "prefill": f"FlashInfer BatchPrefillWithPagedKVCacheWrapper, backend={kernels}",
+            "decode": "FlashInfer BatchDecodeWithPagedKVCacheWrapper, CUDA-core decode kernels",
+            "decode_tc": f"FlashInfer BatchDecodeWithPagedKVCacheWrapper on tensor cores, backend={kernels}",
+        }[wrapper]
+        self.capabilities = Capabilities(
+            devices=frozenset({"cuda"}),
+            compute_capability=SM90 if kernels == "fa3" else None,
+            dtypes=frozenset({torch.float16, torch.bfloat16}),
+            kv_dtypes=frozenset({"auto", "fp8_e4m3"}),
+            kv_layouts=ALL_KV_LAYOUTS,
+            head_dims=HEAD_DIMS,
+            returns_lse=True,
+            requires=("flashinfer",),
+        )
 
     def unsupported(self, spec, device):
-        if self.decode and not spec.batch.is_decode:
-            return "decode wrapper: batches with prefill tokens go to flashinfer-prefill"
+        if self.kernels == "fa3" and spec.kv_dtype != "auto":
+            return "fa3 takes an fp8 KV cache only with fp8 queries (flashinfer.utils.is_fa3_backend_supported)"
+        if self.wrapper == "decode" and not spec.batch.is_decode:
+            return "CUDA-core decode: one new token per sequence (other batches go to flashinfer-prefill-*)"
+        if self.wrapper == "decode_tc":
+            q_lens = set(spec.batch.query_lens)
+            if self.kernels == "fa3" and q_lens != {1}:
+                return "fa3 tensor-core decode: one new token per sequence (q_len_per_req > 1 is fa2-only)"
+            if len(q_lens) != 1:
+                return "decode wrapper: the same number of new tokens in every sequence (q_len_per_req)"
+            if not spec.causal:
+                return "decode wrapper: causal only (its mask is derived from q_len_per_req)"
         return None
+
+    def compile_key(self, spec):
+        # FlashInfer JIT-compiles one module per wrapper path x these; tensor-core decode runs the
+        # prefill modules of its backend.
+        module = "decode" if self.wrapper == "decode" else f"prefill-{self.kernels}"
+        return (module, spec.dtype, spec.cache_dtype, spec.heads.head_dim, spec.sliding_window is not None,
+                spec.softcap is not None)
+
+    def write_cache(self, case: Case) -> None:
+        import flashinfer
+
+        indptr, indices, last_page_len = _pages(case)
+        batch_indices, positions = flashinfer.get_batch_indices_positions(
+            case.query_start_loc, case.seq_lens, case.q.shape[0])
+        k, v = (quantize(x, scale, case.k_cache.dtype) for x, scale in
+                ((case.k_new, case.k_scale), (case.v_new, case.v_scale)))
+        flashinfer.append_paged_kv_cache(k, v, batch_indices, positions, case.stored_cache(), indices, indptr,
+                                         last_page_len, kv_layout=_layout(case))
 
     def prepare(self, case: Case):
         import flashinfer
@@ -61,29 +112,35 @@ class FlashInferBackend(Backend):
         spec = case.spec
         hq, hkv, d = spec.heads.num_q_heads, spec.heads.num_kv_heads, spec.heads.head_dim
         indptr, indices, last_page_len = _pages(case)
+        page_size = case.k_cache.shape[1]
         common = dict(
             window_left=spec.sliding_window - 1 if spec.sliding_window else -1,
             logits_soft_cap=spec.softcap or 0.0, sm_scale=case.scale,
             q_data_type=spec.dtype, kv_data_type=case.k_cache.dtype,
         )
         ws = _workspace(case.device)
-        if self.decode:
-            wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
-            wrapper.plan(indptr, indices, last_page_len, hq, hkv, d, case.k_cache.shape[1], **common)
-        else:
-            wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
-            wrapper.plan(case.query_start_loc, indptr, indices, last_page_len, hq, hkv, d, case.k_cache.shape[1],
+        if self.wrapper == "prefill":
+            wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, _layout(case), backend=self.kernels)
+            wrapper.plan(case.query_start_loc, indptr, indices, last_page_len, hq, hkv, d, page_size,
                          causal=spec.causal, **common)
-        scales = {}
-        if spec.kv_dtype != "auto":
-            scales = dict(k_scale=case.k_scale, v_scale=case.v_scale)
+        else:
+            tc = self.wrapper == "decode_tc"
+            wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                ws, _layout(case), use_tensor_cores=tc, **(dict(backend=self.kernels) if tc else {}))
+            wrapper.plan(indptr, indices, last_page_len, hq, hkv, d, page_size,
+                         q_len_per_req=case.max_query_len, **common)
+        scales = dict(k_scale=case.k_scale, v_scale=case.v_scale) if spec.kv_dtype != "auto" else {}
+        kv = case.stored_cache()
 
         def call():
-            out, lse = wrapper.run(case.q, (case.k_cache, case.v_cache), out=case.out, return_lse=True, **scales)
+            out, lse = wrapper.run(case.q, kv, out=case.out, return_lse=True, **scales)
             return out, lse * math.log(2)  # base 2 -> natural log
 
         return call
 
 
-register_backend(FlashInferBackend("flashinfer-decode", decode=True))
-register_backend(FlashInferBackend("flashinfer-prefill", decode=False))
+register_backend(FlashInferBackend("flashinfer-prefill-fa2", "prefill", "fa2"))
+register_backend(FlashInferBackend("flashinfer-prefill-fa3", "prefill", "fa3"))
+register_backend(FlashInferBackend("flashinfer-decode", "decode", None))
+register_backend(FlashInferBackend("flashinfer-decode-fa2", "decode_tc", "fa2"))
+register_backend(FlashInferBackend("flashinfer-decode-fa3", "decode_tc", "fa3"))

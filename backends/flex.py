@@ -17,6 +17,7 @@ import warnings
 import torch
 
 from conformance import Backend, Capabilities, Case, register_backend
+from conformance.registry import ALL_KV_LAYOUTS
 
 
 def _bucket(n: int, least: int) -> int:
@@ -33,7 +34,8 @@ def _compiled_flex(dynamic: bool):
 class FlexBackend(Backend):
     name = "flex"
     description = "torch FlexAttention (compiled) over the physical paged cache with a block-table mask_mod"
-    capabilities = Capabilities(returns_lse=False)  # compiled flex on CPU has no LSE; on CUDA it is returned
+    # Compiled flex on CPU has no LSE; on CUDA it is returned.
+    capabilities = Capabilities(returns_lse=False, kv_layouts=ALL_KV_LAYOUTS)
     # Masked-out slots of a visible key tile still enter P @ V with P = 0, and 0 * NaN = NaN.
     finite_poison = True
 
@@ -91,8 +93,8 @@ class FlexBackend(Backend):
         block_mask = create_block_mask(mask_mod, 1, None, t_pad, s_pad, device=dev)
         q = torch.zeros(1, spec.heads.num_q_heads, t_pad, d, dtype=case.q.dtype, device=dev)
         q[0, :, :t] = case.q.transpose(0, 1)
-        k = _pad_slots(case.k_cache.view(s, hkv, d), s_pad)
-        v = _pad_slots(case.v_cache.view(s, hkv, d), s_pad)
+        k = _pad_slots(case.k_cache.reshape(s, hkv, d), s_pad)  # a copy for the strided layouts
+        v = _pad_slots(case.v_cache.reshape(s, hkv, d), s_pad)
         want_lse = dev.type == "cuda"
         # Each dtype x head layout x bucket is a graph: more than dynamo's default 8 per function.
         # Past its limit dynamo silently runs flex eagerly (the unfused math path); that must be an

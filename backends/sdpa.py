@@ -16,6 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from conformance import Backend, Capabilities, Case, Unsupported, gather_kv, register_backend
+from conformance.registry import ALL_KV_LAYOUTS
 
 NO_SOFTCAP = frozenset({"causal", "non_causal", "sliding_window"})
 
@@ -38,7 +39,7 @@ class SdpaBackend(Backend):
         self.name, self.kernel = name, kernel
         kernel_name = kernel.name.lower() if kernel else "default dispatch"
         self.description = f"torch SDPA ({kernel_name}) per sequence over K/V gathered through the block table"
-        caps = dict(devices=frozenset(devices), features=NO_SOFTCAP)
+        caps = dict(devices=frozenset(devices), features=NO_SOFTCAP, kv_layouts=ALL_KV_LAYOUTS)
         if dtypes:
             caps["dtypes"] = frozenset(dtypes)
         self.capabilities = Capabilities(**caps)

@@ -195,18 +195,20 @@ def _round_to_e4m3(x):
 @triton.jit
 def _write_cache_kernel(
     k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale, v_scale,
-    block_size, stride_new_t, stride_cache_block, stride_cache_slot,
-    ROW: tl.constexpr, CHUNK: tl.constexpr, KV_FP8: tl.constexpr,
+    block_size, stride_new_t, stride_cache_block, stride_cache_slot, stride_cache_head,
+    ROW: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, KV_FP8: tl.constexpr,
 ):
-    """New token t's K/V ([Hkv, D], contiguous, ROW elements) into its slot; slot -1 is a padding
-    token (vLLM's convention) and is skipped. fp8: code = RNE(fp32(x) / scale), IEEE division."""
+    """New token t's K/V ([Hkv, D], contiguous, ROW elements) into its slot, head by head through
+    the cache's strides (any layout); slot -1 is a padding token (vLLM's convention) and is
+    skipped. fp8: code = RNE(fp32(x) / scale), IEEE division."""
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
     if slot < 0:
         return
     i = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
     ok = i < ROW
-    dst = (slot // block_size) * stride_cache_block + (slot % block_size) * stride_cache_slot + i
+    dst = ((slot // block_size) * stride_cache_block + (slot % block_size) * stride_cache_slot
+           + (i // HEAD_DIM) * stride_cache_head + i % HEAD_DIM)
     k = tl.load(k_new_ptr + t * stride_new_t + i, mask=ok)
     v = tl.load(v_new_ptr + t * stride_new_t + i, mask=ok)
     if KV_FP8:
@@ -221,7 +223,8 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
                     num_segments=1):
     """Attention of packed queries over the paged cache into `out`; returns the LSE [T, Hq] (natural log).
 
-    q/out [T, Hq, D]; caches [num_blocks, block_size, Hkv, D] (fp8 e4m3 codes, or q's dtype);
+    q/out [T, Hq, D]; caches indexed [num_blocks, block_size, Hkv, D] (fp8 e4m3 codes, or q's dtype;
+    any strides but the last, so "HND" and combined layouts are views);
     window: keys with q_pos - k_pos < window are visible; sinks: [Hq] logits; num_segments > 1
     (a power of two) takes the split-KV path.
     """
@@ -234,6 +237,8 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
         (k_cache.dtype in (q.dtype, torch.float8_e4m3fn) and v_cache.dtype == k_cache.dtype, "k_cache.dtype",
          k_cache.dtype, f"must be q's dtype ({q.dtype}) or float8_e4m3fn, and v_cache's"),
         (dim <= 256 and k_cache.shape[3] == dim, "head_dim", dim, "must be <= 256 and the same in q and the caches"),
+        (k_cache.stride(3) == v_cache.stride(3) == 1, "k_cache/v_cache.stride(3)", (k_cache.stride(3), v_cache.stride(3)),
+         "must be 1 (contiguous head dim; other dims may be strided)"),
     ):
         if not ok:
             raise ValueError(f"paged_attention: {field} = {value}: {rule}")
@@ -273,14 +278,22 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
 
 
 def write_cache(k_new, v_new, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
-    """Scatter new tokens' K/V [T, Hkv, D] into their cache slots (quantizing for an fp8 cache)."""
+    """Scatter new tokens' K/V [T, Hkv, D] into their cache slots (quantizing for an fp8 cache).
+    The caches are indexed [block, slot, head, dim] with any strides but a contiguous last dim
+    (so "HND" and combined layouts are views), the same strides for K and V."""
     T, hkv, dim = k_new.shape
-    if not (k_new.is_contiguous() and v_new.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("write_cache: k_new, v_new and the caches must be contiguous")
+    for ok, field, value, rule in (
+        (k_new.is_contiguous() and v_new.is_contiguous(), "k_new/v_new", "strided", "must be contiguous"),
+        (k_cache.stride() == v_cache.stride(), "v_cache.stride()", v_cache.stride(),
+         f"must equal k_cache.stride() = {k_cache.stride()}"),
+        (k_cache.stride(3) == 1, "k_cache.stride(3)", k_cache.stride(3), "must be 1 (contiguous head dim)"),
+    ):
+        if not ok:
+            raise ValueError(f"write_cache: {field} = {value}: {rule}")
     row = hkv * dim
     chunk = min(1024, triton.next_power_of_2(row))
     _write_cache_kernel[(T, triton.cdiv(row, chunk))](
         k_new, v_new, k_cache, v_cache, slot_mapping, k_scale, v_scale,
-        k_cache.shape[1], k_new.stride(0), k_cache.stride(0), k_cache.stride(1),
-        ROW=row, CHUNK=chunk, KV_FP8=k_cache.dtype == torch.float8_e4m3fn,
+        k_cache.shape[1], k_new.stride(0), *k_cache.stride()[:3],
+        ROW=row, HEAD_DIM=dim, CHUNK=chunk, KV_FP8=k_cache.dtype == torch.float8_e4m3fn,
     )

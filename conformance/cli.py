@@ -13,6 +13,7 @@ from .registry import RegistryError, load_backends, select_backends
 from .report import BAD, environment, format_table, read_json, summarize, write_json
 from .runner import Runner
 from .spec import DTYPES, KV_DTYPES, CaseSpec, SpecError
+from .warmup import warm_up
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="base seed mixed into every case's seed (default 0)")
     run.add_argument("--json", default="conformance-report.json", help="JSON report path ('' to skip)")
     run.add_argument("--load", action="append", default=[], help="also import this adapter module")
+    run.add_argument("--warm-up-jobs", type=int, default=4, metavar="N",
+                     help="build JIT-compiled kernel variants in N processes before the run (0: off; default 4)")
     rep = sub.add_parser("report", help="merge JSON reports into one Markdown support table")
     rep.add_argument("reports", nargs="+", help="JSON reports written by `run --json`")
     b = sub.add_parser("bench", help="latency and GB/s of backends on chosen cases (judged first)")
@@ -62,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     device = default_device(args.device)
+    warm_up(backends, cases, device, args.warm_up_jobs, tuple(args.load))
     runner = Runner(device, base_seed=args.seed)
     total, results, start, last = len(cases) * len(backends), [], time.time(), 0.0
     print(f"{len(cases)} cases x {len(backends)} backends on {device} (profile {profile}, seed {args.seed})",

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .spec import CaseSpec, HeadConfig, Scenario, SpecError
+from .spec import KV_LAYOUTS, CaseSpec, HeadConfig, Scenario, SpecError
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,8 @@ class Profile:
     Main grid: every scenario x head config x dtype x block size, each run plain, with a sliding
     window (causal scenarios), a logit softcap, attention sinks and an fp8 KV cache. Sweep: a few
     scenarios over more head dims and block sizes (plain cases only), so odd shapes are covered
-    without multiplying the whole grid.
+    without multiplying the whole grid. Layouts: a few scenarios over the main heads, dtypes and
+    block sizes with the cache in every non-default layout (plain cases).
     """
 
     name: str
@@ -27,6 +28,7 @@ class Profile:
     sweep_scenarios: tuple[str, ...] = ()
     sweep_heads: tuple[HeadConfig, ...] = ()
     sweep_block_sizes: tuple[int, ...] = ()
+    layout_scenarios: tuple[str, ...] = ()
 
     def __post_init__(self):
         ids = [h.id for h in self.heads + self.sweep_heads]
@@ -55,6 +57,10 @@ class Profile:
                         if heads in self.heads and bs in self.block_sizes:
                             continue  # in the main grid
                         out += [CaseSpec(sc.name, batch, heads, dtype, bs, causal=sc.causal) for dtype in self.dtypes]
+            if sc.name in self.layout_scenarios:
+                out += [CaseSpec(sc.name, batch, heads, dtype, bs, causal=sc.causal, kv_layout=layout)
+                        for heads in self.heads for dtype in self.dtypes for bs in self.block_sizes
+                        for layout in KV_LAYOUTS if layout != "nhd"]
         return out
 
 

@@ -53,8 +53,12 @@ class Case:
     q: torch.Tensor  # [T, Hq, D]
     k_new: torch.Tensor  # [T, Hkv, D], the new tokens' keys, to be written to the cache
     v_new: torch.Tensor  # [T, Hkv, D]
-    k_cache: torch.Tensor  # [num_blocks, block_size, Hkv, D] of spec.cache_dtype; context pre-written, the rest poisoned
-    v_cache: torch.Tensor  # [num_blocks, block_size, Hkv, D]
+    # The caches, always indexed [block, slot, head, dim] ([num_blocks, block_size, Hkv, D], of
+    # spec.cache_dtype; context pre-written, the rest poisoned), whatever spec.kv_layout puts in
+    # memory: for "hnd" and the combined layouts they are strided views. stored_cache() gives the
+    # tensors as laid out, for libraries that take a layout.
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
     block_table: torch.Tensor  # [B, max_blocks] int32; entries past a sequence's last block are garbage
     slot_mapping: torch.Tensor  # [T] int64: block_table[b, pos // bs] * bs + pos % bs of each new token
     seq_lens: torch.Tensor  # [B] int32, context + new tokens
@@ -67,10 +71,21 @@ class Case:
     k_scale: float = 1.0  # fp8 caches: a stored code c stands for c * k_scale (exact in fp32)
     v_scale: float = 1.0
     sinks: torch.Tensor | None = None  # [Hq] float32 sink logits when spec.sinks, else None
+    kv_combined: torch.Tensor | None = None  # combined layouts: the one [num_blocks, 2, ...] tensor
 
     @property
     def device(self) -> torch.device:
         return self.q.device
+
+    def stored_cache(self) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """The cache as spec.kv_layout lays it out: a (k, v) pair of [num_blocks, block_size, Hkv, D]
+        ("nhd") or [num_blocks, Hkv, block_size, D] ("hnd") tensors, or for the combined layouts the
+        one [num_blocks, 2, block_size, Hkv, D] / [num_blocks, 2, Hkv, block_size, D] tensor."""
+        if self.kv_combined is not None:
+            return self.kv_combined
+        if self.spec.kv_layout == "hnd":
+            return self.k_cache.transpose(1, 2), self.v_cache.transpose(1, 2)
+        return self.k_cache, self.v_cache
 
     @property
     def scale(self) -> float:
@@ -107,10 +122,9 @@ class Inputs:
         poison = poison_value(spec.cache_dtype, finite_poison)
         dev = self.q.device
 
-        def cache(which: str) -> torch.Tensor:
-            c = torch.full((self.num_blocks, bs, hkv, d), poison, dtype=spec.cache_dtype, device=dev)
-            c.view(-1, hkv, d)[self.context_slots] = self.stored(which, self.context_index)
-            return c
+        k_cache, v_cache, kv_combined = _allocate_cache(spec, self.num_blocks, poison, dev)
+        for which, c in (("k", k_cache), ("v", v_cache)):
+            c[self.context_slots // bs, self.context_slots % bs] = self.stored(which, self.context_index)
 
         i32 = dict(dtype=torch.int32, device=dev)
         return Case(
@@ -118,8 +132,9 @@ class Inputs:
             q=self.q.clone(),
             k_new=self.k[self.new_token_index],
             v_new=self.v[self.new_token_index],
-            k_cache=cache("k"),
-            v_cache=cache("v"),
+            k_cache=k_cache,
+            v_cache=v_cache,
+            kv_combined=kv_combined,
             block_table=self.block_table.clone(),
             slot_mapping=self.slot_mapping.clone(),
             seq_lens=torch.tensor(b.seq_lens, **i32),
@@ -133,6 +148,24 @@ class Inputs:
             v_scale=self.v_scale,
             sinks=None if self.sinks is None else self.sinks.clone(),
         )
+
+
+def _allocate_cache(spec: CaseSpec, num_blocks: int, poison: float, device):
+    """Poison-filled K and V caches laid out as spec.kv_layout says, both returned as
+    [num_blocks, block_size, Hkv, D] views, and the combined tensor (or None)."""
+    bs, hkv, d = spec.block_size, spec.heads.num_kv_heads, spec.heads.head_dim
+    hnd = spec.kv_layout.endswith("hnd")
+    page = (hkv, bs, d) if hnd else (bs, hkv, d)
+    full = dict(fill_value=poison, dtype=spec.cache_dtype, device=device)
+    if spec.kv_layout.startswith("combined"):
+        combined = torch.full((num_blocks, 2, *page), **full)
+        k, v = combined[:, 0], combined[:, 1]
+    else:
+        combined = None
+        k, v = torch.full((num_blocks, *page), **full), torch.full((num_blocks, *page), **full)
+    if hnd:
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+    return k, v, combined
 
 
 def _cumsum(xs) -> list[int]:
@@ -209,9 +242,10 @@ def make_inputs(spec: CaseSpec, device: torch.device | str, seed: int) -> Inputs
 def scatter_to_cache(case: Case) -> None:
     """The default cache write: the new tokens' K/V into their slots (quantized for an fp8 cache).
     Adapters with their own cache-write op override Backend.write_cache instead."""
-    hkv, d = case.k_cache.shape[-2:]
-    case.k_cache.view(-1, hkv, d)[case.slot_mapping] = quantize(case.k_new, case.k_scale, case.k_cache.dtype)
-    case.v_cache.view(-1, hkv, d)[case.slot_mapping] = quantize(case.v_new, case.v_scale, case.v_cache.dtype)
+    bs = case.k_cache.shape[1]
+    block, offset = case.slot_mapping // bs, case.slot_mapping % bs
+    case.k_cache[block, offset] = quantize(case.k_new, case.k_scale, case.k_cache.dtype)
+    case.v_cache[block, offset] = quantize(case.v_new, case.v_scale, case.v_cache.dtype)
 
 
 def gather_kv(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -226,6 +260,5 @@ def gather_kv(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     starts[1:] = torch.cumsum(seq_lens, 0)
     seq = torch.repeat_interleave(torch.arange(seq_lens.numel(), device=dev), seq_lens)
     pos = torch.arange(int(starts[-1]), device=dev) - starts[seq]
-    slots = case.block_table[seq, pos // bs].to(torch.int64) * bs + pos % bs
-    hkv, d = case.k_cache.shape[-2:]
-    return case.k_cache.view(-1, hkv, d)[slots], case.v_cache.view(-1, hkv, d)[slots], starts
+    block = case.block_table[seq, pos // bs].to(torch.int64)
+    return case.k_cache[block, pos % bs], case.v_cache[block, pos % bs], starts

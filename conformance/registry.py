@@ -14,10 +14,11 @@ from importlib.metadata import entry_points
 import torch
 
 from .paged import Case, scatter_to_cache
-from .spec import DTYPE_NAMES, CaseSpec
+from .spec import DTYPE_NAMES, KV_LAYOUTS, CaseSpec
 from .tolerance import Tolerance
 
 ENTRY_POINT_GROUP = "attention_conformance.backends"
+ALL_KV_LAYOUTS = frozenset(KV_LAYOUTS)
 ALL_FEATURES = frozenset({"causal", "non_causal", "sliding_window", "softcap", "sinks"})
 # What Capabilities() claims unless told otherwise. Features the suite adds later (sinks) are
 # opt-in, so an adapter written before them is not suddenly failing cases it never claimed.
@@ -36,6 +37,9 @@ class Capabilities:
     compute_capability: tuple[tuple[int, int], tuple[int, int]] | None = None  # inclusive range, CUDA only
     dtypes: frozenset[torch.dtype] = frozenset(DTYPE_NAMES)
     kv_dtypes: frozenset[str] = frozenset({"auto"})
+    # Cache layouts the adapter reads and writes (spec.KV_LAYOUTS). Only "nhd" unless declared: an
+    # adapter that views the cache as contiguous [slots, Hkv, D] must not meet strided ones.
+    kv_layouts: frozenset[str] = frozenset({"nhd"})
     head_dims: frozenset[int] | None = None  # None: any
     block_sizes: frozenset[int] | None = None  # None: any (subject to block_size_multiple)
     block_size_multiple: int = 1
@@ -57,6 +61,8 @@ class Capabilities:
             return f"dtype {spec.dtype_name} not supported (supports: {_names(self.dtypes)})"
         if spec.kv_dtype not in self.kv_dtypes:
             return f"kv dtype {spec.kv_dtype} not supported (supports: {', '.join(sorted(self.kv_dtypes))})"
+        if spec.kv_layout not in self.kv_layouts:
+            return f"kv layout {spec.kv_layout} not supported (supports: {', '.join(sorted(self.kv_layouts))})"
         if self.head_dims is not None and spec.heads.head_dim not in self.head_dims:
             return f"head_dim {spec.heads.head_dim} not supported (supports: {sorted(self.head_dims)})"
         if self.block_sizes is not None and spec.block_size not in self.block_sizes:
@@ -99,6 +105,11 @@ class Backend:
 
     def skip_reason(self, spec: CaseSpec, device: torch.device) -> str | None:
         return self.unavailable() or self.capabilities.unsupported(spec, device) or self.unsupported(spec, device)
+
+    def compile_key(self, spec: CaseSpec):
+        """For a library that compiles a kernel per variant on first use: what selects the variant
+        `spec` needs (any hashable), so a warm-up builds each once before the run. None: nothing to build."""
+        return None
 
     def write_cache(self, case: Case) -> None:
         """Write the new tokens' K/V into the paged cache. Override with the library's own op."""

@@ -6,11 +6,15 @@ import lzma
 import platform
 import sys
 from collections import Counter, defaultdict
+from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
 from .runner import Result, Status
 
+# Libraries of the built-in backends, by their distribution names (what records a version).
+LIBRARIES = {"triton": "triton", "flashinfer": "flashinfer-python", "flash_attn": "flash-attn",
+             "flash_attn_3": "flash_attn_3", "flash_attn_4": "flash-attn-4"}
 REPORT_SCHEMA = "attention-conformance/report/v1"
 BAD = (Status.FAIL, Status.ERROR, Status.CRASH, Status.TIMEOUT)
 
@@ -22,11 +26,11 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env.update(cuda=torch.version.cuda, gpu=torch.cuda.get_device_name(device),
                    compute_capability="sm_%d%d" % torch.cuda.get_device_capability(device))
-    for module in ("triton", "flashinfer", "flash_attn"):
+    for name, distribution in LIBRARIES.items():
         try:
-            env[module] = __import__(module).__version__
-        except Exception:  # noqa: BLE001 - absent or broken: recorded as absent
-            env[module] = None
+            env[name] = version(distribution)
+        except PackageNotFoundError:
+            env[name] = None
     return env
 
 

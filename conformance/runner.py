@@ -187,21 +187,19 @@ def _cache_mismatch(case: Case, inputs: Inputs, which: str) -> str:
     want_shape = (inputs.num_blocks, inputs.spec.block_size, inputs.spec.heads.num_kv_heads, inputs.spec.heads.head_dim)
     if got.dtype != inputs.spec.cache_dtype or tuple(got.shape) != want_shape:
         return f"{tuple(got.shape)} {got.dtype} after the run; must stay {want_shape} {inputs.spec.cache_dtype}"
-    hkv, d = got.shape[-2:]
-    flat = _bits(got).view(-1, hkv, d)
+    bits = _bits(got)  # [num_blocks, block_size, Hkv, D], strided as the layout lies
+    bs = got.shape[1]
     new = case.k_new if which == "k" else case.v_new
     scale = case.k_scale if which == "k" else case.v_scale
-    bad = torch.zeros(flat.shape[0], dtype=torch.bool, device=got.device)
     poison = _bits(torch.tensor([case.poison], dtype=got.dtype, device=got.device))
-    bad |= (flat != poison).any(dim=(-1, -2))  # anything but poison, until proven expected
+    bad = (bits != poison).any(dim=(-1, -2))  # [num_blocks, block_size]: anything but poison, until proven expected
     for slots, want in ((inputs.context_slots, inputs.stored(which, inputs.context_index)),
                         (case.slot_mapping, quantize(new, scale, got.dtype))):
-        bad[slots] = (flat[slots] != _bits(want)).any(dim=(-1, -2))
+        bad[slots // bs, slots % bs] = (bits[slots // bs, slots % bs] != _bits(want)).any(dim=(-1, -2))
     n = int(bad.sum())
     if not n:
         return ""
-    first = int(torch.nonzero(bad)[0])
-    bs = got.shape[1]
+    first = int(torch.nonzero(bad.flatten())[0])
     return f"{n} slots differ from the expected write (first: block {first // bs}, offset {first % bs})"
 
 

@@ -27,6 +27,10 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # read back as code * scale, with one scale per tensor (k_scale, v_scale).
 KV_DTYPES = ("auto", "fp8_e4m3")
 FP8_CACHE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn}
+# How the paged cache lies in memory. "nhd": separate K and V caches [num_blocks, block_size, Hkv, D]
+# (vLLM's); "hnd": separate, [num_blocks, Hkv, block_size, D]; "combined_nhd" / "combined_hnd": one
+# [num_blocks, 2, ...] tensor holding each page's K then V (FlashInfer's single-tensor form).
+KV_LAYOUTS = ("nhd", "hnd", "combined_nhd", "combined_hnd")
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,7 @@ class CaseSpec:
     sliding_window: int | None = None  # keys visible to a query, itself included: pos_q - pos_k < window
     softcap: float | None = None  # logits -> softcap * tanh(logits / softcap), after the scale
     kv_dtype: str = "auto"
+    kv_layout: str = "nhd"
     sinks: bool = False  # one learned logit per query head joins every softmax (no value; not scaled or capped)
     scale: float | None = None  # softmax scale; None means head_dim ** -0.5
 
@@ -139,6 +144,7 @@ class CaseSpec:
         _require(isinstance(self.block_size, int) and self.block_size >= 1, "CaseSpec.block_size", self.block_size,
                  "must be an int >= 1")
         _require(self.kv_dtype in KV_DTYPES, "CaseSpec.kv_dtype", self.kv_dtype, f"must be one of {KV_DTYPES}")
+        _require(self.kv_layout in KV_LAYOUTS, "CaseSpec.kv_layout", self.kv_layout, f"must be one of {KV_LAYOUTS}")
         if self.sliding_window is not None:
             _require(isinstance(self.sliding_window, int) and self.sliding_window >= 1, "CaseSpec.sliding_window",
                      self.sliding_window, "must be None or an int >= 1")
@@ -178,6 +184,8 @@ class CaseSpec:
         parts = [self.scenario, self.dtype_name, f"bs{self.block_size}", self.heads.id]
         if self.kv_dtype != "auto":
             parts.append(f"kv{self.kv_dtype.replace('_', '')}")
+        if self.kv_layout != "nhd":
+            parts.append(self.kv_layout)
         if self.sliding_window is not None:
             parts.append(f"sw{self.sliding_window}")
         if self.softcap is not None:

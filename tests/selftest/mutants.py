@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from conformance import Backend, Capabilities, Case, scatter_to_cache
-from conformance.registry import ALL_FEATURES
+from conformance.registry import ALL_FEATURES, ALL_KV_LAYOUTS
 
 BUGS = {
     "top_left_causal": "causal mask aligned top-left (SDPA is_causal=True with q_len != kv_len)",
@@ -24,12 +24,14 @@ BUGS = {
     "query_offsets_shifted": "query start offsets shifted by one token",
     "sinks_ignored": "attention sinks left out of the softmax",
     "fp8_scale_ignored": "fp8 cache codes read without their scale",
+    "layout_ignored": "the cache's memory read as separate NHD caches whatever its layout",
 }
 
 
 class PagedTorch(Backend):
     description = "plain torch, per sequence, keys read through the block table (self-test adapter)"
-    capabilities = Capabilities(kv_dtypes=frozenset({"auto", "fp8_e4m3"}), features=ALL_FEATURES)
+    capabilities = Capabilities(kv_dtypes=frozenset({"auto", "fp8_e4m3"}), features=ALL_FEATURES,
+                                kv_layouts=ALL_KV_LAYOUTS)
 
     def __init__(self, bug: str | None = None):
         assert bug is None or bug in BUGS, bug
@@ -43,9 +45,9 @@ class PagedTorch(Backend):
     def run(self, case: Case):
         spec, bug = case.spec, self.bug
         nb, bs, hkv, d = case.k_cache.shape
-        k_flat, v_flat = case.k_cache.view(-1, hkv, d), case.v_cache.view(-1, hkv, d)
+        k_cache, v_cache = _as_nhd_memory(case) if bug == "layout_ignored" else (case.k_cache, case.v_cache)
         if bug == "k_v_swapped":
-            k_flat, v_flat = v_flat, k_flat
+            k_cache, v_cache = v_cache, k_cache
         k_scale, v_scale = (1.0, 1.0) if bug == "fp8_scale_ignored" else (case.k_scale, case.v_scale)
         g = spec.heads.group_size
         heads = torch.arange(spec.heads.num_q_heads)
@@ -61,8 +63,8 @@ class PagedTorch(Backend):
                 slots = int(case.block_table[b, 0]) * bs + pos % bs
             else:
                 slots = case.block_table[b, pos // bs].long() * bs + pos % bs
-            k = k_flat[slots].double()[:, kv_head] * k_scale  # [n, Hq, D]
-            v = v_flat[slots].double()[:, kv_head] * v_scale
+            k = k_cache[slots // bs, slots % bs].double()[:, kv_head] * k_scale  # [n, Hq, D]
+            v = v_cache[slots // bs, slots % bs].double()[:, kv_head] * v_scale
             q0, q1 = qsl[b], qsl[b + 1]
             if bug == "query_offsets_shifted":
                 q0, q1 = min(q0 + 1, case.q.shape[0] - (q1 - q0)), min(q1 + 1, case.q.shape[0])
@@ -87,3 +89,13 @@ class PagedTorch(Backend):
             rows = slice(qsl[b], qsl[b + 1] - (1 if bug == "rows_unwritten" else 0))
             case.out[rows] = out[: rows.stop - rows.start].to(case.out.dtype)
         return case.out
+
+
+def _as_nhd_memory(case: Case):
+    """The layout_ignored bug: memory taken as vLLM's default, whatever spec.kv_layout says."""
+    stored = case.stored_cache()
+    shape = case.k_cache.shape
+    if isinstance(stored, tuple):
+        return tuple(x.reshape(shape) for x in stored)  # [blocks, Hkv, bs, D] memory indexed as [blocks, bs, Hkv, D]
+    flat = stored.reshape(2, *shape)  # [blocks, 2, ...] (K and V of each page together) taken as [2, blocks, ...]
+    return flat[0], flat[1]

@@ -7,13 +7,13 @@ def test_run_writes_a_report_that_report_turns_into_a_table(tmp_path, capsys):
     path = str(tmp_path / "r.json")
     assert main(["run", "--backend", "sdpa", "--scenario", "small_decode", "--json", path]) == 0
     out = capsys.readouterr().out
-    assert "small_decode" in out and "PASS 24  SKIP 36" in out and "feature softcap not supported (12 cases)" in out
+    assert "small_decode" in out and "PASS 60  SKIP 36" in out and "feature softcap not supported (12 cases)" in out
     meta, results = read_json(path)
     assert meta["environment"]["torch"] and meta["environment"]["reference_dtype"] == "float64"
-    assert len(results) == 60 and {r.backend for r in results} == {"sdpa"}
+    assert len(results) == 96 and {r.backend for r in results} == {"sdpa"}
     assert main(["report", path]) == 0
     md = capsys.readouterr().out
-    assert "| scenario | sdpa |" in md and "| small_decode | 24/24 r" in md
+    assert "| scenario | sdpa |" in md and "| small_decode | 60/60 r" in md
 
 
 def test_unknown_backend_is_named_and_exits_2(capsys):

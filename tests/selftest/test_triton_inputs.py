@@ -21,7 +21,11 @@ def test_paged_attention_names_bad_input(cache, kwargs, message):
         paged_attention(Q, cache, cache, None, None, None, 1, Q, scale=1.0, **kwargs)
 
 
-def test_write_cache_needs_contiguous_tensors():
-    k_new = torch.zeros(4, 2, 64, dtype=torch.float16).transpose(0, 1)
-    with pytest.raises(ValueError, match="must be contiguous"):
-        write_cache(k_new, k_new, CACHE, CACHE, torch.zeros(2, dtype=torch.int64))
+@pytest.mark.parametrize("k_new, v_cache, message", [
+    (torch.zeros(4, 2, 64, dtype=torch.float16).transpose(0, 1), CACHE, "k_new/v_new = strided: must be contiguous"),
+    (torch.zeros(2, 2, 64, dtype=torch.float16), CACHE.transpose(1, 2).contiguous().transpose(1, 2),
+     r"v_cache.stride\(\) = \(2048, 64, 1024, 1\): must equal k_cache.stride\(\)"),
+])
+def test_write_cache_names_bad_input(k_new, v_cache, message):
+    with pytest.raises(ValueError, match="write_cache: " + message):
+        write_cache(k_new, k_new, CACHE, v_cache, torch.zeros(2, dtype=torch.int64))

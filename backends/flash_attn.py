@@ -1,0 +1,162 @@
+"""FlashAttention varlen over the paged cache, one adapter per implementation:
+
+- `flash-attn2`: the flash_attn package (FA2), flash_attn_varlen_func with block_table; its paged
+  kernels take pages of a multiple of 256 tokens;
+- `flash-attn3`: flash_attn_interface (FA3, Hopper), flash_attn_with_kvcache with cu_seqlens_q and a
+  page table (its varlen function takes no page table), any page size;
+- `flash-attn4`: flash_attn.cute (FA4), flash_attn_varlen_func with page_table and seqused_k;
+  attention sinks (learnable_sink);
+- `flash-torch`: torch's own FlashAttention, torch.nn.attention.varlen.varlen_attn; it reads pages
+  through block_table + seqused_k where this torch has them, else the pages are gathered into the
+  ragged layout first (the description says which).
+
+All share FlashAttention's conventions: bottom-right causal masks, window_size = (left, right) keys
+around the query (a window of w keys is (w - 1, 0)), softcap after the scale, GQA by head groups,
+LSE in natural log as [Hq, T] (transposed here). Each skips with the reason when not importable.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+
+import torch
+
+from conformance import Backend, Capabilities, Case, gather_kv, register_backend
+from conformance.registry import ALL_KV_LAYOUTS, DEFAULT_FEATURES
+
+HALF = frozenset({torch.float16, torch.bfloat16})
+FA_HEAD_DIMS = frozenset(range(8, 257, 8))  # head_dim <= 256, a multiple of 8
+
+
+def _window(case: Case):
+    return (case.spec.sliding_window - 1, 0) if case.spec.sliding_window else (-1, -1)
+
+
+def _lse_tokens_first(lse: torch.Tensor, case: Case) -> torch.Tensor:
+    """FlashAttention's varlen LSE is [Hq, T]; the suite's is [T, Hq]."""
+    return lse.transpose(0, 1) if tuple(lse.shape) == (case.q.shape[1], case.q.shape[0]) else lse
+
+
+class FlashAttentionBackend(Backend):
+    def __init__(self, name: str, module: str, description: str, caps: dict, finite_poison: bool = False):
+        self.name, self.module, self.description = name, module, description
+        self.finite_poison = finite_poison
+        self.capabilities = Capabilities(**{
+            "devices": frozenset({"cuda"}), "dtypes": HALF, "head_dims": FA_HEAD_DIMS, "returns_lse": True, **caps})
+
+    def unavailable(self):
+        try:
+            importlib.import_module(self.module)
+        except Exception as e:  # noqa: BLE001 - a missing or broken build: skipped with its reason
+            return f"{self.module} is not importable ({type(e).__name__}: {e})"
+        return None
+
+    def lib(self):
+        return importlib.import_module(self.module)
+
+
+class FlashAttn2(FlashAttentionBackend):
+    def run(self, case: Case):
+        cu_seqlens_k = torch.zeros_like(case.query_start_loc)
+        cu_seqlens_k[1:] = torch.cumsum(case.seq_lens, 0)
+        out, lse, _ = self.lib().flash_attn_varlen_func(
+            case.q, case.k_cache, case.v_cache, case.query_start_loc, cu_seqlens_k, case.max_query_len,
+            case.max_seq_len, softmax_scale=case.scale, causal=case.spec.causal, window_size=_window(case),
+            softcap=case.spec.softcap or 0.0, return_attn_probs=True, block_table=case.block_table)
+        return out, _lse_tokens_first(lse, case)
+
+
+class FlashAttn3(FlashAttentionBackend):
+    def run(self, case: Case):
+        out, lse, *_ = self.lib().flash_attn_with_kvcache(
+            case.q, case.k_cache, case.v_cache, cache_seqlens=case.seq_lens, page_table=case.block_table,
+            cu_seqlens_q=case.query_start_loc, max_seqlen_q=case.max_query_len, softmax_scale=case.scale,
+            causal=case.spec.causal, window_size=_window(case), softcap=case.spec.softcap or 0.0,
+            return_softmax_lse=True)
+        return out, _lse_tokens_first(lse, case)
+
+
+class FlashAttn4(FlashAttentionBackend):
+    def unsupported(self, spec, device):
+        d = spec.heads.head_dim
+        if torch.cuda.get_device_capability(device)[0] >= 10 and not (d <= 128 or d == 256):
+            return f"head_dim {d}: FA4 on sm_100+ takes head dims <= 128 or 256"
+        return None
+
+    def run(self, case: Case):
+        window = (case.spec.sliding_window - 1, 0) if case.spec.sliding_window else (None, None)  # None: unbounded
+        out, lse = self.lib().flash_attn_varlen_func(
+            case.q, case.k_cache, case.v_cache, cu_seqlens_q=case.query_start_loc, max_seqlen_q=case.max_query_len,
+            seqused_k=case.seq_lens, page_table=case.block_table, softmax_scale=case.scale,
+            causal=case.spec.causal, window_size=window, learnable_sink=case.sinks,
+            softcap=case.spec.softcap or 0.0, return_lse=True)
+        return out, _lse_tokens_first(lse, case)
+
+
+@functools.cache
+def _varlen_params() -> frozenset[str]:
+    from torch.nn.attention.varlen import varlen_attn
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+class FlashTorch(FlashAttentionBackend):
+    """torch.nn.attention.varlen.varlen_attn; what it takes is read from its signature."""
+
+    def __init__(self):
+        try:
+            params = _varlen_params()
+        except ImportError:
+            params = frozenset()
+        self.paged = "block_table" in params
+        super().__init__(
+            "flash-torch", "torch.nn.attention.varlen",
+            "torch's FlashAttention (torch.nn.attention.varlen.varlen_attn) " + (
+                "reading pages through block_table + seqused_k" if self.paged else
+                "over pages gathered into the ragged layout first (this torch's varlen_attn takes no block_table)"),
+            dict(compute_capability=((8, 0), (12, 1)), features=DEFAULT_FEATURES - {"softcap"},
+                 kv_layouts=frozenset({"nhd"}) if self.paged else ALL_KV_LAYOUTS))
+
+    def unsupported(self, spec, device):
+        if self.paged and spec.block_size % 256:
+            return f"block size {spec.block_size}: FlashAttention-2's paged kernels take pages of a multiple of 256"
+        if spec.sliding_window and "window_size" not in _varlen_params():
+            return "this torch's varlen_attn has no window_size"
+        return None
+
+    def run(self, case: Case):
+        from torch.nn.attention.varlen import AuxRequest, varlen_attn
+
+        params = _varlen_params()
+        kw = dict(scale=case.scale, return_aux=AuxRequest(lse=True))
+        if "window_size" in params:
+            kw["window_size"] = _window(case) if case.spec.sliding_window else ((-1, 0) if case.spec.causal else (-1, -1))
+        else:
+            kw["is_causal"] = case.spec.causal
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        if self.paged:
+            k, v, cu_seqlens_k = case.k_cache, case.v_cache, None
+            kw.update(seqused_k=case.seq_lens, block_table=case.block_table)
+        else:
+            k, v, starts = gather_kv(case)
+            cu_seqlens_k = starts.to(torch.int32)
+        out, lse = varlen_attn(case.q, k, v, case.query_start_loc, cu_seqlens_k, case.max_query_len,
+                               case.max_seq_len, **kw)
+        return out, _lse_tokens_first(lse, case)
+
+
+register_backend(FlashAttn2(
+    "flash-attn2", "flash_attn", "FlashAttention-2 (flash_attn) flash_attn_varlen_func with block_table",
+    dict(compute_capability=((8, 0), (12, 1)), block_size_multiple=256)))
+register_backend(FlashAttn3(
+    "flash-attn3", "flash_attn_interface",
+    "FlashAttention-3 (flash_attn_interface) flash_attn_with_kvcache: varlen queries over a page table",
+    dict(compute_capability=((9, 0), (9, 0)))))
+register_backend(FlashAttn4(
+    "flash-attn4", "flash_attn.cute",
+    "FlashAttention-4 (flash_attn.cute) flash_attn_varlen_func with page_table and seqused_k",
+    dict(compute_capability=((9, 0), (11, 0)), features=DEFAULT_FEATURES | {"sinks"}),
+    # Its TMA page loads need finite values past seqused_k in a last page (its docstring).
+    finite_poison=True))
+register_backend(FlashTorch())

@@ -1,0 +1,62 @@
+"""Warm-up: build the kernels a run will need before its first case, in parallel processes.
+
+Libraries that compile a kernel per variant on first use (FlashInfer's JIT: a minute of nvcc per
+variant on sm_90) say what selects a variant through Backend.compile_key(spec). Before the run,
+one case per key (the smallest) is run in a pool of worker processes, so the compiles overlap and
+land in the library's own on-disk cache; the run itself then only loads them, and its per-case
+times are kernel times. Warm-up results are not judged here: every case runs again in the run.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+from .registry import Backend
+from .spec import CaseSpec
+
+
+def warm_up_plan(backends: list[Backend], specs: list[CaseSpec], device: torch.device) -> list[tuple[str, CaseSpec]]:
+    """(backend name, smallest case) for every compile key the run will meet, skipped cases excluded."""
+    smallest: dict[tuple, CaseSpec] = {}
+    for backend in backends:
+        for spec in specs:
+            key = backend.compile_key(spec)
+            if key is None or backend.skip_reason(spec, device):
+                continue
+            key = (backend.name, key)
+            if key not in smallest or _size(spec) < _size(smallest[key]):
+                smallest[key] = spec
+    return [(key[0], spec) for key, spec in smallest.items()]
+
+
+def _size(spec: CaseSpec) -> int:
+    return sum(spec.batch.seq_lens) * spec.heads.num_q_heads
+
+
+def _warm_one(name: str, spec: CaseSpec, device: str, modules: tuple[str, ...]) -> tuple[str, str, float]:
+    from .registry import load_backends
+    from .runner import Runner
+
+    t0 = time.perf_counter()
+    result = Runner(device).run(load_backends(modules)[name], spec)
+    return f"{name}-{spec.id}", result.status.value, time.perf_counter() - t0
+
+
+def warm_up(backends: list[Backend], specs: list[CaseSpec], device: torch.device, jobs: int,
+            modules: tuple[str, ...] = ()) -> None:
+    """Run one case per compile key in `jobs` fresh processes (spawned: CUDA cannot be forked)."""
+    plan = warm_up_plan(backends, specs, device)
+    if not plan or jobs < 1:
+        return
+    print(f"warm-up: {len(plan)} kernel variants in {jobs} processes", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_warm_one, name, spec, str(device), modules) for name, spec in plan]
+        for f in futures:
+            case, status, seconds = f.result()
+            print(f"warm-up: {case} {status} {seconds:.0f}s", file=sys.stderr, flush=True)
+    print(f"warm-up: done in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
