@@ -1,7 +1,8 @@
 """`python -m conformance run`: every registered backend over a profile on this machine's device.
 `python -m conformance list`: backends (with availability) and scenarios.
 `python -m conformance report A.json [B.json.xz ...]`: several JSON reports as one Markdown table.
-`python -m conformance bench --scenario large_decode --backend triton,flashinfer-decode`: latency and GB/s."""
+`python -m conformance bench --scenario large_decode --backend triton,flashinfer-decode`: latency and GB/s.
+`python -m conformance warm-up --backend flashinfer-prefill-fa2 -j 8`: only build JIT-compiled kernels."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--load", action="append", default=[], help="also import this adapter module")
     run.add_argument("--warm-up-jobs", type=int, default=4, metavar="N",
                      help="build JIT-compiled kernel variants in N processes before the run (0: off; default 4)")
+    w = sub.add_parser("warm-up", help="only build the JIT-compiled kernel variants a run would need")
+    w.add_argument("--backend", action="append", help="backend name(s), comma-separated or repeated (default: all)")
+    w.add_argument("--scenario", action="append", help="scenario name(s) (default: all of the profile)")
+    w.add_argument("--profile", choices=("cpu", "gpu"), help="case sizes (default: gpu with CUDA, else cpu)")
+    w.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    w.add_argument("--load", action="append", default=[], help="also import this adapter module")
+    w.add_argument("-j", "--jobs", type=int, default=4, help="worker processes (default 4)")
     rep = sub.add_parser("report", help="merge JSON reports into one Markdown support table")
     rep.add_argument("reports", nargs="+", help="JSON reports written by `run --json`")
     b = sub.add_parser("bench", help="latency and GB/s of backends on chosen cases (judged first)")
@@ -65,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     device = default_device(args.device)
+    if args.command == "warm-up":
+        warm_up(backends, cases, device, args.jobs, tuple(args.load))
+        return 0
     warm_up(backends, cases, device, args.warm_up_jobs, tuple(args.load))
     runner = Runner(device, base_seed=args.seed)
     total, results, start, last = len(cases) * len(backends), [], time.time(), 0.0

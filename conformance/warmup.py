@@ -43,7 +43,8 @@ def _warm_one(name: str, spec: CaseSpec, device: str, modules: tuple[str, ...]) 
 
     t0 = time.perf_counter()
     result = Runner(device).run(load_backends(modules)[name], spec)
-    return f"{name}-{spec.id}", result.status.value, time.perf_counter() - t0
+    status = result.status.value + (f" ({result.reason.splitlines()[0]})" if result.reason else "")
+    return f"{name}-{spec.id}", status, time.perf_counter() - t0
 
 
 def warm_up(backends: list[Backend], specs: list[CaseSpec], device: torch.device, jobs: int,

@@ -1,0 +1,41 @@
+"""The warm-up builds each compile key once, with the smallest case, in worker processes."""
+import os
+
+import torch
+from warm_backend import CompilingBackend
+
+from conformance.matrix import select_cases
+from conformance.warmup import warm_up, warm_up_plan
+
+CASES = select_cases("cpu", ["small_decode", "mixed_small"])
+CPU = torch.device("cpu")
+
+
+def test_plan_has_the_smallest_case_of_every_key():
+    plan = warm_up_plan([CompilingBackend()], CASES, CPU)
+    keys = {(s.dtype, s.heads.head_dim) for s in CASES}
+    assert len(plan) == len(keys) and {(s.dtype, s.heads.head_dim) for _, s in plan} == keys
+    for name, spec in plan:
+        same_key = [c for c in CASES if (c.dtype, c.heads.head_dim) == (spec.dtype, spec.heads.head_dim)]
+        assert name == "compiling" and sum(spec.batch.seq_lens) == min(sum(c.batch.seq_lens) for c in same_key)
+
+
+def test_backends_without_keys_or_skipped_cases_plan_nothing():
+    from conformance import Backend, Capabilities
+
+    class NoKeys(Backend):
+        name = "no-keys"
+
+    class CudaOnly(CompilingBackend):
+        capabilities = Capabilities(devices=frozenset({"cuda"}))
+
+    assert warm_up_plan([NoKeys(), CudaOnly()], CASES, CPU) == []
+
+
+def test_warm_up_runs_one_case_per_key_in_worker_processes(tmp_path, monkeypatch):
+    log = tmp_path / "warm.log"
+    monkeypatch.setenv("WARM_LOG", str(log))
+    warm_up([CompilingBackend()], CASES, CPU, jobs=2, modules=("warm_backend",))
+    lines = log.read_text().splitlines()
+    assert len(lines) == len({(s.dtype, s.heads.head_dim) for s in CASES})
+    assert str(os.getpid()) not in {line.split()[0] for line in lines}
