@@ -69,6 +69,8 @@ class FlashInferBackend(Backend):
             kv_dtypes=frozenset({"auto", "fp8_e4m3"}),
             kv_layouts=ALL_KV_LAYOUTS,
             head_dims=HEAD_DIMS,
+            # The CUDA-core decode kernels dispatch these GQA group sizes only ("Unsupported group_size: 7").
+            gqa_ratios=frozenset({1, 2, 3, 4, 6, 8, 16}) if wrapper == "decode" else None,
             returns_lse=True,
             requires=("flashinfer",),
         )

@@ -101,14 +101,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(paths: list[str]) -> int:
-    """Markdown on stdout: each report's environment, then one table over all of them."""
-    results, lines = [], ["# Conformance results", ""]
+    """Markdown on stdout: each report's environment, then one table over all of them. A result
+    for a backend and case that an earlier report also holds replaces it (a rerun)."""
+    by_id, lines = {}, ["# Conformance results", ""]
     for path in paths:
         meta, rs = read_json(path)
-        results += rs
+        by_id.update((r.id, r) for r in rs)
         env = meta["environment"]
         lines.append(f"- `{path.rsplit('/', 1)[-1]}`: profile {meta['profile']}, seed {meta['seed']}, "
                      + ", ".join(f"{k} {v}" for k, v in env.items() if v is not None))
+    results = list(by_id.values())
     lines += ["", "Cell: passed/run, r = worst err/tol (at most 1 passes), s = skipped.", "",
               format_table(results, markdown=True), "", "```", summarize(results), "```"]
     print("\n".join(lines))
