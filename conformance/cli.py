@@ -1,7 +1,7 @@
 """`python -m conformance run`: every registered backend over a profile on this machine's device.
 `python -m conformance list`: backends (with availability) and scenarios.
 `python -m conformance report A.json [B.json.xz ...]`: several JSON reports as one Markdown table.
-`python -m conformance bench --scenario large_decode --backend triton,flashinfer-decode`: latency and GB/s.
+`python -m conformance bench --scenario large_decode --backend triton,flashinfer-decode-fa2`: latency and GB/s.
 `python -m conformance warm-up --backend flashinfer-prefill-fa2 -j 8`: only build JIT-compiled kernels."""
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--load", action="append", default=[], help="also import this adapter module")
     w.add_argument("-j", "--jobs", type=int, default=4, help="worker processes (default 4)")
     rep = sub.add_parser("report", help="merge JSON reports into one Markdown support table")
-    rep.add_argument("reports", nargs="+", help="JSON reports written by `run --json`")
+    rep.add_argument("reports", nargs="+", help="JSON reports written by `run --json` or `pytest --json-report`")
+    rep.add_argument("--json", default="", help="also write the merged results as one JSON report here")
     b = sub.add_parser("bench", help="latency and GB/s of backends on chosen cases (judged first)")
     b.add_argument("--backend", action="append", required=True, help="backend name(s), comma-separated or repeated")
     b.add_argument("--scenario", action="append", required=True, help="scenario name(s)")
@@ -60,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "report":
-        return _report(args.reports)
+        return _report(args.reports, args.json)
     if args.command == "list":
         return _list(load_backends(tuple(args.load)))
     if args.command == "bench":
@@ -100,20 +101,29 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(r.status in BAD for r in results) else 0
 
 
-def _report(paths: list[str]) -> int:
-    """Markdown on stdout: each report's environment, then one table over all of them. A result
-    for a backend and case that an earlier report also holds replaces it (a rerun)."""
-    by_id, lines = {}, ["# Conformance results", ""]
+def _report(paths: list[str], merged_path: str = "") -> int:
+    """Markdown on stdout: the runs' environments, then one table over all results. A result for a
+    backend and case that an earlier report also holds replaces it (a rerun)."""
+    by_id, runs, backends = {}, {}, {}
     for path in paths:
         meta, rs = read_json(path)
         by_id.update((r.id, r) for r in rs)
+        backends.update(meta.get("backends", {}))
         env = meta["environment"]
-        lines.append(f"- `{path.rsplit('/', 1)[-1]}`: profile {meta['profile']}, seed {meta['seed']}, "
-                     + ", ".join(f"{k} {v}" for k, v in env.items() if v is not None))
+        run = f"profile {meta['profile']}, seed {meta['seed']}, " + ", ".join(
+            f"{k} {v}" for k, v in env.items() if v is not None)
+        runs.setdefault(run, (meta, []))[1].append(path.rsplit("/", 1)[-1])
     results = list(by_id.values())
+    lines = ["# Conformance results", ""]
+    lines += [f"- {', '.join(f'`{n}`' for n in names)}: {run}" for run, (_, names) in runs.items()]
     lines += ["", "Cell: passed/run, r = worst err/tol (at most 1 passes), s = skipped.", "",
               format_table(results, markdown=True), "", "```", summarize(results), "```"]
     print("\n".join(lines))
+    if merged_path:
+        first = next(iter(runs.values()))[0]
+        write_json(merged_path, results, {"profile": first["profile"], "seed": first["seed"],
+                                          "environment": first["environment"], "backends": backends,
+                                          "merged_from": [n for _, names in runs.values() for n in names]})
     return 1 if any(r.status in BAD for r in results) else 0
 
 

@@ -91,11 +91,15 @@ def summarize(results: list[Result]) -> str:
     if n_cases:
         lines.append(f"time: harness {harness:.1f}s over {n_cases} cases run ({1000 * harness / n_cases:.1f} ms/case: "
                      f"inputs, references, judging), backends {backend:.1f}s")
-    bad = [r for r in results if r.status in BAD]
-    for r in bad[:50]:
-        lines.append(f"  {r.status.value} {r.id}: {r.reason.splitlines()[0] if r.reason else ''}")
-    if len(bad) > 50:
-        lines.append(f"  ... and {len(bad) - 50} more (see the JSON report)")
+    # Bad results grouped by backend, status and the first line of the reason, one example each.
+    bad = defaultdict(list)
+    for r in results:
+        if r.status in BAD:
+            bad[(r.backend, r.status.value, r.reason.splitlines()[0] if r.reason else "")].append(r.id)
+    for (backend, status, reason), ids in list(bad.items())[:30]:
+        lines.append(f"  {status} {ids[0]}{f' (and {len(ids) - 1} more of {backend})' if len(ids) > 1 else ''}: {reason}")
+    if len(bad) > 30:
+        lines.append(f"  ... and {len(bad) - 30} more kinds (see the JSON report)")
     reasons = Counter((r.backend, r.reason) for r in results if r.status == Status.SKIP)
     if reasons:
         lines.append("skip reasons:")

@@ -19,3 +19,15 @@ def test_run_writes_a_report_that_report_turns_into_a_table(tmp_path, capsys):
 def test_unknown_backend_is_named_and_exits_2(capsys):
     assert main(["run", "--backend", "nope", "--json", ""]) == 2
     assert "--backend ['nope']: not registered" in capsys.readouterr().err
+
+
+def test_report_merges_reruns_and_writes_one_json(tmp_path, capsys):
+    first, again, merged = (str(tmp_path / n) for n in ("a.json", "b.json", "m.json"))
+    assert main(["run", "--backend", "sdpa", "--scenario", "small_decode", "--json", first]) == 0
+    assert main(["run", "--backend", "sdpa", "--scenario", "small_decode,mixed_small", "--json", again]) == 0
+    capsys.readouterr()
+    assert main(["report", first, again, "--json", merged]) == 0
+    md = capsys.readouterr().out
+    meta, results = read_json(merged)
+    assert len(results) == len({r.id for r in results}) == len(read_json(again)[1])  # the rerun replaced
+    assert meta["merged_from"] == ["a.json", "b.json"] and "`a.json`, `b.json`: profile cpu" in md

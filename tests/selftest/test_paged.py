@@ -131,3 +131,52 @@ def test_fp8_quantization_rounds_ties_to_even():
     x = torch.tensor([21.0, 42.0, -21.0, 5.25, 11.0], dtype=torch.float32) * scale
     assert quantize(x, scale, torch.float8_e4m3fn).float().tolist() == [20.0, 40.0, -20.0, 5.0, 11.0]
     assert quantize(x, scale, torch.float32) is x  # an "auto" cache stores the values as they are
+
+
+@pytest.mark.parametrize("layout", ["nhd", "hnd", "combined_nhd", "combined_hnd"])
+def test_cache_layouts_lay_out_the_same_cache(layout):
+    """Every layout holds the same values at [block, slot, head, dim]; stored_cache() gives the
+    memory as the layout says (HND: heads before slots; combined: each page's K, then its V)."""
+    base = CASES[1]
+    spec = base.replace(kv_layout=layout)
+    nhd = make_inputs(base, "cpu", 0).materialize()
+    case = make_inputs(spec, "cpu", 0).materialize()
+    assert torch.equal(case.k_cache.nan_to_num(7), nhd.k_cache.nan_to_num(7))
+    assert torch.equal(case.v_cache.nan_to_num(7), nhd.v_cache.nan_to_num(7))
+    nb, bs, hkv, d = case.k_cache.shape
+    stored = case.stored_cache()
+    page = (hkv, bs, d) if layout.endswith("hnd") else (bs, hkv, d)
+    if layout.startswith("combined"):
+        assert stored.shape == (nb, 2, *page) and stored.is_contiguous()
+        k_mem, v_mem = stored[:, 0], stored[:, 1]
+    else:
+        assert all(x.shape == (nb, *page) and x.is_contiguous() for x in stored)
+        k_mem, v_mem = stored
+    want = (lambda c: c.transpose(1, 2)) if layout.endswith("hnd") else (lambda c: c)
+    assert torch.equal(k_mem.nan_to_num(7), want(nhd.k_cache).nan_to_num(7))
+    assert torch.equal(v_mem.nan_to_num(7), want(nhd.v_cache).nan_to_num(7))
+
+
+@pytest.mark.parametrize("layout", ["hnd", "combined_nhd"])
+def test_cache_check_sees_a_write_in_the_wrong_place_of_a_strided_layout(layout):
+    """A backend that writes the new tokens through contiguous-NHD slot arithmetic into memory of
+    another layout must fail on its cache, besides its slots' correct values."""
+    from conformance import Backend, Capabilities, Runner, Status
+    from conformance.registry import ALL_KV_LAYOUTS
+
+    class WritesAsNhd(Backend):
+        name = "writes-as-nhd"
+        capabilities = Capabilities(kv_layouts=ALL_KV_LAYOUTS, features=frozenset({"causal", "non_causal"}))
+
+        def write_cache(self, case):
+            stored = case.stored_cache()
+            k_mem = stored[0] if isinstance(stored, tuple) else stored
+            scatter_to_cache(case)
+            k_mem.view(-1, *case.k_cache.shape[2:])[case.slot_mapping] = case.k_new  # slot math of NHD
+
+        def run(self, case):
+            return case.out.zero_()
+
+    spec = CASES[1].replace(kv_layout=layout)  # block size 16: with 1, HND and NHD memory coincide
+    result = Runner("cpu").run(WritesAsNhd(), spec)
+    assert result.status == Status.FAIL and "k_cache:" in result.reason, result.reason
