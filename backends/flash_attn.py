@@ -80,7 +80,7 @@ class FlashAttn3(FlashAttentionBackend):
 class FlashAttn4(FlashAttentionBackend):
     def unsupported(self, spec, device):
         d = spec.heads.head_dim
-        if torch.cuda.get_device_capability(device)[0] >= 10 and not (d <= 128 or d == 256):
+        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 10 and not (d <= 128 or d == 256):
             return f"head_dim {d}: FA4 on sm_100+ takes head dims <= 128 or 256"
         return None
 

@@ -1,0 +1,85 @@
+"""The FlashAttention adapters translate a Case correctly: run on CPU against stand-ins written
+from each library's documented contract (fake_flash.py), since none of the libraries runs in CI.
+A stand-in that agrees with the ground truth on every case, and a broken translation caught,
+show the translation, not the library."""
+import dataclasses
+import sys
+
+import fake_flash
+import pytest
+import torch
+
+import backends.flash_attn as fa
+from conformance import Runner, Status
+from conformance.matrix import select_cases
+
+CASES = [c for c in select_cases("cpu", ["mixed_small", "chunked_context_prefill", "encoder_prefill"])
+         if c.dtype != torch.float32 and c.kv_dtype == "auto" and c.kv_layout == "nhd" and c.block_size == 16]
+CPU = dict(devices=frozenset({"cpu"}), compute_capability=None)
+
+
+def _on_cpu(backend):
+    backend.capabilities = dataclasses.replace(backend.capabilities, **CPU)
+    return backend
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    for name, module in fake_flash.MODULES.items():
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def _adapters():
+    features = fa.DEFAULT_FEATURES
+    return {
+        "fa2": fa.FlashAttn2("fake-fa2", "fake_flash_attn", "", dict(CPU)),
+        "fa3": fa.FlashAttn3("fake-fa3", "fake_flash_attn_interface", "", dict(CPU)),
+        "fa4": fa.FlashAttn4("fake-fa4", "fake_flash_attn_cute", "", dict(CPU, features=features | {"sinks"})),
+    }
+
+
+def _torch_adapter(monkeypatch, fake):
+    monkeypatch.setattr(torch.nn.attention.varlen, "varlen_attn", fake)
+    fa._varlen_params.cache_clear()
+    try:
+        return _on_cpu(fa.FlashTorch())
+    finally:
+        fa._varlen_params.cache_clear()
+
+
+def _results(backend, cases):
+    runner = Runner("cpu")
+    return [runner.run(backend, spec) for spec in cases]
+
+
+@pytest.mark.parametrize("flavour", ["fa2", "fa3", "fa4"])
+def test_flash_attn_adapters_pass_against_their_contract(fakes, flavour):
+    results = _results(_adapters()[flavour], CASES)
+    bad = [f"{r.id}: {r.reason}" for r in results if r.status not in (Status.PASS, Status.SKIP)]
+    assert not bad, bad[:3]
+    passed = {r.case for r in results if r.status == Status.PASS}
+    assert any("-sw" in c for c in passed) and any("-cap" in c for c in passed) and any("encoder" in c for c in passed)
+    assert (flavour == "fa4") == any("-sinks" in c for c in passed)
+
+
+@pytest.mark.parametrize("fake, block_size", [(fake_flash.varlen_attn_211, 16), (fake_flash.varlen_attn_paged, 256)])
+def test_flash_torch_adapter_passes_on_either_torch(fake, block_size, monkeypatch):
+    backend = _torch_adapter(monkeypatch, fake)
+    assert backend.paged == (fake is fake_flash.varlen_attn_paged)
+    cases = [c.replace(block_size=block_size) for c in CASES]
+    monkeypatch.setattr(fa, "_varlen_params", lambda: frozenset(fake.__kwdefaults__))
+    results = _results(backend, cases)
+    assert {r.status for r in results} == {Status.PASS, Status.SKIP}, [r.reason for r in results if r.status != Status.PASS][:3]
+    assert {r.reason for r in results if r.status == Status.SKIP} == {
+        "feature softcap not supported", "feature sinks not supported"}
+
+
+@pytest.mark.parametrize("bug, patch", [
+    ("window of w + 1 keys", ("_window", lambda case: (case.spec.sliding_window, 0) if case.spec.sliding_window
+                              else (-1, -1))),
+    ("LSE left as [Hq, T]", ("_lse_tokens_first", lambda lse, case: lse)),
+])
+def test_a_broken_translation_is_caught(fakes, monkeypatch, bug, patch):
+    monkeypatch.setattr(fa, *patch)
+    results = _results(_adapters()["fa2"], [c for c in CASES if "-sw" in c.id or c.heads.num_q_heads == 8][:12])
+    assert any(r.status in (Status.FAIL, Status.ERROR) for r in results), bug
