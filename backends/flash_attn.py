@@ -85,7 +85,7 @@ class FlashAttn4(FlashAttentionBackend):
         return None
 
     def run(self, case: Case):
-        window = (case.spec.sliding_window - 1, 0) if case.spec.sliding_window else (None, None)  # None: unbounded
+        window = tuple(None if w < 0 else w for w in _window(case))  # FA4 says unbounded with None
         out, lse = self.lib().flash_attn_varlen_func(
             case.q, case.k_cache, case.v_cache, cu_seqlens_q=case.query_start_loc, max_seqlen_q=case.max_query_len,
             seqused_k=case.seq_lens, page_table=case.block_table, softmax_scale=case.scale,

@@ -128,7 +128,7 @@ class FlashInferBackend(Backend):
         else:
             tc = self.wrapper == "decode_tc"
             wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                ws, _layout(case), use_tensor_cores=tc, **(dict(backend=self.kernels) if tc else {}))
+                ws, _layout(case), use_tensor_cores=tc, backend=self.kernels or "auto")
             wrapper.plan(indptr, indices, last_page_len, hq, hkv, d, page_size,
                          q_len_per_req=case.max_query_len, **common)
         scales = dict(k_scale=case.k_scale, v_scale=case.v_scale) if spec.kv_dtype != "auto" else {}

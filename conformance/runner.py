@@ -195,7 +195,8 @@ def _cache_mismatch(case: Case, inputs: Inputs, which: str) -> str:
     bad = (bits != poison).any(dim=(-1, -2))  # [num_blocks, block_size]: anything but poison, until proven expected
     for slots, want in ((inputs.context_slots, inputs.stored(which, inputs.context_index)),
                         (case.slot_mapping, quantize(new, scale, got.dtype))):
-        bad[slots // bs, slots % bs] = (bits[slots // bs, slots % bs] != _bits(want)).any(dim=(-1, -2))
+        at = (slots // bs, slots % bs)
+        bad[at] = (bits[at] != _bits(want)).any(dim=(-1, -2))
     n = int(bad.sum())
     if not n:
         return ""

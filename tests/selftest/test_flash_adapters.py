@@ -38,13 +38,15 @@ def _adapters():
     }
 
 
-def _torch_adapter(monkeypatch, fake):
-    monkeypatch.setattr(torch.nn.attention.varlen, "varlen_attn", fake)
-    fa._varlen_params.cache_clear()
-    try:
-        return _on_cpu(fa.FlashTorch())
-    finally:
+@pytest.fixture
+def torch_adapter(monkeypatch):
+    """flash-torch over a stand-in varlen_attn; the cached signature is dropped before and after."""
+    def install(fake):
+        monkeypatch.setattr(torch.nn.attention.varlen, "varlen_attn", fake)
         fa._varlen_params.cache_clear()
+        return _on_cpu(fa.FlashTorch())
+    yield install
+    fa._varlen_params.cache_clear()
 
 
 def _results(backend, cases):
@@ -63,11 +65,10 @@ def test_flash_attn_adapters_pass_against_their_contract(fakes, flavour):
 
 
 @pytest.mark.parametrize("fake, block_size", [(fake_flash.varlen_attn_211, 16), (fake_flash.varlen_attn_paged, 256)])
-def test_flash_torch_adapter_passes_on_either_torch(fake, block_size, monkeypatch):
-    backend = _torch_adapter(monkeypatch, fake)
+def test_flash_torch_adapter_passes_on_either_torch(fake, block_size, torch_adapter):
+    backend = torch_adapter(fake)
     assert backend.paged == (fake is fake_flash.varlen_attn_paged)
     cases = [c.replace(block_size=block_size) for c in CASES]
-    monkeypatch.setattr(fa, "_varlen_params", lambda: frozenset(fake.__kwdefaults__))
     results = _results(backend, cases)
     assert {r.status for r in results} == {Status.PASS, Status.SKIP}, [r.reason for r in results if r.status != Status.PASS][:3]
     assert {r.reason for r in results if r.status == Status.SKIP} == {
