@@ -10,16 +10,17 @@ if not torch.cuda.is_available():
 
 # isort: split
 from .paged import Case, Inputs, gather_kv, make_inputs, scatter_to_cache
+from .mla import MLACase, MLAInputs, scatter_latent
 from .reference import Reference, reference_attention
-from .registry import (ENTRY_POINT_GROUP, Backend, Capabilities, RegistryError, get_backend, load_backends,
-                       register_backend, unregister_backend, Unsupported)
+from .registry import (ENTRY_POINT_GROUP, Backend, Capabilities, MLABackend, RegistryError, get_backend,
+                       load_backends, register_backend, unregister_backend, Unsupported)
 from .runner import Result, Runner, Status
-from .spec import BatchSpec, CaseSpec, HeadConfig, Scenario, SpecError
+from .spec import BatchSpec, CaseSpec, HeadConfig, MLAHeads, Scenario, SpecError
 from .tolerance import Tolerance, compare
 
 __all__ = [
     "BatchSpec", "Backend", "Capabilities", "Case", "CaseSpec", "ENTRY_POINT_GROUP", "HeadConfig", "Inputs",
-    "Reference", "RegistryError", "Result", "Runner", "Scenario", "SpecError", "Status", "Tolerance", "Unsupported",
+    "MLABackend", "MLACase", "MLAHeads", "MLAInputs", "Reference", "RegistryError", "Result", "Runner", "Scenario", "SpecError", "Status", "Tolerance", "Unsupported",
     "compare", "gather_kv", "get_backend", "load_backends", "make_inputs", "reference_attention", "register_backend",
-    "scatter_to_cache", "unregister_backend",
+    "scatter_latent", "scatter_to_cache", "unregister_backend",
 ]

@@ -43,14 +43,37 @@ def poison_value(dtype: torch.dtype, finite: bool) -> float:
 
 
 @dataclass
-class Case:
-    """What an adapter gets. Tensors are fresh per run; the adapter may write the caches and `out`.
-
-    Shapes: T new tokens (all sequences, packed in order), B sequences, H heads, D head dim.
+class PagedBatch:
+    """What every adapter gets, whatever the attention: the queries, the batch's bookkeeping over
+    the paged cache, and the output buffer. Tensors are fresh per run; the adapter may write the
+    caches and `out`. T new tokens (all sequences, packed in order), B sequences, H heads.
     """
 
     spec: CaseSpec
     q: torch.Tensor  # [T, Hq, D]
+    block_table: torch.Tensor  # [B, max_blocks] int32; entries past a sequence's last block are garbage
+    slot_mapping: torch.Tensor  # [T] int64: block_table[b, pos // bs] * bs + pos % bs of each new token
+    seq_lens: torch.Tensor  # [B] int32, context + new tokens
+    context_lens: torch.Tensor  # [B] int32
+    query_start_loc: torch.Tensor  # [B + 1] int32, cu_seqlens of the queries
+    max_query_len: int
+    max_seq_len: int
+    out: torch.Tensor  # [T, Hq, Dv], NaN-filled: rows a backend leaves unwritten fail
+    poison: float
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def scale(self) -> float:
+        return self.spec.scale
+
+
+@dataclass
+class Case(PagedBatch):
+    """A dense case (spec.kind "mha"): queries over K/V heads, D the head dim of q, K, V and out."""
+
     k_new: torch.Tensor  # [T, Hkv, D], the new tokens' keys, to be written to the cache
     v_new: torch.Tensor  # [T, Hkv, D]
     # The caches, always indexed [block, slot, head, dim] ([num_blocks, block_size, Hkv, D], of
@@ -59,23 +82,10 @@ class Case:
     # tensors as laid out, for libraries that take a layout.
     k_cache: torch.Tensor
     v_cache: torch.Tensor
-    block_table: torch.Tensor  # [B, max_blocks] int32; entries past a sequence's last block are garbage
-    slot_mapping: torch.Tensor  # [T] int64: block_table[b, pos // bs] * bs + pos % bs of each new token
-    seq_lens: torch.Tensor  # [B] int32, context + new tokens
-    context_lens: torch.Tensor  # [B] int32
-    query_start_loc: torch.Tensor  # [B + 1] int32, cu_seqlens of the queries
-    max_query_len: int
-    max_seq_len: int
-    out: torch.Tensor  # [T, Hq, D], NaN-filled: rows a backend leaves unwritten fail
-    poison: float
     k_scale: float = 1.0  # fp8 caches: a stored code c stands for c * k_scale (exact in fp32)
     v_scale: float = 1.0
     sinks: torch.Tensor | None = None  # [Hq] float32 sink logits when spec.sinks, else None
     kv_combined: torch.Tensor | None = None  # combined layouts: the one [num_blocks, 2, ...] tensor
-
-    @property
-    def device(self) -> torch.device:
-        return self.q.device
 
     def stored_cache(self) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         """The cache as spec.kv_layout lays it out: a (k, v) pair of [num_blocks, block_size, Hkv, D]
@@ -87,26 +97,48 @@ class Case:
             return self.k_cache.transpose(1, 2), self.v_cache.transpose(1, 2)
         return self.k_cache, self.v_cache
 
-    @property
-    def scale(self) -> float:
-        return self.spec.scale
 
 
 @dataclass
-class Inputs:
-    """All random data of one case, drawn once from the case's own seed."""
+class Pages:
+    """A case's queries and paged layout, drawn from its seed, the same for every kind of case:
+    where each sequence's tokens sit in the packed logical K/V and in the cache."""
 
     spec: CaseSpec
     q: torch.Tensor  # [T, Hq, D]
-    k: torch.Tensor  # [N, Hkv, D], every sequence's keys packed (context then new tokens)
-    v: torch.Tensor
-    kv_start_loc: torch.Tensor  # [B + 1] int64
-    new_token_index: torch.Tensor  # [T] int64: row of each new token in k / v
-    context_index: torch.Tensor  # [N - T] int64: rows of context tokens in k / v
+    kv_start_loc: torch.Tensor  # [B + 1] int64: sequence b's tokens are rows kv_start_loc[b].. of the packed K/V
+    new_token_index: torch.Tensor  # [T] int64: row of each new token in the packed K/V
+    context_index: torch.Tensor  # [N - T] int64: rows of context tokens in the packed K/V
     context_slots: torch.Tensor  # [N - T] int64: cache slot of each context token
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
     num_blocks: int
+
+    def batch_fields(self, out_dim: int, poison: float) -> dict:
+        """The PagedBatch fields of a fresh case, its output [T, Hq, out_dim] NaN-filled."""
+        b, dev = self.spec.batch, self.q.device
+        i32 = dict(dtype=torch.int32, device=dev)
+        return dict(
+            spec=self.spec,
+            q=self.q.clone(),
+            block_table=self.block_table.clone(),
+            slot_mapping=self.slot_mapping.clone(),
+            seq_lens=torch.tensor(b.seq_lens, **i32),
+            context_lens=torch.tensor(b.context_lens, **i32),
+            query_start_loc=torch.tensor([0, *_cumsum(b.query_lens)], **i32),
+            max_query_len=max(b.query_lens),
+            max_seq_len=max(b.seq_lens),
+            out=torch.full((*self.q.shape[:2], out_dim), math.nan, dtype=self.q.dtype, device=dev),
+            poison=poison,
+        )
+
+
+@dataclass
+class Inputs(Pages):
+    """All random data of a dense case, drawn once from the case's own seed."""
+
+    k: torch.Tensor  # [N, Hkv, D], every sequence's keys packed (context then new tokens)
+    v: torch.Tensor
     k_scale: float = 1.0
     v_scale: float = 1.0
     sinks: torch.Tensor | None = None  # [Hq] float32
@@ -117,33 +149,19 @@ class Inputs:
         return quantize(x[rows], scale, self.spec.cache_dtype)
 
     def materialize(self, finite_poison: bool = False) -> Case:
-        spec, b = self.spec, self.spec.batch
-        bs, hkv, d = spec.block_size, spec.heads.num_kv_heads, spec.heads.head_dim
+        spec = self.spec
+        bs = spec.block_size
         poison = poison_value(spec.cache_dtype, finite_poison)
-        dev = self.q.device
-
-        k_cache, v_cache, kv_combined = _allocate_cache(spec, self.num_blocks, poison, dev)
+        k_cache, v_cache, kv_combined = _allocate_cache(spec, self.num_blocks, poison, self.q.device)
         for which, c in (("k", k_cache), ("v", v_cache)):
             c[self.context_slots // bs, self.context_slots % bs] = self.stored(which, self.context_index)
-
-        i32 = dict(dtype=torch.int32, device=dev)
         return Case(
-            spec=spec,
-            q=self.q.clone(),
+            **self.batch_fields(spec.heads.head_dim, poison),
             k_new=self.k[self.new_token_index],
             v_new=self.v[self.new_token_index],
             k_cache=k_cache,
             v_cache=v_cache,
             kv_combined=kv_combined,
-            block_table=self.block_table.clone(),
-            slot_mapping=self.slot_mapping.clone(),
-            seq_lens=torch.tensor(b.seq_lens, **i32),
-            context_lens=torch.tensor(b.context_lens, **i32),
-            query_start_loc=torch.tensor([0, *_cumsum(b.query_lens)], **i32),
-            max_query_len=max(b.query_lens),
-            max_seq_len=max(b.seq_lens),
-            out=torch.full_like(self.q, math.nan),
-            poison=poison,
             k_scale=self.k_scale,
             v_scale=self.v_scale,
             sinks=None if self.sinks is None else self.sinks.clone(),
@@ -179,12 +197,14 @@ def _cumsum(xs) -> list[int]:
 def make_inputs(spec: CaseSpec, device: torch.device | str, seed: int) -> Inputs:
     """Draw a case's data. Every draw comes from one generator seeded by the case, so the same
     case gives the same tensors on a device whatever ran before it."""
+    if spec.kind == "mla":
+        from .mla import make_mla_inputs  # noqa: PLC0415 - mla builds on this module
+
+        return make_mla_inputs(spec, device, seed)
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    b, h, bs = spec.batch, spec.heads, spec.block_size
-    seq_lens = torch.tensor(b.seq_lens, dtype=torch.int64, device=device)
-    query_lens = torch.tensor(b.query_lens, dtype=torch.int64, device=device)
-    n_total, n_new = sum(b.seq_lens), b.num_query_tokens
+    h = spec.heads
+    n_total, n_new = sum(spec.batch.seq_lens), spec.batch.num_query_tokens
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(spec.dtype)
@@ -192,8 +212,29 @@ def make_inputs(spec: CaseSpec, device: torch.device | str, seed: int) -> Inputs
     q = randn(n_new, h.num_q_heads, h.head_dim)
     k = randn(n_total, h.num_kv_heads, h.head_dim)
     v = randn(n_total, h.num_kv_heads, h.head_dim)
+    pages = draw_pages(spec, gen, device)
+    # Sink logits spread from negligible to dominant: N(0, 2) against scores of about N(0, 1).
+    sinks = 2 * torch.randn(h.num_q_heads, generator=gen, device=device) if spec.sinks else None
+    k_scale, v_scale = (fp8_scale(x, spec) for x in (k, v))
+    return Inputs(spec=spec, q=q, k=k, v=v, **pages, k_scale=k_scale, v_scale=v_scale, sinks=sinks)
 
-    # Blocks: a random, non-contiguous pick from a pool twice the size needed (block 0 excluded).
+
+def fp8_scale(x: torch.Tensor, spec: CaseSpec) -> float:
+    """A calibrated per-tensor scale, as an engine would set it: amax over the fp8 range's half,
+    rounded to fp32 so that every implementation holds the same scale. 1 for a cache of the case's dtype."""
+    if spec.kv_dtype == "auto":
+        return 1.0
+    fp8_max = torch.finfo(spec.cache_dtype).max
+    return float(torch.tensor(float(x.abs().max()) / (fp8_max / 2), dtype=torch.float32))
+
+
+def draw_pages(spec: CaseSpec, gen: torch.Generator, device: torch.device) -> dict:
+    """The Pages fields of a case (but spec and q): its blocks, a random non-contiguous pick from a
+    pool twice the size needed (block 0, the null block, excluded), and its token bookkeeping."""
+    b, bs = spec.batch, spec.block_size
+    seq_lens = torch.tensor(b.seq_lens, dtype=torch.int64, device=device)
+    query_lens = torch.tensor(b.query_lens, dtype=torch.int64, device=device)
+    n_total = sum(b.seq_lens)
     blocks_per_seq = [math.ceil(s / bs) for s in b.seq_lens]
     needed = sum(blocks_per_seq)
     num_blocks = 1 + 2 * needed
@@ -223,20 +264,8 @@ def make_inputs(spec: CaseSpec, device: torch.device | str, seed: int) -> Inputs
     is_new = pos >= (seq_lens - query_lens)[seq_of_token]
     new_idx = torch.nonzero(is_new).flatten()
     ctx_idx = torch.nonzero(~is_new).flatten()
-    # Sink logits spread from negligible to dominant: N(0, 2) against scores of about N(0, 1).
-    sinks = 2 * torch.randn(h.num_q_heads, generator=gen, device=device) if spec.sinks else None
-    k_scale = v_scale = 1.0
-    if spec.kv_dtype != "auto":
-        # Calibrated per-tensor scales, as an engine would set them: amax over the fp8 range's
-        # half, rounded to fp32 so that every implementation holds the same scale.
-        fp8_max = torch.finfo(spec.cache_dtype).max
-        k_scale, v_scale = (float(torch.tensor(float(x.abs().max()) / (fp8_max / 2), dtype=torch.float32))
-                            for x in (k, v))
-    return Inputs(
-        spec=spec, q=q, k=k, v=v, kv_start_loc=kv_start, new_token_index=new_idx, context_index=ctx_idx,
-        context_slots=slots[ctx_idx], block_table=table, slot_mapping=slots[new_idx], num_blocks=num_blocks,
-        k_scale=k_scale, v_scale=v_scale, sinks=sinks,
-    )
+    return dict(kv_start_loc=kv_start, new_token_index=new_idx, context_index=ctx_idx,
+                context_slots=slots[ctx_idx], block_table=table, slot_mapping=slots[new_idx], num_blocks=num_blocks)
 
 
 def scatter_to_cache(case: Case) -> None:

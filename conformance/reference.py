@@ -31,52 +31,74 @@ class Reference:
 
 
 def reference_attention(inputs: Inputs, precision: str = "float64") -> Reference:
+    if inputs.spec.kind == "mla":
+        from .mla import mla_reference  # noqa: PLC0415 - mla builds on this module
+
+        return mla_reference(inputs, precision)
+    spec = inputs.spec
+    acc_dtype, rnd = precision_of(spec, precision)
+
+    def keys(rows):  # keys and values as the cache holds them, for a low-precision kernel in the case's dtype
+        return tuple(rnd(dequantize(inputs.stored(which, rows), scale, acc_dtype))
+                     for which, scale in (("k", inputs.k_scale), ("v", inputs.v_scale)))
+
+    out, lse = attend(spec, inputs.q.to(acc_dtype), keys, inputs.kv_start_loc, spec.heads.num_kv_heads,
+                      spec.heads.head_dim, rnd, inputs.sinks)
+    return Reference(out=out.to(spec.dtype) if precision == "lowp" else out, lse=lse)
+
+
+def precision_of(spec, precision: str):
+    """(accumulation dtype, rounding function) of a reference precision: "float64" computes exactly
+    enough; "lowp" rounds where a kernel in the case's dtype would, with fp32 statistics."""
     if precision not in ("float64", "lowp"):
         raise ValueError(f"precision = {precision!r}: must be 'float64' or 'lowp'")
-    spec, b = inputs.spec, inputs.spec.batch
-    dev = inputs.q.device
-    lowp = precision == "lowp"
-    acc_dtype = torch.float32 if lowp else torch.float64
+    if precision == "float64":
+        return torch.float64, lambda x: x
+    return torch.float32, lambda x: x.to(spec.dtype).to(torch.float32)
 
-    def rnd(x):  # round to the case's dtype where a low-precision kernel would
-        return x.to(spec.dtype).to(acc_dtype) if lowp else x
 
-    B, hq, hkv, d = b.batch_size, spec.heads.num_q_heads, spec.heads.num_kv_heads, spec.heads.head_dim
+def attend(spec, q: torch.Tensor, keys, kv_start_loc: torch.Tensor, hkv: int, v_dim: int, rnd, sinks=None):
+    """Attention of the packed queries q [T, Hq, Dqk] (already in the accumulation dtype) over each
+    sequence's keys, as spec's batch, scale and masks say. keys(rows) gives (k [B, C, Hkv, Dqk],
+    v [B, C, Hkv, v_dim]) of the packed rows [B, C], in the accumulation dtype. rnd rounds the
+    scores and probabilities as a low-precision kernel would (identity for float64).
+    Returns out [T, Hq, v_dim] and lse [T, Hq]."""
+    b = spec.batch
+    dev, acc_dtype = q.device, q.dtype
+    B, (_, hq, dqk) = b.batch_size, q.shape
     g = hq // hkv
     max_q, max_kv = max(b.query_lens), max(b.seq_lens)
     seq_lens = torch.tensor(b.seq_lens, device=dev)
     query_lens = torch.tensor(b.query_lens, device=dev)
     ctx_lens = seq_lens - query_lens
 
-    # Pad queries to [B, Hkv, G, max_q, D] (head h = kv_head * G + g); keys are read per chunk.
+    # Pad queries to [B, Hkv, G, max_q, Dqk] (head h = kv_head * G + g); keys are read per chunk.
     q_start = torch.zeros(B + 1, dtype=torch.int64, device=dev)
     q_start[1:] = torch.cumsum(query_lens, 0)
     q_seq = torch.repeat_interleave(torch.arange(B, device=dev), query_lens)
     q_pos = torch.arange(b.num_query_tokens, device=dev) - q_start[q_seq]
-    q_pad = torch.zeros(B, max_q, hq, d, dtype=acc_dtype, device=dev)
-    q_pad[q_seq, q_pos] = inputs.q.to(acc_dtype)
-    q_pad = q_pad.view(B, max_q, hkv, g, d).permute(0, 2, 3, 1, 4)
+    q_pad = torch.zeros(B, max_q, hq, dqk, dtype=acc_dtype, device=dev)
+    q_pad[q_seq, q_pos] = q
+    q_pad = q_pad.view(B, max_q, hkv, g, dqk).permute(0, 2, 3, 1, 4)
 
     # Absolute position of each padded query row: context + i.
     qpos = (ctx_lens[:, None] + torch.arange(max_q, device=dev)[None, :])[:, None, None, :, None]
 
     m = torch.full((B, hkv, g, max_q), float("-inf"), dtype=acc_dtype, device=dev)
     row_sum = torch.zeros_like(m)
-    if inputs.sinks is not None:
-        m[:] = inputs.sinks.to(acc_dtype).view(1, hkv, g, 1)
+    if sinks is not None:
+        m[:] = sinks.to(acc_dtype).view(1, hkv, g, 1)
         row_sum[:] = 1.0
-    acc = torch.zeros(B, hkv, g, max_q, d, dtype=acc_dtype, device=dev)
+    acc = torch.zeros(B, hkv, g, max_q, v_dim, dtype=acc_dtype, device=dev)
     # Chunk size: both the scores [B, Hq, max_q, C] and the keys read [B, C, Hkv, D] stay in budget.
-    chunk = max(16, SCORE_CHUNK_ELEMENTS // max(B * hq * max_q, B * hkv * d))
-    kv_start, last_row = inputs.kv_start_loc[:-1, None], inputs.k.shape[0] - 1
+    chunk = max(16, SCORE_CHUNK_ELEMENTS // max(B * hq * max_q, B * hkv * (dqk + v_dim)))
+    kv_start, last_row = kv_start_loc[:-1, None], int(kv_start_loc[-1]) - 1
     for j0 in range(0, max_kv, chunk):
         j1 = min(max_kv, j0 + chunk)
         # Keys j0..j1 of every sequence, read from the packed K/V; rows past a sequence's end
         # borrow a neighbour's (finite) row and are masked below.
         rows = (kv_start + torch.arange(j0, j1, device=dev)[None, :]).clamp(max=last_row)  # [B, C]
-        # Keys and values as the cache holds them; a low-precision kernel computes with them in the case's dtype.
-        kc = rnd(dequantize(inputs.stored("k", rows), inputs.k_scale, acc_dtype)).permute(0, 2, 1, 3)  # [B, Hkv, C, D]
-        vc = rnd(dequantize(inputs.stored("v", rows), inputs.v_scale, acc_dtype)).permute(0, 2, 1, 3)
+        kc, vc = (x.permute(0, 2, 1, 3) for x in keys(rows))  # [B, Hkv, C, D]
         s = rnd(torch.einsum("bhgqd,bhkd->bhgqk", q_pad, kc) * spec.scale)
         if spec.softcap is not None:
             s = rnd(spec.softcap * torch.tanh(s / spec.softcap))
@@ -100,8 +122,6 @@ def reference_attention(inputs: Inputs, precision: str = "float64") -> Reference
     out = torch.where(seen[..., None], acc / safe_sum[..., None], torch.zeros_like(acc))
     lse = torch.where(seen, m + torch.log(safe_sum), torch.full_like(m, float("-inf")))
     # Back to packed rows: [B, Hkv, G, max_q, ...] -> [T, Hq, ...].
-    out = out.permute(0, 3, 1, 2, 4).reshape(B, max_q, hq, d)[q_seq, q_pos]
+    out = out.permute(0, 3, 1, 2, 4).reshape(B, max_q, hq, v_dim)[q_seq, q_pos]
     lse = lse.permute(0, 3, 1, 2).reshape(B, max_q, hq)[q_seq, q_pos]
-    if lowp:
-        out = out.to(spec.dtype)
-    return Reference(out=out, lse=lse)
+    return out, lse

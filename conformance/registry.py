@@ -13,6 +13,7 @@ from importlib.metadata import entry_points
 
 import torch
 
+from .mla import scatter_latent
 from .paged import Case, scatter_to_cache
 from .spec import DTYPE_NAMES, KV_LAYOUTS, CaseSpec
 from .tolerance import Tolerance
@@ -88,6 +89,7 @@ class Backend:
 
     name: str = ""
     description: str = ""
+    kind: str = "mha"  # the cases it runs (CaseSpec.kind): dense attention; MLABackend says "mla"
     capabilities: Capabilities = Capabilities()
     tolerance: Tolerance | None = None  # an override of the pass rule, with its reason
     finite_poison: bool = False  # the kernel masks by multiplying with 0, so NaN poison would leak
@@ -104,6 +106,8 @@ class Backend:
         return None
 
     def skip_reason(self, spec: CaseSpec, device: torch.device) -> str | None:
+        if spec.kind != self.kind:
+            return f"an {spec.kind} case; {self.name} runs {self.kind} cases"
         return self.unavailable() or self.capabilities.unsupported(spec, device) or self.unsupported(spec, device)
 
     def compile_key(self, spec: CaseSpec):
@@ -128,6 +132,18 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<backend {self.name}>"
+
+
+class MLABackend(Backend):
+    """Base class of MLA adapters: run(case) gets an MLACase (q [T, H, P + R], the paged latent
+    cache [num_blocks, block_size, L + R], W_UK, W_UV) and returns out [T, H, V] in the case's
+    dtype, or (out, lse). The default write_cache stores [kv_c, k_pe] of the new tokens."""
+
+    kind = "mla"
+    capabilities = Capabilities(features=frozenset({"causal"}))
+
+    def write_cache(self, case) -> None:
+        scatter_latent(case)
 
 
 class RegistryError(ValueError):

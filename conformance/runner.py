@@ -9,7 +9,8 @@ from enum import Enum
 
 import torch
 
-from .paged import Case, Inputs, make_inputs, quantize
+from .mla import MLACase
+from .paged import Pages, PagedBatch, make_inputs, quantize
 from .reference import Reference, reference_attention
 from .registry import Backend, Unsupported
 from .spec import CaseSpec
@@ -62,7 +63,7 @@ class _Prepared:
     """A case's inputs and both references, shared by every backend run on the same case."""
 
     def __init__(self, spec: CaseSpec, device: torch.device, seed: int):
-        self.inputs: Inputs = make_inputs(spec, device, seed)
+        self.inputs: Pages = make_inputs(spec, device, seed)  # Inputs, or MLAInputs for an MLA case
         self.ref: Reference = reference_attention(self.inputs, "float64")
         self.ref_lowp: Reference = reference_attention(self.inputs, "lowp")
 
@@ -138,10 +139,10 @@ class Runner:
             result.lse_err, result.lse_tol = cl.err, cl.tol
             if not cl.passed:
                 problems.append(_describe("lse", cl, case))
-        for which in ("k", "v"):
-            wrong = _cache_mismatch(case, prep.inputs, which)
+        for name, got, writes in _expected_caches(case, prep.inputs):
+            wrong = _cache_mismatch(got, writes, prep.inputs, case.poison)
             if wrong:
-                problems.append(f"{which}_cache: {wrong}")
+                problems.append(f"{name}: {wrong}")
         if problems:
             result.status, result.reason = Status.FAIL, "; ".join(problems)
 
@@ -154,9 +155,9 @@ class _BadOutput(Exception):
     pass
 
 
-def _unpack(returned, case: Case, backend: Backend):
+def _unpack(returned, case: PagedBatch, backend: Backend):
     out, lse = (returned if isinstance(returned, tuple) else (returned, None))
-    want = tuple(case.q.shape)
+    want = tuple(case.out.shape)
     if not isinstance(out, torch.Tensor):
         raise _BadOutput(f"{backend.name}.run returned {type(out).__name__}: must return a tensor or (out, lse)")
     if tuple(out.shape) != want or out.dtype != case.spec.dtype or out.device != case.device:
@@ -179,24 +180,37 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
     return x.view(_SAME_SIZE_INT[x.element_size()])
 
 
-def _cache_mismatch(case: Case, inputs: Inputs, which: str) -> str:
-    """The cache as it must be after the run: the context as handed over, the new tokens (quantized
-    like scatter_to_cache) in their slots, poison everywhere else. Checked in place, slot by slot,
-    without a second copy of the cache (wide GPU cases hold gigabytes of it)."""
-    got = case.k_cache if which == "k" else case.v_cache
-    want_shape = (inputs.num_blocks, inputs.spec.block_size, inputs.spec.heads.num_kv_heads, inputs.spec.heads.head_dim)
-    if got.dtype != inputs.spec.cache_dtype or tuple(got.shape) != want_shape:
-        return f"{tuple(got.shape)} {got.dtype} after the run; must stay {want_shape} {inputs.spec.cache_dtype}"
-    bits = _bits(got)  # [num_blocks, block_size, Hkv, D], strided as the layout lies
+def _expected_caches(case: PagedBatch, inputs) -> list[tuple[str, torch.Tensor, list]]:
+    """Each cache of the case, with the writes it must hold after the run: (slots, stored values)
+    of the context as handed over and of the new tokens (quantized like the default cache write)."""
+    if isinstance(case, MLACase):
+        new = torch.cat([case.kv_c_new, case.k_pe_new], -1)
+        return [("latent_cache", case.latent_cache,
+                 [(inputs.context_slots, inputs.stored(inputs.context_index)),
+                  (case.slot_mapping, quantize(new, case.kv_scale, case.latent_cache.dtype))])]
+    return [(f"{which}_cache", cache,
+             [(inputs.context_slots, inputs.stored(which, inputs.context_index)),
+              (case.slot_mapping, quantize(new, scale, cache.dtype))])
+            for which, cache, new, scale in (("k", case.k_cache, case.k_new, case.k_scale),
+                                             ("v", case.v_cache, case.v_new, case.v_scale))]
+
+
+def _cache_mismatch(got: torch.Tensor, writes: list, inputs, poison: float) -> str:
+    """The cache as it must be after the run: the expected writes in their slots, poison everywhere
+    else. Checked in place, slot by slot, without a second copy of the cache (wide GPU cases hold
+    gigabytes of it)."""
+    spec = inputs.spec
+    want_shape = (inputs.num_blocks, spec.block_size, *writes[0][1].shape[1:])
+    if got.dtype != spec.cache_dtype or tuple(got.shape) != want_shape:
+        return f"{tuple(got.shape)} {got.dtype} after the run; must stay {want_shape} {spec.cache_dtype}"
+    bits = _bits(got)  # [num_blocks, block_size, ...], strided as the layout lies
     bs = got.shape[1]
-    new = case.k_new if which == "k" else case.v_new
-    scale = case.k_scale if which == "k" else case.v_scale
-    poison = _bits(torch.tensor([case.poison], dtype=got.dtype, device=got.device))
-    bad = (bits != poison).any(dim=(-1, -2))  # [num_blocks, block_size]: anything but poison, until proven expected
-    for slots, want in ((inputs.context_slots, inputs.stored(which, inputs.context_index)),
-                        (case.slot_mapping, quantize(new, scale, got.dtype))):
+    per_slot = tuple(range(2, bits.dim()))
+    poison_bits = _bits(torch.tensor([poison], dtype=got.dtype, device=got.device))
+    bad = (bits != poison_bits).any(dim=per_slot)  # [num_blocks, block_size]: anything but poison, until proven expected
+    for slots, want in writes:
         at = (slots // bs, slots % bs)
-        bad[at] = (bits[at] != _bits(want)).any(dim=(-1, -2))
+        bad[at] = (bits[at] != _bits(want)).any(dim=tuple(range(1, bits.dim() - 1)))
     n = int(bad.sum())
     if not n:
         return ""
@@ -204,7 +218,7 @@ def _cache_mismatch(case: Case, inputs: Inputs, which: str) -> str:
     return f"{n} slots differ from the expected write (first: block {first // bs}, offset {first % bs})"
 
 
-def _describe(what: str, c: Comparison, case: Case) -> str:
+def _describe(what: str, c: Comparison, case: PagedBatch) -> str:
     t = c.worst[0] if c.worst else 0
     qsl = case.query_start_loc.tolist()
     seq = max(i for i in range(len(qsl) - 1) if qsl[i] <= t)

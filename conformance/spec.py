@@ -121,12 +121,60 @@ class HeadConfig:
 
 
 @dataclass(frozen=True)
+class MLAHeads:
+    """DeepSeek-style multi-head latent attention of one layer (per tensor-parallel rank).
+
+    The cache keeps one latent per token: kv_c (kv_lora_rank) then the rope key k_pe
+    (qk_rope_head_dim), shared by all heads. Head h's key is [kv_c @ W_UK[:, h], k_pe] and its value
+    kv_c @ W_UV[:, h]; its query is [q_nope, q_pe] (qk_nope_head_dim + qk_rope_head_dim). As MQA
+    over the latent this is one KV head for all query heads (the absorbed form).
+    """
+
+    num_q_heads: int
+    kv_lora_rank: int = 512
+    qk_rope_head_dim: int = 64
+    qk_nope_head_dim: int = 128
+    v_head_dim: int = 128
+    model: str = ""
+
+    def __post_init__(self):
+        for field in ("num_q_heads", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
+            v = getattr(self, field)
+            _require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"MLAHeads.{field}", v,
+                     "must be an int >= 1")
+
+    @property
+    def num_kv_heads(self) -> int:
+        return 1  # the latent, shared by every query head
+
+    @property
+    def head_dim(self) -> int:
+        """The query/key head dim of the expanded form (192): the softmax scale derives from it."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """Elements per token in the cache (576): kv_c then k_pe."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def group_size(self) -> int:
+        return self.num_q_heads
+
+    @property
+    def id(self) -> str:
+        dims = (self.kv_lora_rank, self.qk_rope_head_dim, self.qk_nope_head_dim, self.v_head_dim)
+        return f"h{self.num_q_heads}" + ("" if dims == (512, 64, 128, 128) else "-l{}-r{}-n{}-v{}".format(*dims))
+
+
+@dataclass(frozen=True)
 class CaseSpec:
-    """One conformance case, backend-independent. Its id seeds its data."""
+    """One conformance case, backend-independent. Its id seeds its data. With MLAHeads it is an
+    MLA case (kind "mla"): causal, plain, its latent cache in one layout; kv_dtype may be fp8."""
 
     scenario: str
     batch: BatchSpec
-    heads: HeadConfig
+    heads: HeadConfig | MLAHeads
     dtype: torch.dtype
     block_size: int
     causal: bool = True
@@ -139,7 +187,8 @@ class CaseSpec:
 
     def __post_init__(self):
         _require(isinstance(self.batch, BatchSpec), "CaseSpec.batch", self.batch, "must be a BatchSpec")
-        _require(isinstance(self.heads, HeadConfig), "CaseSpec.heads", self.heads, "must be a HeadConfig")
+        _require(isinstance(self.heads, (HeadConfig, MLAHeads)), "CaseSpec.heads", self.heads,
+                 "must be a HeadConfig or MLAHeads")
         _require(self.dtype in DTYPE_NAMES, "CaseSpec.dtype", self.dtype, f"must be one of {list(DTYPES.values())}")
         _require(isinstance(self.block_size, int) and self.block_size >= 1, "CaseSpec.block_size", self.block_size,
                  "must be an int >= 1")
@@ -156,6 +205,17 @@ class CaseSpec:
         if self.scale is None:
             object.__setattr__(self, "scale", self.heads.head_dim ** -0.5)
         _require(self.scale > 0, "CaseSpec.scale", self.scale, "must be > 0")
+        if self.kind == "mla":
+            for field, value, plain in (("causal", self.causal, True), ("sliding_window", self.sliding_window, None),
+                                        ("softcap", self.softcap, None), ("sinks", self.sinks, False),
+                                        ("kv_layout", self.kv_layout, "nhd")):
+                _require(value == plain, f"CaseSpec.{field}", value,
+                         f"must be {plain!r} in an MLA case (causal decoder attention over one latent cache)")
+
+    @property
+    def kind(self) -> str:
+        """"mha" (query heads over K/V heads; GQA and MQA included) or "mla" (over a latent cache)."""
+        return "mla" if isinstance(self.heads, MLAHeads) else "mha"
 
     @property
     def dtype_name(self) -> str:

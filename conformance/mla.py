@@ -1,0 +1,148 @@
+"""MLA cases: DeepSeek-style multi-head latent attention over a paged latent cache.
+
+The cache keeps one latent per token, [kv_c (kv_lora_rank), k_pe (qk_rope_head_dim)], 576
+elements for DeepSeek, in [num_blocks, block_size, 576] pages with the same shuffled block tables,
+null block and poison as the dense cases. Per case, W_UK [L, H, P] and W_UV [L, H, V] (vLLM's
+kv_b_proj weight, transposed and split) turn a latent into head h's key nope part and value:
+
+    k[n, h] = [kv_c[n] @ W_UK[:, h], k_pe[n]]      v[n, h] = kv_c[n] @ W_UV[:, h]
+
+and query h is [q_nope, q_pe] (P + R = 192 wide), so the softmax scale is 1/sqrt(192). That is
+the expanded (MHA) form, the ground truth here. The absorbed (MQA) form folds W_UK into the query
+and W_UV into the output, attending over the latent itself as one KV head shared by every head:
+
+    q_abs[t, h] = [W_UK[:, h] @ q_nope[t, h], q_pe[t, h]]   out[t, h] = (softmax . kv_c) @ W_UV[:, h]
+
+Both are computed (float64 agrees to rounding; a self-test holds them to it). The low-precision
+reference, which calibrates the tolerance, is whichever form lands farther from the truth when
+computed the way kernels in the case's dtype do: a backend may take either path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .paged import Pages, PagedBatch, dequantize, draw_pages, fp8_scale, poison_value, quantize
+from .reference import Reference, attend, precision_of
+from .spec import CaseSpec, SpecError
+
+
+@dataclass
+class MLACase(PagedBatch):
+    """What an MLA adapter gets (spec.kind "mla"). q [T, H, P + R]: q_nope then q_pe, as vLLM's
+    MLA layer hands it over; out [T, H, V]."""
+
+    kv_c_new: torch.Tensor  # [T, L], the new tokens' latents, to be written to the cache
+    k_pe_new: torch.Tensor  # [T, R], their rope keys
+    # [num_blocks, block_size, L + R] of spec.cache_dtype: kv_c then k_pe per token; context
+    # pre-written, the rest poisoned. fp8: a stored code c stands for c * kv_scale.
+    latent_cache: torch.Tensor
+    w_uk: torch.Tensor  # [L, H, P]: k_nope[n, h] = kv_c[n] @ w_uk[:, h]
+    w_uv: torch.Tensor  # [L, H, V]: v[n, h] = kv_c[n] @ w_uv[:, h]
+    kv_scale: float = 1.0
+
+
+@dataclass
+class MLAInputs(Pages):
+    """All random data of an MLA case, drawn once from the case's own seed."""
+
+    latent: torch.Tensor  # [N, L + R], every sequence's latents packed (context then new tokens)
+    w_uk: torch.Tensor
+    w_uv: torch.Tensor
+    kv_scale: float = 1.0
+
+    def stored(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """Rows of the packed latents as the cache stores them (fp8 codes for an fp8 cache)."""
+        return quantize(self.latent[rows], self.kv_scale, self.spec.cache_dtype)
+
+    def materialize(self, finite_poison: bool = False) -> MLACase:
+        spec, heads = self.spec, self.spec.heads
+        bs = spec.block_size
+        poison = poison_value(spec.cache_dtype, finite_poison)
+        cache = torch.full((self.num_blocks, bs, heads.latent_dim), poison, dtype=spec.cache_dtype,
+                           device=self.q.device)
+        cache[self.context_slots // bs, self.context_slots % bs] = self.stored(self.context_index)
+        new = self.latent[self.new_token_index]
+        return MLACase(
+            **self.batch_fields(heads.v_head_dim, poison),
+            kv_c_new=new[:, :heads.kv_lora_rank].contiguous(),
+            k_pe_new=new[:, heads.kv_lora_rank:].contiguous(),
+            latent_cache=cache,
+            w_uk=self.w_uk.clone(),
+            w_uv=self.w_uv.clone(),
+            kv_scale=self.kv_scale,
+        )
+
+
+def scatter_latent(case: MLACase) -> None:
+    """The default MLA cache write (vLLM's concat_and_cache_mla): [kv_c, k_pe] of each new token
+    into its slot, quantized for an fp8 cache."""
+    bs = case.latent_cache.shape[1]
+    new = torch.cat([case.kv_c_new, case.k_pe_new], -1)
+    case.latent_cache[case.slot_mapping // bs, case.slot_mapping % bs] = quantize(new, case.kv_scale,
+                                                                                  case.latent_cache.dtype)
+
+
+def make_mla_inputs(spec: CaseSpec, device: torch.device | str, seed: int) -> MLAInputs:
+    if spec.kind != "mla":
+        raise SpecError(f"CaseSpec.heads = {spec.heads!r}: make_mla_inputs needs MLAHeads")
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    h = spec.heads
+
+    def randn(*shape, std=1.0):
+        return (std * torch.randn(*shape, generator=gen, device=device, dtype=torch.float32)).to(spec.dtype)
+
+    # Latents and queries O(1), as after the layer's RMSNorm and rope; weights N(0, 1/L), so the
+    # expanded keys and values are O(1) too and the scores are N(0, 1) after the 1/sqrt(192) scale.
+    q = randn(spec.batch.num_query_tokens, h.num_q_heads, h.head_dim)
+    latent = randn(sum(spec.batch.seq_lens), h.latent_dim)
+    w_uk = randn(h.kv_lora_rank, h.num_q_heads, h.qk_nope_head_dim, std=h.kv_lora_rank ** -0.5)
+    w_uv = randn(h.kv_lora_rank, h.num_q_heads, h.v_head_dim, std=h.kv_lora_rank ** -0.5)
+    pages = draw_pages(spec, gen, device)
+    # Rounded to bf16 as well: FlashInfer's MLA kernels multiply the codes by the scale cast to
+    # bf16, and a scale every implementation holds exactly keeps the comparison about the kernel.
+    kv_scale = float(torch.tensor(fp8_scale(latent, spec)).to(torch.bfloat16))
+    return MLAInputs(spec=spec, q=q, latent=latent, w_uk=w_uk, w_uv=w_uv, kv_scale=kv_scale, **pages)
+
+
+def mla_reference(inputs: MLAInputs, precision: str = "float64", form: str | None = None) -> Reference:
+    """The MLA ground truth ("float64": the expanded form) or its low-precision twin ("lowp": the
+    form farther from the truth). `form` ("expanded" / "absorbed") asks for one form."""
+    if form is None:
+        if precision == "float64":
+            return mla_reference(inputs, precision, "expanded")
+        truth = mla_reference(inputs, "float64", "expanded").out
+        forms = [mla_reference(inputs, precision, f) for f in ("expanded", "absorbed")]
+        return max(forms, key=lambda r: float((r.out.double() - truth).abs().max()))
+    if form not in ("expanded", "absorbed"):
+        raise ValueError(f"form = {form!r}: must be 'expanded' or 'absorbed'")
+    spec, h = inputs.spec, inputs.spec.heads
+    acc, rnd = precision_of(spec, precision)
+    L = h.kv_lora_rank
+    w_uk, w_uv = inputs.w_uk.to(acc), inputs.w_uv.to(acc)
+    q = inputs.q.to(acc)
+    q_nope, q_pe = q[..., :h.qk_nope_head_dim], q[..., h.qk_nope_head_dim:]
+
+    def latents(rows):  # [B, C, L + R] as the cache holds them, in the kernel's dtype
+        return rnd(dequantize(inputs.stored(rows), inputs.kv_scale, acc))
+
+    if form == "expanded":
+        def keys(rows):
+            lat = latents(rows)
+            k_nope = rnd(torch.einsum("bcl,lhp->bchp", lat[..., :L], w_uk))
+            k_pe = lat[..., None, L:].expand(*k_nope.shape[:3], h.qk_rope_head_dim)
+            return torch.cat([k_nope, k_pe], -1), rnd(torch.einsum("bcl,lhv->bchv", lat[..., :L], w_uv))
+
+        out, lse = attend(spec, q, keys, inputs.kv_start_loc, h.num_q_heads, h.v_head_dim, rnd)
+    else:
+        def keys(rows):
+            lat = latents(rows)[:, :, None]  # one KV head
+            return lat, lat[..., :L]
+
+        q_abs = torch.cat([rnd(torch.einsum("thp,lhp->thl", q_nope, w_uk)), q_pe], -1)
+        o_lat, lse = attend(spec, q_abs, keys, inputs.kv_start_loc, 1, L, rnd)
+        out = torch.einsum("thl,lhv->thv", rnd(o_lat), w_uv)
+    return Reference(out=out.to(spec.dtype) if precision == "lowp" else out, lse=lse)
+
