@@ -75,18 +75,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     warm_up(backends, cases, device, args.warm_up_jobs, tuple(args.load))
     runner = Runner(device, base_seed=args.seed)
-    total, results, start, last = len(cases) * len(backends), [], time.time(), 0.0
-    print(f"{len(cases)} cases x {len(backends)} backends on {device} (profile {profile}, seed {args.seed})",
-          file=sys.stderr)
-    for spec in cases:  # backends inner: a case's references are computed once for all of them
-        for backend in backends:
-            results.append(runner.run(backend, spec))
-            now = time.time()
-            if now - last > 5 or len(results) == total:
-                bad = sum(r.status in BAD for r in results)
-                print(f"[{len(results)}/{total}] {now - start:.0f}s, {bad} failing; at {results[-1].id}",
-                      file=sys.stderr, flush=True)
-                last = now
+    # Backends inner: a case's references are computed once for all of them. Each backend meets
+    # the cases of its kind (dense or MLA).
+    pairs = [(b, spec) for spec in cases for b in backends if b.kind == spec.kind]
+    total, results, start, last = len(pairs), [], time.time(), 0.0
+    print(f"{total} backend x case pairs ({len(cases)} cases, {len(backends)} backends) on {device} "
+          f"(profile {profile}, seed {args.seed})", file=sys.stderr)
+    for backend, spec in pairs:
+        results.append(runner.run(backend, spec))
+        now = time.time()
+        if now - last > 5 or len(results) == total:
+            bad = sum(r.status in BAD for r in results)
+            print(f"[{len(results)}/{total}] {now - start:.0f}s, {bad} failing; at {results[-1].id}",
+                  file=sys.stderr, flush=True)
+            last = now
     print(format_table(results))
     print(summarize(results))
     print(f"{len(results)} results in {time.time() - start:.1f}s")

@@ -5,7 +5,33 @@ from dataclasses import dataclass
 
 import torch
 
-from .spec import KV_LAYOUTS, CaseSpec, HeadConfig, Scenario, SpecError
+from .spec import KV_LAYOUTS, CaseSpec, HeadConfig, MLAHeads, Scenario, SpecError
+
+
+@dataclass(frozen=True)
+class MLAProfile:
+    """The MLA cases of a profile: its scenarios x heads x dtypes x block sizes, each with the
+    latent cache in the case's dtype and in fp8 (e4m3, one scale)."""
+
+    scenarios: tuple[str, ...]
+    heads: tuple[MLAHeads, ...]
+    dtypes: tuple[torch.dtype, ...]
+    block_sizes: tuple[int, ...]
+
+    def cases(self, scenarios: dict[str, Scenario], profile: str) -> list[CaseSpec]:
+        unknown = sorted(set(self.scenarios) - set(_catalog()))
+        if unknown:
+            raise SpecError(f"MLAProfile.scenarios = {unknown}: not in the catalog")
+        return [CaseSpec(sc.name, sc.batch(profile), heads, dtype, bs, kv_dtype=kv_dtype)
+                for sc in scenarios.values() if sc.name in self.scenarios and sc.batch(profile) is not None
+                for heads in self.heads for dtype in self.dtypes for bs in self.block_sizes
+                for kv_dtype in ("auto", "fp8_e4m3")]
+
+
+def _catalog() -> dict[str, Scenario]:
+    from fixtures import SCENARIOS
+
+    return SCENARIOS
 
 
 @dataclass(frozen=True)
@@ -16,7 +42,8 @@ class Profile:
     window (causal scenarios), a logit softcap, attention sinks and an fp8 KV cache. Sweep: a few
     scenarios over more head dims and block sizes (plain cases only), so odd shapes are covered
     without multiplying the whole grid. Layouts: a few scenarios over the main heads, dtypes and
-    block sizes with the cache in every non-default layout (plain cases).
+    block sizes with the cache in every non-default layout (plain cases). MLA: the latent-cache
+    cases (MLAProfile).
     """
 
     name: str
@@ -29,6 +56,7 @@ class Profile:
     sweep_heads: tuple[HeadConfig, ...] = ()
     sweep_block_sizes: tuple[int, ...] = ()
     layout_scenarios: tuple[str, ...] = ()
+    mla: MLAProfile | None = None
 
     def __post_init__(self):
         ids = [h.id for h in self.heads + self.sweep_heads]
@@ -61,6 +89,8 @@ class Profile:
                 out += [CaseSpec(sc.name, batch, heads, dtype, bs, causal=sc.causal, kv_layout=layout)
                         for heads in self.heads for dtype in self.dtypes for bs in self.block_sizes
                         for layout in KV_LAYOUTS if layout != "nhd"]
+        if self.mla:
+            out += self.mla.cases(scenarios, self.name)
         return out
 
 
@@ -79,8 +109,9 @@ def split_names(values: list[str] | None) -> list[str] | None:
 
 def select_cases(profile: str, scenarios: list[str] | None = None) -> list[CaseSpec]:
     """The cases of a profile, optionally only some scenarios (names checked against the catalog)."""
-    from fixtures import PROFILES, SCENARIOS
+    from fixtures import PROFILES
 
+    SCENARIOS = _catalog()
     if profile not in PROFILES:
         raise SpecError(f"profile = {profile!r}: must be one of {sorted(PROFILES)}")
     catalog = SCENARIOS

@@ -12,7 +12,8 @@ from conformance import Runner, Status
 from conformance.matrix import select_cases
 
 pytest.importorskip("triton")
-from backends import triton_kernels  # noqa: E402
+from backends import triton_kernels, triton_mla_kernels  # noqa: E402
+from backends.mla import MLATriton  # noqa: E402
 from backends.triton_attention import TritonBackend  # noqa: E402
 
 # name: (the bug, source line, its broken form, split-KV variant?, cases that can show it)
@@ -43,13 +44,32 @@ MUTANTS = {
         "v = _round_to_e4m3(v.to(tl.float32))",
         False, ["small_decode-fp16-bs16-gqa1-d80-kvfp8e4m3"]),
 }
+# The same for the MLA decode kernel: (the bug, source line, its broken form, cases that can show it).
+MLA_MUTANTS = {
+    "rope_dropped": (
+        "the rope part of the scores (q_pe . k_pe) left out",
+        "s += tl.dot(q_pe, tl.trans(kpe), input_precision=DOT_PRECISION)",
+        "s += 0.0",
+        ["small_decode-fp16-bs16-h16"]),
+    "one_key_past_query": (
+        "each query also sees the key after it (the next draft token; past the end: poison)",
+        "k_ok = k_pos <= q_pos",
+        "k_ok = k_pos <= q_pos + 1",
+        ["spec_decode_small-fp16-bs16-h16"]),
+    "kv_scale_ignored": (
+        "fp8 latent codes read without kv_scale",
+        "kv = (kv.to(tl.float32) * kv_scale).to(q_lat.dtype)",
+        "kv = kv.to(tl.float32).to(q_lat.dtype)",
+        ["small_decode-fp16-bs16-h16-kvfp8e4m3"]),
+}
 CASES = {c.id: c for c in select_cases("cpu")}
 
 
-def mutant_module(name: str, old: str, new: str, tmp_path: Path):
-    source = Path(triton_kernels.__file__).read_text()
-    assert source.count(old) == 1, f"mutant {name}: {old!r} must occur exactly once in triton_kernels.py"
-    path = tmp_path / f"triton_kernels_mutant_{name}.py"
+def mutant_module(name: str, old: str, new: str, tmp_path: Path, original=triton_kernels):
+    source = Path(original.__file__).read_text()
+    stem = Path(original.__file__).stem
+    assert source.count(old) == 1, f"mutant {name}: {old!r} must occur exactly once in {stem}.py"
+    path = tmp_path / f"{stem}_mutant_{name}.py"
     path.write_text(source.replace(old, new))
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
@@ -70,5 +90,16 @@ def test_kernel_mutant_is_caught(name, runner, tmp_path):
     real = TritonBackend("triton-real", split)
     for spec in (CASES[i] for i in case_ids):
         assert runner.run(real, spec).status == Status.PASS, spec.id  # the case itself is sound
+        result = runner.run(mutant, spec)
+        assert result.status == Status.FAIL, f"{name} ({bug}) not caught on {spec.id}: {result.status} {result.reason}"
+
+
+@pytest.mark.parametrize("name", MLA_MUTANTS)
+def test_mla_kernel_mutant_is_caught(name, runner, tmp_path):
+    bug, old, new, case_ids = MLA_MUTANTS[name]
+    mutant = MLATriton(kernels=mutant_module(name, old, new, tmp_path, triton_mla_kernels))
+    mutant.name = f"mla-triton-mutant-{name}"
+    for spec in (CASES[i] for i in case_ids):
+        assert runner.run(MLATriton(), spec).status == Status.PASS, spec.id  # the case itself is sound
         result = runner.run(mutant, spec)
         assert result.status == Status.FAIL, f"{name} ({bug}) not caught on {spec.id}: {result.status} {result.reason}"

@@ -1,0 +1,81 @@
+"""A plain-torch MLA adapter, written independently of the reference and of backends/mla.py, and its
+mutants: each switches on one real MLA bug class. The self-tests assert the suite catches every one.
+
+Per sequence, one new token takes the absorbed path and several take the expanded one, so each
+bug that lives in one path is met by the cases of that path."""
+from __future__ import annotations
+
+import torch
+
+from conformance import Capabilities, MLABackend, MLACase, scatter_latent
+from conformance.paged import quantize
+
+BUGS = {
+    "w_uv_wrong_transpose": "values up-projected before the weighted sum with W_UV's [L, H, V] memory read as [H, L, V]",
+    "rope_dropped": "the rope part (q_pe . k_pe) left out of the scores",
+    "wrong_scale": "softmax scale 1/sqrt(576) (the absorbed width) instead of 1/sqrt(192)",
+    "kv_scale_ignored": "fp8 latent codes read without their scale",
+    "block_table_ignored": "latent pages assumed contiguous from the sequence's first block",
+    "top_left_causal": "expanded path's causal mask aligned top-left",
+    "latent_not_written": "the new tokens' latents never reach the cache",
+    "rope_key_not_cached": "the cache write stores kv_c but not k_pe",
+}
+
+
+class LatentTorch(MLABackend):
+    description = "plain torch MLA, per sequence, both forms (self-test adapter)"
+    capabilities = Capabilities(features=frozenset({"causal"}), kv_dtypes=frozenset({"auto", "fp8_e4m3"}))
+
+    def __init__(self, bug: str | None = None):
+        assert bug is None or bug in BUGS, bug
+        self.bug = bug
+        self.name = f"mla-mutant-{bug.replace('_', '-')}" if bug else "latent-torch"
+
+    def write_cache(self, case: MLACase) -> None:
+        if self.bug == "latent_not_written":
+            return
+        if self.bug == "rope_key_not_cached":
+            bs = case.latent_cache.shape[1]
+            kv_c = quantize(case.kv_c_new, case.kv_scale, case.latent_cache.dtype)
+            case.latent_cache[case.slot_mapping // bs, case.slot_mapping % bs, :kv_c.shape[1]] = kv_c
+            return
+        scatter_latent(case)
+
+    def run(self, case: MLACase):
+        h, bug = case.spec.heads, self.bug
+        L, P = h.kv_lora_rank, h.qk_nope_head_dim
+        bs = case.latent_cache.shape[1]
+        scale = h.latent_dim ** -0.5 if bug == "wrong_scale" else case.scale
+        kv_scale = 1.0 if bug == "kv_scale_ignored" else case.kv_scale
+        w_uk, w_uv = case.w_uk.double(), case.w_uv.double()
+        # The expanded path's values: [L, H, V]; the bug reads memory laid out [H, L, V] as that.
+        w_uv_values = w_uv.permute(1, 0, 2).reshape(w_uv.shape) if bug == "w_uv_wrong_transpose" else w_uv
+        qsl = case.query_start_loc.tolist()
+        for b, (n, ctx) in enumerate(zip(case.seq_lens.tolist(), case.context_lens.tolist())):
+            pos = torch.arange(n)
+            first = int(case.block_table[b, 0]) * bs
+            if bug == "block_table_ignored":
+                slots = (first + pos) % case.latent_cache[:, :, 0].numel()
+            else:
+                slots = case.block_table[b, pos // bs].long() * bs + pos % bs
+            lat = case.latent_cache[slots // bs, slots % bs].double() * kv_scale  # [n, L + R]
+            kv_c, k_pe = lat[:, :L], lat[:, L:]
+            q = case.q[qsl[b]:qsl[b + 1]].double()
+            q_nope, q_pe = q[..., :P], q[..., P:]
+            rope = 0.0 if bug == "rope_dropped" else 1.0
+            m = q.shape[0]
+            qpos = torch.arange(m)[:, None] + (0 if bug == "top_left_causal" and m > 1 else ctx)
+            visible = pos[None, :] <= qpos  # [m, n]
+            if m == 1:  # absorbed: over the latents themselves
+                q_lat = torch.einsum("mhp,lhp->mhl", q_nope, w_uk)
+                s = torch.einsum("mhl,nl->hmn", q_lat, kv_c) + rope * torch.einsum("mhr,nr->hmn", q_pe, k_pe)
+                p = torch.softmax((s * scale).masked_fill(~visible, float("-inf")), -1)
+                out = torch.einsum("mhl,lhv->mhv", torch.einsum("hmn,nl->mhl", p, kv_c), w_uv)
+            else:  # expanded: per-head keys and values
+                k_nope = torch.einsum("nl,lhp->nhp", kv_c, w_uk)
+                v = torch.einsum("nl,lhv->nhv", kv_c, w_uv_values)
+                s = torch.einsum("mhp,nhp->hmn", q_nope, k_nope) + rope * torch.einsum("mhr,nr->hmn", q_pe, k_pe)
+                p = torch.softmax((s * scale).masked_fill(~visible, float("-inf")), -1)
+                out = torch.einsum("hmn,nhv->mhv", p, v)
+            case.out[qsl[b]:qsl[b + 1]] = out.to(case.out.dtype)
+        return case.out
