@@ -4,7 +4,10 @@
 - `flashinfer-decode`: BatchDecodeWithPagedKVCacheWrapper on CUDA cores (its own decode kernels);
 - `flashinfer-decode-fa2`, `flashinfer-decode-fa3`: the decode wrapper on tensor cores (the prefill
   kernels of that backend; fa2 also takes a uniform number of new tokens per sequence, as in
-  speculative decoding).
+  speculative decoding);
+- `flashinfer-mla`: BatchMLAPagedAttentionWrapper as the decode path of an MLA backend (vLLM's
+  split; prefill expanded in torch, as backends/mla.py says); `flashinfer-mla-absorbed`: every
+  sequence through the wrapper, prefill included (its causal mask is bottom-right).
 
 FlashInfer takes pages as CSR (indptr, indices, last_page_len), the cache in any of the suite's
 layouts ("NHD"/"HND", as a (k, v) pair or one [pages, 2, ...] tensor), a window as window_left =
@@ -26,6 +29,8 @@ from conformance import Backend, Capabilities, Case, register_backend
 from conformance.paged import quantize
 from conformance.registry import ALL_KV_LAYOUTS
 
+from .mla import DECODE_THRESHOLD, MLACommon
+
 WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended float workspace
 HEAD_DIMS = frozenset({64, 128, 256})  # what its prefill and decode kernels instantiate
 SM90 = ((9, 0), (9, 0))  # fa3 is Hopper-only
@@ -38,13 +43,16 @@ def _workspace(device: torch.device) -> torch.Tensor:
 
 def _pages(case: Case):
     """CSR page lists of the block table: indptr [B + 1], indices [sum blocks], last_page_len [B]."""
-    bs = case.k_cache.shape[1]
-    n_blocks = (case.seq_lens + bs - 1) // bs
-    indptr = torch.zeros(n_blocks.numel() + 1, dtype=torch.int32, device=case.device)
+    return _csr_pages(case.block_table, case.seq_lens, case.k_cache.shape[1])
+
+
+def _csr_pages(block_table: torch.Tensor, seq_lens: torch.Tensor, bs: int):
+    n_blocks = (seq_lens + bs - 1) // bs
+    indptr = torch.zeros(n_blocks.numel() + 1, dtype=torch.int32, device=block_table.device)
     indptr[1:] = torch.cumsum(n_blocks, 0)
-    owned = torch.arange(case.block_table.shape[1], device=case.device)[None, :] < n_blocks[:, None]
-    indices = case.block_table[owned].to(torch.int32)
-    last_page_len = (case.seq_lens - (n_blocks - 1) * bs).to(torch.int32)
+    owned = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < n_blocks[:, None]
+    indices = block_table[owned].to(torch.int32)
+    last_page_len = (seq_lens - (n_blocks - 1) * bs).to(torch.int32)
     return indptr, indices, last_page_len
 
 
@@ -141,6 +149,52 @@ class FlashInferBackend(Backend):
         return call
 
 
+class FlashInferMLA(MLACommon):
+    """The MLA wrapper takes absorbed queries [T, H, L + R] and the latent cache as it lies (CSR page
+    lists); "auto" picks fa3 on sm_90, fa2 before. Its fp8 path multiplies the codes by the scale
+    cast to bf16 (the suite's MLA scales are bf16 values) and needs bf16 queries."""
+
+    capabilities = Capabilities(
+        devices=frozenset({"cuda"}), compute_capability=((8, 0), (9, 0)), features=frozenset({"causal"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16}), kv_dtypes=frozenset({"auto", "fp8_e4m3"}),
+        returns_lse=True, requires=("flashinfer",),
+    )
+
+    def __init__(self, name: str, absorbed_prefill: bool):
+        self.name = name
+        if absorbed_prefill:
+            self.decode_threshold = math.inf
+        self.description = ("FlashInfer BatchMLAPagedAttentionWrapper, " +
+                            ("every sequence (prefill too)" if absorbed_prefill else
+                             f"decode path (up to {DECODE_THRESHOLD} new tokens); prefill expanded in torch"))
+
+    def unsupported(self, spec, device):
+        if spec.kv_dtype != "auto" and spec.dtype != torch.bfloat16:
+            return "fp8 latents only with bf16 queries (flashinfer.mla fa2/fa3 plan check)"
+        return None
+
+    def compile_key(self, spec):
+        return ("mla", spec.dtype, spec.cache_dtype)  # one module per q / kv dtype (page size, causal: run time)
+
+    def decode(self, case, part):
+        from flashinfer.mla import BatchMLAPagedAttentionWrapper, MLAPlanMetadata
+
+        h = case.spec.heads
+        bs = case.latent_cache.shape[1]
+        indptr, indices, _ = _csr_pages(part.block_table, part.seq_lens, bs)
+        wrapper = BatchMLAPagedAttentionWrapper(_workspace(case.device), backend="auto")
+        wrapper.plan(metadata=MLAPlanMetadata.csr(part.query_start_loc, indptr, indices, part.seq_lens),
+                     num_heads=h.num_q_heads, head_dim_ckv=h.kv_lora_rank, head_dim_kpe=h.qk_rope_head_dim,
+                     page_size=bs, causal=True, sm_scale=case.scale, q_data_type=case.spec.dtype,
+                     kv_data_type=case.latent_cache.dtype, lse_mode="basee")
+        scales = dict(ckv_scale=case.kv_scale, kpe_scale=case.kv_scale) if case.spec.kv_dtype != "auto" else {}
+        o_lat, lse = wrapper.run(query=self.absorb(case, case.q[part.rows]), kv_cache=case.latent_cache,
+                                 return_lse=True, return_lse_base_on_e=True, **scales)
+        return self.up_project(case, o_lat), lse
+
+
+register_backend(FlashInferMLA("flashinfer-mla", absorbed_prefill=False))
+register_backend(FlashInferMLA("flashinfer-mla-absorbed", absorbed_prefill=True))
 register_backend(FlashInferBackend("flashinfer-prefill-fa2", "prefill", "fa2"))
 register_backend(FlashInferBackend("flashinfer-prefill-fa3", "prefill", "fa3"))
 register_backend(FlashInferBackend("flashinfer-decode", "decode", None))

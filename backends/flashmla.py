@@ -1,0 +1,52 @@
+"""`flashmla`: DeepSeek's FlashMLA (`flash_mla`) as the decode path of an MLA backend, as vLLM's
+FlashMLA backend uses it: absorbed queries [B, s_q, H, L + R] with one query length per batch
+(uniform decode; other sequences take the expanded prefill path of backends/mla.py), the latent
+cache as [num_blocks, 64, 1, L + R], bottom-right causal. FlashMLA gives +inf as the LSE of a row
+with no keys; the suite's convention is -inf.
+
+Written from the library's contract (flash_mla_interface.py; vLLM's flashmla backend), not run
+here: its wheel cannot be built on the machines of this project, so every case skips naming the
+missing module. get_mla_metadata is called the way all its versions accept (the newest ignores
+the arguments and schedules on the first call).
+"""
+from __future__ import annotations
+
+import torch
+
+from conformance import Capabilities, register_backend
+
+from .mla import DECODE_THRESHOLD, MLACommon
+
+
+class FlashMLA(MLACommon):
+    name = "flashmla"
+    description = f"FlashMLA flash_mla_with_kvcache, uniform decode path (up to {DECODE_THRESHOLD} new tokens)"
+    uniform_decode = True
+    capabilities = Capabilities(
+        devices=frozenset({"cuda"}), compute_capability=((9, 0), (9, 0)), features=frozenset({"causal"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16}), block_sizes=frozenset({64}),
+        returns_lse=True, requires=("flash_mla",),
+    )
+
+    def unsupported(self, spec, device):
+        h = spec.heads
+        if (h.kv_lora_rank, h.qk_rope_head_dim) != (512, 64):
+            return f"latent {h.kv_lora_rank} + rope {h.qk_rope_head_dim}: FlashMLA is built for 512 + 64"
+        return None
+
+    def decode(self, case, part):
+        from flash_mla import flash_mla_with_kvcache, get_mla_metadata
+
+        h = case.spec.heads
+        b, s_q = part.seqs.numel(), part.max_query_len
+        q = self.absorb(case, case.q[part.rows]).view(b, s_q, h.num_q_heads, h.latent_dim)
+        metadata, num_splits = get_mla_metadata(part.seq_lens, s_q * h.num_q_heads, 1)
+        o_lat, lse = flash_mla_with_kvcache(q, case.latent_cache.unsqueeze(-2), part.block_table, part.seq_lens,
+                                            h.kv_lora_rank, metadata, num_splits, softmax_scale=case.scale,
+                                            causal=True)
+        lse = lse.transpose(1, 2).reshape(b * s_q, h.num_q_heads)  # [b, H, s_q] -> packed [T, H]
+        lse = lse.masked_fill(lse.isposinf(), float("-inf"))
+        return self.up_project(case, o_lat.reshape(b * s_q, h.num_q_heads, -1)), lse
+
+
+register_backend(FlashMLA)
