@@ -107,17 +107,20 @@ def split_names(values: list[str] | None) -> list[str] | None:
     return [x for v in values for x in v.split(",") if x] if values else None
 
 
-def select_cases(profile: str, scenarios: list[str] | None = None) -> list[CaseSpec]:
-    """The cases of a profile, optionally only some scenarios (names checked against the catalog)."""
+def select_cases(profile: str, scenarios: list[str] | None = None, kind: str | None = None) -> list[CaseSpec]:
+    """The cases of a profile, optionally only some scenarios (names checked against the catalog)
+    and one kind ("mha" dense or "mla" latent-cache cases)."""
     from fixtures import PROFILES
 
     SCENARIOS = _catalog()
     if profile not in PROFILES:
         raise SpecError(f"profile = {profile!r}: must be one of {sorted(PROFILES)}")
+    if kind not in (None, "mha", "mla"):
+        raise SpecError(f"kind = {kind!r}: must be None, 'mha' or 'mla'")
     catalog = SCENARIOS
     if scenarios:
         unknown = sorted(set(scenarios) - set(SCENARIOS))
         if unknown:
             raise SpecError(f"scenario = {unknown}: not in the catalog (known: {', '.join(SCENARIOS)})")
         catalog = {n: s for n, s in SCENARIOS.items() if n in scenarios}
-    return PROFILES[profile].cases(catalog)
+    return [c for c in PROFILES[profile].cases(catalog) if kind in (None, c.kind)]

@@ -19,13 +19,15 @@ from .registry import Backend
 from .spec import CaseSpec
 
 
-def warm_up_plan(backends: list[Backend], specs: list[CaseSpec], device: torch.device) -> list[tuple[str, CaseSpec]]:
-    """(backend name, smallest case) for every compile key the run will meet, skipped cases excluded."""
+def warm_up_plan(backends: list[Backend], specs: list[CaseSpec], device: torch.device,
+                 wanted=None) -> list[tuple[str, CaseSpec]]:
+    """(backend name, smallest case) for every compile key the run will meet, skipped cases excluded
+    (and pairs for which wanted(backend, spec) is false: a run that selects fewer)."""
     smallest: dict[tuple, CaseSpec] = {}
     for backend in backends:
         for spec in specs:
             key = backend.compile_key(spec)
-            if key is None or backend.skip_reason(spec, device):
+            if key is None or backend.skip_reason(spec, device) or (wanted and not wanted(backend, spec)):
                 continue
             key = (backend.name, key)
             if key not in smallest or _size(spec) < _size(smallest[key]):
@@ -48,9 +50,9 @@ def _warm_one(name: str, spec: CaseSpec, device: str, modules: tuple[str, ...]) 
 
 
 def warm_up(backends: list[Backend], specs: list[CaseSpec], device: torch.device, jobs: int,
-            modules: tuple[str, ...] = ()) -> None:
+            modules: tuple[str, ...] = (), wanted=None) -> None:
     """Run one case per compile key in `jobs` fresh processes (spawned: CUDA cannot be forked)."""
-    plan = warm_up_plan(backends, specs, device)
+    plan = warm_up_plan(backends, specs, device, wanted)
     if not plan or jobs < 1:
         return
     print(f"warm-up: {len(plan)} kernel variants in {jobs} processes", file=sys.stderr, flush=True)

@@ -13,7 +13,7 @@ import backends.flash_attn as fa
 from conformance import Runner, Status
 from conformance.matrix import select_cases
 
-CASES = [c for c in select_cases("cpu", ["mixed_small", "chunked_context_prefill", "encoder_prefill"])
+CASES = [c for c in select_cases("cpu", ["mixed_small", "chunked_context_prefill", "encoder_prefill"], kind="mha")
          if c.dtype != torch.float32 and c.kv_dtype == "auto" and c.kv_layout == "nhd" and c.block_size == 16]
 CPU = dict(devices=frozenset({"cpu"}), compute_capability=None)
 

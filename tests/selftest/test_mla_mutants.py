@@ -9,7 +9,7 @@ from conformance import Runner, Status
 from conformance.matrix import select_cases
 from conformance.mla import make_mla_inputs, mla_reference
 
-MLA_CASES = [s for s in select_cases("cpu") if s.kind == "mla"]
+MLA_CASES = select_cases("cpu", kind="mla")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from mutants import BUGS, PagedTorch
 from conformance import Runner, Status
 from conformance.matrix import select_cases
 
-CPU_CASES = select_cases("cpu")
+CPU_CASES = select_cases("cpu", kind="mha")
 
 
 @pytest.fixture(scope="module")

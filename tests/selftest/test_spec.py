@@ -125,3 +125,27 @@ def test_case_id_reads_like_a_k_expression():
     fp8_sinks = c.replace(kv_dtype="fp8_e4m3", sinks=True)
     assert fp8_sinks.id == "mixed_small-bf16-bs16-gqa4-d128-kvfp8e4m3-sinks"
     assert fp8_sinks.features == {"causal", "sinks"} and fp8_sinks.cache_dtype == torch.float8_e4m3fn
+
+
+def test_mla_case_id_scale_and_rules():
+    from conformance import MLAHeads
+
+    c = CaseSpec("mixed_small", SCENARIOS["mixed_small"].cpu, MLAHeads(16), torch.bfloat16, 64)
+    assert (c.kind, c.id) == ("mla", "mixed_small-bf16-bs64-h16")
+    assert c.replace(kv_dtype="fp8_e4m3").id == "mixed_small-bf16-bs64-h16-kvfp8e4m3"
+    assert c.scale == 192 ** -0.5 and c.heads.latent_dim == 576 and c.heads.num_kv_heads == 1
+    assert MLAHeads(16, kv_lora_rank=256).id == "h16-l256-r64-n128-v128"
+    for change, field in (({"sliding_window": 8}, "sliding_window"), ({"softcap": 4.0}, "softcap"),
+                          ({"sinks": True}, "sinks"), ({"kv_layout": "hnd"}, "kv_layout"), ({"causal": False}, "causal")):
+        with pytest.raises(SpecError, match=rf"CaseSpec\.{field} = .*MLA case"):
+            c.replace(**change)
+    with pytest.raises(SpecError, match=r"MLAHeads\.kv_lora_rank = 0: must be an int >= 1"):
+        MLAHeads(16, kv_lora_rank=0)
+
+
+def test_select_cases_by_kind():
+    mla = select_cases("cpu", kind="mla")
+    assert mla and {c.kind for c in mla} == {"mla"} and {c.heads.id for c in mla} == {"h16", "h128"}
+    assert {c.kind for c in select_cases("cpu", kind="mha")} == {"mha"}
+    with pytest.raises(SpecError, match="kind = 'gqa'"):
+        select_cases("cpu", kind="gqa")

@@ -8,7 +8,7 @@ import conformance.registry as registry
 from conformance.matrix import select_cases
 from conformance.warmup import warm_up, warm_up_plan
 
-CASES = select_cases("cpu", ["small_decode", "mixed_small"])
+CASES = select_cases("cpu", ["small_decode", "mixed_small"], kind="mha")
 CPU = torch.device("cpu")
 
 
@@ -49,3 +49,35 @@ def test_warm_up_runs_one_case_per_key_in_worker_processes(CompilingBackend, tmp
     lines = log.read_text().splitlines()
     assert len(lines) == len({(s.dtype, s.heads.head_dim) for s in CASES})
     assert str(os.getpid()) not in {line.split()[0] for line in lines}
+
+
+class _Config:
+    """What _selected_before_collection reads of a pytest config."""
+
+    def __init__(self, args, keyword=""):
+        self.args, self.keyword = args, keyword
+        self.rootpath = __import__("pathlib").Path("/somewhere/main")
+
+    def getoption(self, name):
+        assert name == "keyword"
+        return self.keyword
+
+
+@pytest.mark.parametrize("args, keyword, selected", [
+    ([], "", {"flashinfer-mla", "flashinfer-decode"}),
+    ([], "mla", {"flashinfer-mla"}),  # `pytest -k mla` warms up no dense variant
+    (["tests/test_mla_backend.py"], "", {"flashinfer-mla"}),
+    (["tests/test_backend.py::test_backend"], "", {"flashinfer-decode"}),
+    (["tests/selftest/test_cli.py"], "", set()),
+    (["tests"], "decode and not mla", {"flashinfer-decode"}),
+    ([], "backend and bf16", {"flashinfer-mla", "flashinfer-decode"}),
+])
+def test_warm_up_follows_the_tests_a_run_selects(args, keyword, selected):
+    from conformance.registry import load_backends
+    from fixtures.pytest_plugin import _selected_before_collection
+
+    wanted = _selected_before_collection(_Config(args, keyword))
+    backends = load_backends()
+    pairs = [(backends[n], s) for n in ("flashinfer-mla", "flashinfer-decode")
+             for s in select_cases("cpu", ["small_decode"]) if s.kind == backends[n].kind and s.dtype == torch.bfloat16]
+    assert {b.name for b, s in pairs if wanted(b, s)} == selected
