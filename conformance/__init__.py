@@ -20,7 +20,8 @@ from .tolerance import Tolerance, compare
 
 __all__ = [
     "BatchSpec", "Backend", "Capabilities", "Case", "CaseSpec", "ENTRY_POINT_GROUP", "HeadConfig", "Inputs",
-    "MLABackend", "MLACase", "MLAHeads", "MLAInputs", "Reference", "RegistryError", "Result", "Runner", "Scenario", "SpecError", "Status", "Tolerance", "Unsupported",
+    "MLABackend", "MLACase", "MLAHeads", "MLAInputs", "Reference", "RegistryError", "Result", "Runner", "Scenario",
+    "SpecError", "Status", "Tolerance", "Unsupported",
     "compare", "gather_kv", "get_backend", "load_backends", "make_inputs", "reference_attention", "register_backend",
     "scatter_latent", "scatter_to_cache", "unregister_backend",
 ]

@@ -112,15 +112,14 @@ def select_cases(profile: str, scenarios: list[str] | None = None, kind: str | N
     and one kind ("mha" dense or "mla" latent-cache cases)."""
     from fixtures import PROFILES
 
-    SCENARIOS = _catalog()
     if profile not in PROFILES:
         raise SpecError(f"profile = {profile!r}: must be one of {sorted(PROFILES)}")
     if kind not in (None, "mha", "mla"):
         raise SpecError(f"kind = {kind!r}: must be None, 'mha' or 'mla'")
-    catalog = SCENARIOS
+    catalog = _catalog()
     if scenarios:
-        unknown = sorted(set(scenarios) - set(SCENARIOS))
+        unknown = sorted(set(scenarios) - set(catalog))
         if unknown:
-            raise SpecError(f"scenario = {unknown}: not in the catalog (known: {', '.join(SCENARIOS)})")
-        catalog = {n: s for n, s in SCENARIOS.items() if n in scenarios}
+            raise SpecError(f"scenario = {unknown}: not in the catalog (known: {', '.join(catalog)})")
+        catalog = {n: s for n, s in catalog.items() if n in scenarios}
     return [c for c in PROFILES[profile].cases(catalog) if kind in (None, c.kind)]

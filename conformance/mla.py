@@ -150,4 +150,3 @@ def mla_reference(inputs: MLAInputs, precision: str = "float64", form: str | Non
         o_lat, lse = attend(spec, q_abs, keys, inputs.kv_start_loc, 1, L, rnd)
         out = torch.einsum("thl,lhv->thv", rnd(o_lat), w_uv)
     return Reference(out=out.to(spec.dtype) if precision == "lowp" else out, lse=lse)
-

@@ -98,7 +98,6 @@ class Case(PagedBatch):
         return self.k_cache, self.v_cache
 
 
-
 @dataclass
 class Pages:
     """A case's queries and paged layout, drawn from its seed, the same for every kind of case:
@@ -194,9 +193,9 @@ def _cumsum(xs) -> list[int]:
     return out
 
 
-def make_inputs(spec: CaseSpec, device: torch.device | str, seed: int) -> Inputs:
-    """Draw a case's data. Every draw comes from one generator seeded by the case, so the same
-    case gives the same tensors on a device whatever ran before it."""
+def make_inputs(spec: CaseSpec, device: torch.device | str, seed: int) -> Pages:
+    """Draw a case's data (Inputs; MLAInputs for an MLA case). Every draw comes from one generator
+    seeded by the case, so the same case gives the same tensors on a device whatever ran before it."""
     if spec.kind == "mla":
         from .mla import make_mla_inputs  # noqa: PLC0415 - mla builds on this module
 

@@ -1,0 +1,62 @@
+"""The `flashmla` adapter translates an MLA case correctly: run on CPU against a stand-in written
+from FlashMLA's contract (fake_flashmla.py), with a broken translation (the LSE's [B, H, s_q]
+read as [B, s_q, H]) caught on the multi-token decode cases."""
+import dataclasses
+import sys
+
+import fake_flashmla
+import pytest
+import torch
+
+from backends.flashmla import FlashMLA
+from conformance import Runner, Status
+from conformance.matrix import select_cases
+
+# FlashMLA's dense decode takes bf16/fp16 latents only (fp8 skips with the reason); fp16 here
+# (bf16 on CPU is slow), its one page size.
+CASES = [c for c in select_cases("cpu", kind="mla") if c.block_size == 64 and c.dtype == torch.float16
+         and c.kv_dtype == "auto"]
+
+
+def _on_cpu(backend):
+    backend.capabilities = dataclasses.replace(backend.capabilities, devices=frozenset({"cpu"}),
+                                               compute_capability=None)
+    return backend
+
+
+class LseNotTransposed(FlashMLA):
+    name = "flashmla-lse-not-transposed"
+
+    def decode(self, case, part):
+        import flash_mla
+
+        real = flash_mla.flash_mla_with_kvcache
+
+        def lse_as_tokens_major(*args, **kwargs):
+            out, lse = real(*args, **kwargs)
+            return out, lse.reshape(lse.shape[0], lse.shape[2], lse.shape[1]).transpose(1, 2)
+
+        flash_mla.flash_mla_with_kvcache = lse_as_tokens_major
+        try:
+            return super().decode(case, part)
+        finally:
+            flash_mla.flash_mla_with_kvcache = real
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_mla", fake_flashmla.MODULE)
+
+
+def test_flashmla_adapter_passes_against_its_contract(fake):
+    runner = Runner("cpu")
+    results = [runner.run(_on_cpu(FlashMLA()), spec) for spec in CASES]
+    bad = [f"{r.id}: {r.reason}" for r in results if r.status != Status.PASS]
+    assert not bad, bad[:3]
+
+
+def test_flashmla_lse_layout_slip_is_caught(fake):
+    runner = Runner("cpu")
+    statuses = {runner.run(_on_cpu(LseNotTransposed()), spec).status for spec in CASES
+                if spec.scenario == "spec_decode_small"}
+    assert Status.FAIL in statuses
