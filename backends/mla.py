@@ -20,7 +20,7 @@ import torch
 
 from conformance import Capabilities, MLABackend, MLACase, register_backend
 
-from .triton_attention import _interpreted
+from .triton_attention import interpreter_refuses, no_triton_here
 
 DECODE_THRESHOLD = 4  # vLLM: 1 + the number of speculative tokens; 3 draft tokens here
 
@@ -165,19 +165,13 @@ class MLATriton(MLACommon):
         self._kernels = kernels  # a module like backends.triton_mla_kernels (self-tests pass broken copies)
 
     def unavailable(self):
-        reason = super().unavailable()
-        if reason is None and not torch.cuda.is_available() and not _interpreted():
-            return "no CUDA and TRITON_INTERPRET is off (Triton runs on CPU only under its interpreter)"
-        return reason
+        return super().unavailable() or no_triton_here()
 
     def unsupported(self, spec, device):
-        if device.type == "cpu" and spec.dtype == torch.bfloat16:
-            return ("bf16 under Triton's interpreter is computed on the raw bits (upstream will not fix it); "
-                    "bf16 is covered on the GPU")
         dims = (spec.heads.kv_lora_rank, spec.heads.qk_rope_head_dim)
         if any(d & (d - 1) or d < 16 for d in dims):
             return f"kv_lora_rank and qk_rope_head_dim {dims} must be powers of two >= 16 (the kernel's tiles)"
-        return None
+        return interpreter_refuses(spec, device)
 
     def kernels(self):
         if self._kernels is None:

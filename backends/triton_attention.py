@@ -25,6 +25,21 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def no_triton_here() -> str | None:
+    """Why Triton kernels cannot run on this machine (beyond a missing triton), or None."""
+    if not torch.cuda.is_available() and not _interpreted():
+        return "no CUDA and TRITON_INTERPRET is off (Triton runs on CPU only under its interpreter)"
+    return None
+
+
+def interpreter_refuses(spec, device) -> str | None:
+    """The one dtype Triton's interpreter gets wrong, with the reason."""
+    if device.type == "cpu" and spec.dtype == torch.bfloat16:
+        return ("bf16 under Triton's interpreter is computed on the raw bits (upstream will not fix it); "
+                "bf16 is covered on the GPU")
+    return None
+
+
 def choose_segments(case: Case) -> int:
     """Split-KV for a decode batch whose programs (sequences x KV heads) leave SMs idle and whose
     longest sequence is long: enough segments (a power of two) for PROGRAMS_PER_SM programs per SM."""
@@ -56,18 +71,12 @@ class TritonBackend(Backend):
                             ("split-KV path on every decode batch" if split else "split-KV for decode chosen by heuristic"))
 
     def unavailable(self):
-        reason = super().unavailable()
-        if reason is None and not torch.cuda.is_available() and not _interpreted():
-            return "no CUDA and TRITON_INTERPRET is off (Triton runs on CPU only under its interpreter)"
-        return reason
+        return super().unavailable() or no_triton_here()
 
     def unsupported(self, spec, device):
         if self.split and not spec.batch.is_decode:
             return "split-KV is the decode path: batches with prefill tokens take the one-pass kernel (tested as triton)"
-        if device.type == "cpu" and spec.dtype == torch.bfloat16:
-            return ("bf16 under Triton's interpreter is computed on the raw bits (upstream will not fix it); "
-                    "bf16 is covered on the GPU")
-        return None
+        return interpreter_refuses(spec, device)
 
     def kernels(self):
         if self._kernels is None:

@@ -1,9 +1,12 @@
-"""The ground truth against a naive per-sequence, per-head float64 loop, and its own invariants."""
+"""The ground truth against a naive per-sequence, per-head float64 loop, and its own invariants; the
+MLA ground truth against its absorbed form."""
 import pytest
 import torch
 
 import conformance.reference as reference
 from conformance import BatchSpec, CaseSpec, HeadConfig, make_inputs, reference_attention
+from conformance.matrix import select_cases
+from conformance.mla import mla_reference
 from conformance.paged import dequantize
 
 
@@ -114,3 +117,16 @@ def test_fp8_reference_reads_the_quantized_cache():
     assert 0 < (exact - inputs.k.double()).abs().max() < 0.1 * inputs.k.double().abs().max()
     raw = reference_attention(make_inputs(spec.replace(kv_dtype="auto"), "cpu", 4)).out
     assert (reference_attention(inputs).out - raw).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("spec", [s for s in select_cases("cpu", kind="mla") if s.dtype == torch.float32
+                                  and s.block_size == 16], ids=lambda s: s.id)
+def test_mla_expanded_and_absorbed_forms_agree(spec):
+    """The MLA ground truth (expanded MHA) and the absorbed MQA form are one computation in float64."""
+    inputs = make_inputs(spec, "cpu", spec.seed())
+    expanded, absorbed = (mla_reference(inputs, "float64", form) for form in ("expanded", "absorbed"))
+    assert expanded.out.dtype == torch.float64
+    torch.testing.assert_close(absorbed.out, expanded.out, rtol=0, atol=1e-12)
+    torch.testing.assert_close(absorbed.lse, expanded.lse, rtol=0, atol=1e-12)
+    # Outputs O(1) (a softmax-weighted mean of unit-variance values), not vanishing or blowing up.
+    assert 0.05 < float(expanded.out.std()) < 2, float(expanded.out.std())
