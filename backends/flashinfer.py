@@ -176,7 +176,7 @@ class FlashInferMLA(MLACommon):
     def compile_key(self, spec):
         return ("mla", spec.dtype, spec.cache_dtype)  # one module per q / kv dtype (page size, causal: run time)
 
-    def decode(self, case, part):
+    def latent_attention(self, case, part, q_abs):
         from flashinfer.mla import BatchMLAPagedAttentionWrapper, MLAPlanMetadata
 
         h = case.spec.heads
@@ -188,9 +188,8 @@ class FlashInferMLA(MLACommon):
                      page_size=bs, causal=True, sm_scale=case.scale, q_data_type=case.spec.dtype,
                      kv_data_type=case.latent_cache.dtype, lse_mode="basee")
         scales = dict(ckv_scale=case.kv_scale, kpe_scale=case.kv_scale) if case.spec.kv_dtype != "auto" else {}
-        o_lat, lse = wrapper.run(query=self.absorb(case, case.q[part.rows]), kv_cache=case.latent_cache,
-                                 return_lse=True, return_lse_base_on_e=True, **scales)
-        return self.up_project(case, o_lat), lse
+        return wrapper.run(query=q_abs, kv_cache=case.latent_cache, return_lse=True, return_lse_base_on_e=True,
+                           **scales)
 
 
 register_backend(FlashInferMLA("flashinfer-mla", absorbed_prefill=False))

@@ -34,19 +34,19 @@ class FlashMLA(MLACommon):
             return f"latent {h.kv_lora_rank} + rope {h.qk_rope_head_dim}: FlashMLA is built for 512 + 64"
         return None
 
-    def decode(self, case, part):
+    def latent_attention(self, case, part, q_abs):
         from flash_mla import flash_mla_with_kvcache, get_mla_metadata
 
         h = case.spec.heads
         b, s_q = part.seqs.numel(), part.max_query_len
-        q = self.absorb(case, case.q[part.rows]).view(b, s_q, h.num_q_heads, h.latent_dim)
+        q = q_abs.view(b, s_q, h.num_q_heads, h.latent_dim)
         metadata, num_splits = get_mla_metadata(part.seq_lens, s_q * h.num_q_heads, 1)
         o_lat, lse = flash_mla_with_kvcache(q, case.latent_cache.unsqueeze(-2), part.block_table, part.seq_lens,
                                             h.kv_lora_rank, metadata, num_splits, softmax_scale=case.scale,
                                             causal=True)
         lse = lse.transpose(1, 2).reshape(b * s_q, h.num_q_heads)  # [b, H, s_q] -> packed [T, H]
         lse = lse.masked_fill(lse.isposinf(), float("-inf"))
-        return self.up_project(case, o_lat.reshape(b * s_q, h.num_q_heads, -1)), lse
+        return o_lat.reshape(b * s_q, h.num_q_heads, -1), lse
 
 
 register_backend(FlashMLA)

@@ -5,7 +5,8 @@ decode included) take the decode path, the absorbed form: q_nope is folded throu
 latent space, attention runs over the paged latents in place as one KV head, and W_UV maps the
 result out. The rest take the prefill path, the expanded form: each sequence's latents are gathered
 through its block table and up-projected into per-head keys [k_nope, k_pe] (192) and values (128),
-then ordinary causal attention. A mixed batch runs both. Subclasses bring their decode kernel;
+then ordinary causal attention. A mixed batch runs both. Subclasses bring their decode kernel
+(latent_attention);
 the prefill path here is plain torch (vLLM's runs flash-attn varlen on the same expansion).
 
 `mla-torch`: both paths in plain torch (CPU and GPU). `mla-triton`: decode by our split-KV Triton
@@ -100,7 +101,14 @@ class MLACommon(MLABackend):
         return case.out, lse
 
     def decode(self, case: MLACase, part: Part) -> tuple[torch.Tensor, torch.Tensor]:
-        """out [t, H, V] and lse [t, H] (natural log) of the part's queries, absorbed form."""
+        """out [t, H, V] and lse [t, H] (natural log) of the part's queries, absorbed form: q_nope
+        through W_UK, attention over the latents, W_UV on the result."""
+        o_lat, lse = self.latent_attention(case, part, self.absorb(case, case.q[part.rows]))
+        return self.up_project(case, o_lat), lse
+
+    def latent_attention(self, case: MLACase, part: Part, q_abs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode kernel: absorbed queries [t, H, L + R] over the part's paged latents, causal
+        (bottom-right). Returns o_lat [t, H, L] and lse [t, H] (natural log)."""
         raise NotImplementedError
 
     def prefill(self, case: MLACase, part: Part) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,9 +148,8 @@ class MLATorch(MLACommon):
     capabilities = Capabilities(features=frozenset({"causal"}), kv_dtypes=frozenset({"auto", "fp8_e4m3"}),
                                 returns_lse=True)
 
-    def decode(self, case, part):
+    def latent_attention(self, case, part, q_abs):
         L = case.spec.heads.kv_lora_rank
-        q_abs = self.absorb(case, case.q[part.rows])
         outs, lses = [], []
         qsl = part.query_start_loc.tolist()
         for i, seq in enumerate(part.seqs.tolist()):
@@ -151,7 +158,7 @@ class MLATorch(MLACommon):
             p, lse = causal_softmax(torch.einsum("mhd,nd->hmn", q, lat) * case.scale, lat.shape[0] - q.shape[0])
             outs.append(torch.einsum("hmn,nl->mhl", p, lat[:, :L]))
             lses.append(lse)
-        return self.up_project(case, torch.cat(outs)), torch.cat(lses)
+        return torch.cat(outs), torch.cat(lses)
 
 
 class MLATriton(MLACommon):
@@ -179,12 +186,11 @@ class MLATriton(MLACommon):
             self._kernels = triton_mla_kernels
         return self._kernels
 
-    def decode(self, case, part):
-        q_abs = self.absorb(case, case.q[part.rows])
+    def latent_attention(self, case, part, q_abs):
         o_lat = torch.empty(*q_abs.shape[:2], case.spec.heads.kv_lora_rank, dtype=q_abs.dtype, device=case.device)
         lse = self.kernels().mla_decode(q_abs, case.latent_cache, part.block_table, part.seq_lens,
                                         part.query_start_loc, o_lat, scale=case.scale, kv_scale=case.kv_scale)
-        return self.up_project(case, o_lat), lse
+        return o_lat, lse
 
 
 register_backend(MLATorch)

@@ -1,5 +1,6 @@
 """The warm-up builds each compile key once, with the smallest case, in worker processes."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,7 +57,7 @@ class _Config:
 
     def __init__(self, args, keyword=""):
         self.args, self.keyword = args, keyword
-        self.rootpath = __import__("pathlib").Path("/somewhere/main")
+        self.rootpath = Path("/somewhere/main")
 
     def getoption(self, name):
         assert name == "keyword"
