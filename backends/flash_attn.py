@@ -114,7 +114,7 @@ class FlashTorch(FlashAttentionBackend):
             "torch's FlashAttention (torch.nn.attention.varlen.varlen_attn) " + (
                 "reading pages through block_table + seqused_k" if self.paged else
                 "over pages gathered into the ragged layout first (this torch's varlen_attn takes no block_table)"),
-            dict(compute_capability=((8, 0), (12, 1)), features=DEFAULT_FEATURES - {"softcap"},
+            dict(compute_capability=((8, 0), (12, 1)), features=DEFAULT_FEATURES - {"softcap"} | {"empty_sequences"},
                  kv_layouts=frozenset({"nhd"}) if self.paged else ALL_KV_LAYOUTS))
 
     def unsupported(self, spec, device):

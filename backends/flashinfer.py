@@ -27,7 +27,7 @@ import torch
 
 from conformance import Backend, Capabilities, Case, register_backend
 from conformance.paged import quantize
-from conformance.registry import ALL_KV_LAYOUTS
+from conformance.registry import ALL_KV_LAYOUTS, DEFAULT_FEATURES
 
 from .mla import DECODE_THRESHOLD, MLACommon
 
@@ -77,6 +77,7 @@ class FlashInferBackend(Backend):
             kv_dtypes=frozenset({"auto", "fp8_e4m3"}),
             kv_layouts=ALL_KV_LAYOUTS,
             head_dims=HEAD_DIMS,
+            features=DEFAULT_FEATURES | {"empty_sequences"},
             # The CUDA-core decode kernels dispatch these GQA group sizes only ("Unsupported group_size: 7").
             gqa_ratios=frozenset({1, 2, 3, 4, 6, 8, 16}) if wrapper == "decode" else None,
             returns_lse=True,

@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from conformance import Backend, Capabilities, Case, Unsupported, register_backend
-from conformance.registry import ALL_KV_LAYOUTS
+from conformance.registry import ALL_KV_LAYOUTS, DEFAULT_FEATURES
 
 
 def _bucket(n: int, least: int) -> int:
@@ -35,7 +35,8 @@ class FlexBackend(Backend):
     name = "flex"
     description = "torch FlexAttention (compiled) over the physical paged cache with a block-table mask_mod"
     # Compiled flex on CPU has no LSE; on CUDA it is returned.
-    capabilities = Capabilities(returns_lse=False, kv_layouts=ALL_KV_LAYOUTS)
+    capabilities = Capabilities(returns_lse=False, kv_layouts=ALL_KV_LAYOUTS,
+                                features=DEFAULT_FEATURES | {"empty_sequences"})
     # Masked-out slots of a visible key tile still enter P @ V with P = 0, and 0 * NaN = NaN.
     finite_poison = True
 

@@ -18,7 +18,7 @@ from torch.nn.attention.bias import CausalBias, causal_lower_right
 from conformance import Backend, Capabilities, Case, Unsupported, gather_kv, register_backend
 from conformance.registry import ALL_KV_LAYOUTS
 
-NO_SOFTCAP = frozenset({"causal", "non_causal", "sliding_window"})
+NO_SOFTCAP = frozenset({"causal", "non_causal", "sliding_window", "empty_sequences"})
 
 
 def _check_cudnn_takes(q, k, v, mask) -> None:

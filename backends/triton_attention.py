@@ -12,7 +12,7 @@ import os
 import torch
 
 from conformance import Backend, Capabilities, Case, register_backend
-from conformance.registry import ALL_KV_LAYOUTS
+from conformance.registry import ALL_FEATURES, ALL_KV_LAYOUTS
 
 FORCED_SEGMENTS = 4  # triton-split: full, partial and empty segments even on short CPU cases
 MIN_SPLIT_KEYS = 2048  # split only a decode batch whose longest sequence has at least this many keys
@@ -58,7 +58,7 @@ class TritonBackend(Backend):
         kv_dtypes=frozenset({"auto", "fp8_e4m3"}),
         kv_layouts=ALL_KV_LAYOUTS,  # the kernels read and write through the caches' strides
         head_dims=frozenset(range(16, 257, 16)),  # padded to a power of two inside; 16..256
-        features=frozenset({"causal", "non_causal", "sliding_window", "softcap", "sinks"}),
+        features=ALL_FEATURES,
         returns_lse=True,
         requires=("triton",),
     )

@@ -34,6 +34,11 @@ def _catalog() -> dict[str, Scenario]:
     return SCENARIOS
 
 
+# Logits of std 2500 reach about 1e4 among a case's keys: exp() of that overflows even in float64
+# unless the row's max is subtracted, and fp16 products q.k before the scale overflow too.
+EXTREME_LOGIT_STD = 2500.0
+
+
 @dataclass(frozen=True)
 class Profile:
     """One sizing of the matrix. "cpu": scenarios scaled down for CI; "gpu": full sizes.
@@ -42,8 +47,10 @@ class Profile:
     window (causal scenarios), a logit softcap, attention sinks and an fp8 KV cache. Sweep: a few
     scenarios over more head dims and block sizes (plain cases only), so odd shapes are covered
     without multiplying the whole grid. Layouts: a few scenarios over the main heads, dtypes and
-    block sizes with the cache in every non-default layout (plain cases). MLA: the latent-cache
-    cases (MLAProfile).
+    block sizes with the cache in every non-default layout (plain cases). Adversarial: a few
+    scenarios over the main heads, dtypes and block sizes with logits near 1e4, and (full size
+    only: the caches take gigabytes) a few over the first head config with every page past 2^31
+    elements, cache in the dtype and in fp8. MLA: the latent-cache cases (MLAProfile).
     """
 
     name: str
@@ -56,6 +63,8 @@ class Profile:
     sweep_heads: tuple[HeadConfig, ...] = ()
     sweep_block_sizes: tuple[int, ...] = ()
     layout_scenarios: tuple[str, ...] = ()
+    extreme_logit_scenarios: tuple[str, ...] = ()
+    far_page_scenarios: tuple[str, ...] = ()
     mla: MLAProfile | None = None
 
     def __post_init__(self):
@@ -89,6 +98,13 @@ class Profile:
                 out += [CaseSpec(sc.name, batch, heads, dtype, bs, causal=sc.causal, kv_layout=layout)
                         for heads in self.heads for dtype in self.dtypes for bs in self.block_sizes
                         for layout in KV_LAYOUTS if layout != "nhd"]
+            if sc.name in self.extreme_logit_scenarios:
+                out += [CaseSpec(sc.name, batch, heads, dtype, bs, causal=sc.causal, logit_std=EXTREME_LOGIT_STD)
+                        for heads in self.heads for dtype in self.dtypes for bs in self.block_sizes]
+            if sc.name in self.far_page_scenarios:
+                out += [CaseSpec(sc.name, batch, self.heads[0], dtype, bs, causal=sc.causal, kv_dtype=kv_dtype,
+                                 far_pages=True)
+                        for dtype in self.dtypes for bs in self.block_sizes for kv_dtype in ("auto", "fp8_e4m3")]
         if self.mla:
             out += self.mla.cases(scenarios, self.name)
         return out

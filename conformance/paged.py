@@ -205,10 +205,11 @@ def make_inputs(spec: CaseSpec, device: torch.device | str, seed: int) -> Pages:
     h = spec.heads
     n_total, n_new = sum(spec.batch.seq_lens), spec.batch.num_query_tokens
 
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(spec.dtype)
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * std).to(spec.dtype)
 
-    q = randn(n_new, h.num_q_heads, h.head_dim)
+    # Keys are N(0, 1), so logits scale * q.k have std logit_std (exactly the same draws when it is 1).
+    q = randn(n_new, h.num_q_heads, h.head_dim, std=spec.logit_std / (spec.scale * h.head_dim ** 0.5))
     k = randn(n_total, h.num_kv_heads, h.head_dim)
     v = randn(n_total, h.num_kv_heads, h.head_dim)
     pages = draw_pages(spec, gen, device)
@@ -236,8 +237,9 @@ def draw_pages(spec: CaseSpec, gen: torch.Generator, device: torch.device) -> di
     n_total = sum(b.seq_lens)
     blocks_per_seq = [math.ceil(s / bs) for s in b.seq_lens]
     needed = sum(blocks_per_seq)
-    num_blocks = 1 + 2 * needed
-    perm = torch.randperm(num_blocks - 1, generator=gen, device=device) + 1
+    first = far_page(spec) if spec.far_pages else 1  # blocks below the pool stay poisoned and unused
+    num_blocks = first + 2 * needed
+    perm = torch.randperm(2 * needed, generator=gen, device=device) + first
     used, unused = perm[:needed], perm[needed:]
     width = max(blocks_per_seq) + 1  # one spare column: even the longest sequence has garbage after it
     # Garbage past each sequence's last block: ids of unused (poisoned) blocks, so a read past the
@@ -265,6 +267,13 @@ def draw_pages(spec: CaseSpec, gen: torch.Generator, device: torch.device) -> di
     ctx_idx = torch.nonzero(~is_new).flatten()
     return dict(kv_start_loc=kv_start, new_token_index=new_idx, context_index=ctx_idx,
                 context_slots=slots[ctx_idx], block_table=table, slot_mapping=slots[new_idx], num_blocks=num_blocks)
+
+
+def far_page(spec: CaseSpec) -> int:
+    """The first block whose element offset (block x elements per block) needs more than 31 bits."""
+    h = spec.heads
+    per_token = h.latent_dim if spec.kind == "mla" else h.num_kv_heads * h.head_dim
+    return math.ceil(2**31 / (spec.block_size * per_token))
 
 
 def scatter_to_cache(case: Case) -> None:

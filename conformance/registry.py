@@ -20,9 +20,10 @@ from .tolerance import Tolerance
 
 ENTRY_POINT_GROUP = "attention_conformance.backends"
 ALL_KV_LAYOUTS = frozenset(KV_LAYOUTS)
-ALL_FEATURES = frozenset({"causal", "non_causal", "sliding_window", "softcap", "sinks"})
-# What Capabilities() claims unless told otherwise. Features the suite adds later (sinks) are
-# opt-in, so an adapter written before them is not suddenly failing cases it never claimed.
+ALL_FEATURES = frozenset({"causal", "non_causal", "sliding_window", "softcap", "sinks", "empty_sequences"})
+# What Capabilities() claims unless told otherwise. Features the suite adds later (sinks, batches
+# holding empty sequences) are opt-in, so an adapter written before them is not suddenly failing
+# cases it never claimed.
 DEFAULT_FEATURES = frozenset({"causal", "non_causal", "sliding_window", "softcap"})
 
 

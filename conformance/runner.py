@@ -72,9 +72,13 @@ class Runner:
     """Runs cases on one device. Keeps the last few prepared cases, so running several backends
     on the same case in a row computes its references once."""
 
-    def __init__(self, device: str | torch.device = "cpu", base_seed: int = 0, keep: int = 2):
+    def __init__(self, device: str | torch.device = "cpu", base_seed: int = 0, keep: int = 2,
+                 finite_poison: bool = False):
         self.device = torch.device(device)
         self.base_seed = base_seed
+        # Poison unused cache slots with a large finite value for every backend, not NaN: then only
+        # reads that change the output fail (a backend's own finite_poison says the same for itself).
+        self.finite_poison = finite_poison
         self.results: list[Result] = []  # every result of this runner, in order (reports are written from it)
         self._keep = keep
         self._prepared: OrderedDict[tuple, _Prepared] = OrderedDict()
@@ -98,12 +102,16 @@ class Runner:
         result = Result(backend=backend.name, case=spec.id, scenario=spec.scenario, dtype=spec.dtype_name,
                         block_size=spec.block_size, heads=spec.heads.id, device=str(self.device),
                         status=Status.PASS, seed=spec.seed(self.base_seed))
-        reason = backend.skip_reason(spec, self.device)
+        try:
+            reason = backend.skip_reason(spec, self.device)
+        except Exception as e:  # noqa: BLE001 - a broken capability rule is the adapter's error, not the run's end
+            result.status, result.reason = Status.ERROR, f"{backend.name}.skip_reason raised {_error(e)}"
+            return result
         if reason:
             result.status, result.reason = Status.SKIP, reason
             return result
         prep = self.prepared(spec)
-        case = prep.inputs.materialize(finite_poison=backend.finite_poison)
+        case = prep.inputs.materialize(finite_poison=backend.finite_poison or self.finite_poison)
         self._sync()
         t_backend = time.perf_counter()
         try:
@@ -114,8 +122,7 @@ class Runner:
             result.status, result.reason = Status.SKIP, f"refused at call time: {e}"
             return result
         except Exception as e:  # noqa: BLE001 - an adapter's exception is its result, not the run's end
-            result.status = Status.ERROR
-            result.reason = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}"
+            result.status, result.reason = Status.ERROR, _error(e)
             return result
         result.backend_seconds = time.perf_counter() - t_backend
         try:
@@ -149,6 +156,10 @@ class Runner:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}"
 
 
 class _BadOutput(Exception):

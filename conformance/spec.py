@@ -39,7 +39,8 @@ class BatchSpec:
 
     Sequence i holds seq_lens[i] tokens; the last query_lens[i] of them are new this step (their
     K/V are written to the cache by the backend and their queries attend). The rest,
-    seq_lens[i] - query_lens[i], is context already in the paged cache.
+    seq_lens[i] - query_lens[i], is context already in the paged cache. A sequence of length 0
+    (and 0 new tokens) is an empty batch slot, as engines pad batches to a captured size.
     """
 
     seq_lens: tuple[int, ...]
@@ -54,11 +55,15 @@ class BatchSpec:
         _require(len(self.seq_lens) == len(self.query_lens), "BatchSpec.query_lens", self.query_lens,
                  f"must have one entry per sequence ({len(self.seq_lens)} seq_lens given)")
         for i, (s, q) in enumerate(zip(self.seq_lens, self.query_lens)):
-            _require(isinstance(s, int) and not isinstance(s, bool) and s >= 1, f"BatchSpec.seq_lens[{i}]", s,
-                     "must be an int >= 1")
-            _require(isinstance(q, int) and not isinstance(q, bool) and q >= 1, f"BatchSpec.query_lens[{i}]", q,
-                     "must be an int >= 1 (every sequence brings at least one new token)")
+            _require(isinstance(s, int) and not isinstance(s, bool) and s >= 0, f"BatchSpec.seq_lens[{i}]", s,
+                     "must be an int >= 0")
+            _require(isinstance(q, int) and not isinstance(q, bool) and q >= 0, f"BatchSpec.query_lens[{i}]", q,
+                     "must be an int >= 0")
             _require(q <= s, f"BatchSpec.query_lens[{i}]", q, f"must not exceed seq_lens[{i}] = {s}")
+            _require(q >= 1 or s == 0, f"BatchSpec.query_lens[{i}]", q,
+                     f"must be >= 1 (every sequence brings a new token) unless the sequence is empty (seq_lens[{i}] "
+                     f"= {s}, not 0)")
+        _require(any(self.seq_lens), "BatchSpec.seq_lens", self.seq_lens, "a batch needs a non-empty sequence")
 
     @property
     def context_lens(self) -> tuple[int, ...]:
@@ -75,6 +80,11 @@ class BatchSpec:
     @property
     def is_decode(self) -> bool:
         return max(self.query_lens) == 1
+
+    @property
+    def has_empty(self) -> bool:
+        """Some sequence has no tokens at all: a padded batch slot (CUDA-graph padding makes these)."""
+        return 0 in self.seq_lens
 
 
 @dataclass(frozen=True)
@@ -184,6 +194,13 @@ class CaseSpec:
     kv_layout: str = "nhd"
     sinks: bool = False  # one learned logit per query head joins every softmax (no value; not scaled or capped)
     scale: float | None = None  # softmax scale; None means head_dim ** -0.5
+    # Adversarial variants. logit_std: queries drawn so that the scaled logits have about this
+    # standard deviation (1 normally; 2500 puts the largest near 1e4, where a softmax without its
+    # max subtracted overflows). far_pages: the sequences' pages lie past the block where
+    # page index x page stride exceeds 2^31 elements (a pool of >= 2^31 elements per cache), where
+    # 32-bit offset arithmetic wraps.
+    logit_std: float = 1.0
+    far_pages: bool = False
 
     def __post_init__(self):
         _require(isinstance(self.batch, BatchSpec), "CaseSpec.batch", self.batch, "must be a BatchSpec")
@@ -205,10 +222,14 @@ class CaseSpec:
         if self.scale is None:
             object.__setattr__(self, "scale", self.heads.head_dim ** -0.5)
         _require(self.scale > 0, "CaseSpec.scale", self.scale, "must be > 0")
+        _require(isinstance(self.logit_std, (int, float)) and self.logit_std > 0, "CaseSpec.logit_std", self.logit_std,
+                 "must be a number > 0")
+        _require(isinstance(self.far_pages, bool), "CaseSpec.far_pages", self.far_pages, "must be True or False")
         if self.kind == "mla":
             for field, value, plain in (("causal", self.causal, True), ("sliding_window", self.sliding_window, None),
                                         ("softcap", self.softcap, None), ("sinks", self.sinks, False),
-                                        ("kv_layout", self.kv_layout, "nhd")):
+                                        ("kv_layout", self.kv_layout, "nhd"), ("logit_std", self.logit_std, 1.0),
+                                        ("far_pages", self.far_pages, False)):
                 _require(value == plain, f"CaseSpec.{field}", value,
                          f"must be {plain!r} in an MLA case (causal decoder attention over one latent cache)")
 
@@ -236,6 +257,8 @@ class CaseSpec:
             f.add("softcap")
         if self.sinks:
             f.add("sinks")
+        if self.batch.has_empty:
+            f.add("empty_sequences")
         return frozenset(f)
 
     @property
@@ -254,6 +277,10 @@ class CaseSpec:
             parts.append("sinks")
         if self.scale != self.heads.head_dim ** -0.5:
             parts.append(f"scale{self.scale:g}")
+        if self.logit_std != 1.0:
+            parts.append(f"logits{self.logit_std:g}")
+        if self.far_pages:
+            parts.append("farpages")
         return "-".join(parts)
 
     def seed(self, base_seed: int = 0) -> int:

@@ -26,8 +26,11 @@ def warm_up_plan(backends: list[Backend], specs: list[CaseSpec], device: torch.d
     smallest: dict[tuple, CaseSpec] = {}
     for backend in backends:
         for spec in specs:
-            key = backend.compile_key(spec)
-            if key is None or backend.skip_reason(spec, device) or (wanted and not wanted(backend, spec)):
+            try:
+                key = backend.compile_key(spec)
+                if key is None or backend.skip_reason(spec, device) or (wanted and not wanted(backend, spec)):
+                    continue
+            except Exception:  # noqa: BLE001 - the run reports the adapter's error on this case
                 continue
             key = (backend.name, key)
             if key not in smallest or _size(spec) < _size(smallest[key]):

@@ -2,6 +2,8 @@
 each switches on one real bug class. The self-tests assert the suite catches every mutant."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from conformance import Backend, Capabilities, Case, scatter_to_cache
@@ -25,13 +27,19 @@ BUGS = {
     "sinks_ignored": "attention sinks left out of the softmax",
     "fp8_scale_ignored": "fp8 cache codes read without their scale",
     "layout_ignored": "the cache's memory read as separate NHD caches whatever its layout",
+    "naive_softmax": "softmax without the row max subtracted (exp overflows at large logits)",
+    "decode_rows_by_sequence": "a decode batch's query and output rows indexed by sequence number",
+    "int32_offsets": "element offsets into the cache computed in 32 bits (wrap past 2^31 elements)",
+    "lse_base2": "LSE returned in base 2 (FlashInfer's convention) instead of natural log",
 }
+# Bugs that only cases outside the cpu profile can show (its caches are megabytes): those cases.
+NEEDS = {"int32_offsets": "far_pages"}
 
 
 class PagedTorch(Backend):
     description = "plain torch, per sequence, keys read through the block table (self-test adapter)"
     capabilities = Capabilities(kv_dtypes=frozenset({"auto", "fp8_e4m3"}), features=ALL_FEATURES,
-                                kv_layouts=ALL_KV_LAYOUTS)
+                                kv_layouts=ALL_KV_LAYOUTS, returns_lse=True)
 
     def __init__(self, bug: str | None = None):
         assert bug is None or bug in BUGS, bug
@@ -53,6 +61,9 @@ class PagedTorch(Backend):
         heads = torch.arange(spec.heads.num_q_heads)
         kv_head = heads % hkv if bug == "gqa_modulo" else heads // g
         qsl = case.query_start_loc.tolist()
+        if bug == "decode_rows_by_sequence" and case.max_query_len == 1:
+            qsl = list(range(len(qsl)))
+        lse = torch.full(case.out.shape[:2], float("nan"), dtype=torch.float32)
         for b, (s, ctx) in enumerate(zip(case.seq_lens.tolist(), case.context_lens.tolist())):
             n = {"last_token_dropped": s - 1, "read_past_end": s + 1,
                  "last_block_len_wrong": -(-s // bs) * bs}.get(bug, s)
@@ -63,8 +74,8 @@ class PagedTorch(Backend):
                 slots = int(case.block_table[b, 0]) * bs + pos % bs
             else:
                 slots = case.block_table[b, pos // bs].long() * bs + pos % bs
-            k = k_cache[slots // bs, slots % bs].double()[:, kv_head] * k_scale  # [n, Hq, D]
-            v = v_cache[slots // bs, slots % bs].double()[:, kv_head] * v_scale
+            k = _read(k_cache, slots, bug).double()[:, kv_head] * k_scale  # [n, Hq, D]
+            v = _read(v_cache, slots, bug).double()[:, kv_head] * v_scale
             q0, q1 = qsl[b], qsl[b + 1]
             if bug == "query_offsets_shifted":
                 q0, q1 = min(q0 + 1, case.q.shape[0] - (q1 - q0)), min(q1 + 1, case.q.shape[0])
@@ -85,10 +96,27 @@ class PagedTorch(Backend):
             if case.sinks is not None and bug != "sinks_ignored":  # one more logit, with a zero value row
                 logits = torch.cat([logits, case.sinks.double()[:, None, None].expand(-1, q1 - q0, 1)], -1)
                 v = torch.cat([v, torch.zeros_like(v[:1])])
-            out = torch.einsum("hqk,khd->qhd", torch.softmax(logits, -1), v)
+            if bug == "naive_softmax":
+                p = torch.exp(logits)
+                p = p / p.sum(-1, keepdim=True)
+            else:
+                p = torch.softmax(logits, -1)
+            out = torch.einsum("hqk,khd->qhd", p, v)
             rows = slice(qsl[b], qsl[b + 1] - (1 if bug == "rows_unwritten" else 0))
             case.out[rows] = out[: rows.stop - rows.start].to(case.out.dtype)
-        return case.out
+            lse[rows] = torch.logsumexp(logits, -1).T[: rows.stop - rows.start].float()
+        return case.out, lse / math.log(2) if bug == "lse_base2" else lse
+
+
+def _read(cache: torch.Tensor, slots: torch.Tensor, bug: str | None) -> torch.Tensor:
+    """The keys (or values) of `slots`, [n, Hkv, D], from a [num_blocks, block_size, Hkv, D] cache."""
+    bs = cache.shape[1]
+    if bug != "int32_offsets" or not cache.is_contiguous():  # the bug as an NHD kernel has it
+        return cache[slots // bs, slots % bs]
+    row = cache.shape[2] * cache.shape[3]  # elements per slot
+    start = (slots * row + 2**31) % 2**32 - 2**31  # the int32 product: wraps past 2^31
+    index = start[:, None] % cache.numel() + torch.arange(row)
+    return cache.reshape(-1)[index].view(-1, *cache.shape[2:])
 
 
 def _as_nhd_memory(case: Case):

@@ -80,7 +80,8 @@ def test_flash_torch_adapter_passes_on_either_torch(fake, block_size, torch_adap
                               else (-1, -1))),
     ("LSE left as [Hq, T]", ("_lse_tokens_first", lambda lse, case: lse)),
 ])
-def test_a_broken_translation_is_caught(fakes, monkeypatch, bug, patch):
+def test_a_broken_translation_is_caught(fakes, monkeypatch, bug, patch, record_property):
+    record_property("mutant", f"flash-attn2 adapter: {bug}")
     monkeypatch.setattr(fa, *patch)
     results = _results(_adapters()["fa2"], [c for c in CASES if "-sw" in c.id or c.heads.num_q_heads == 8][:12])
     assert any(r.status in (Status.FAIL, Status.ERROR) for r in results), bug

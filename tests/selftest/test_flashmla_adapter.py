@@ -36,7 +36,8 @@ def test_flashmla_adapter_passes_against_its_contract(fake):
     assert not bad, bad[:3]
 
 
-def test_flashmla_lse_layout_slip_is_caught(fake, monkeypatch):
+def test_flashmla_lse_layout_slip_is_caught(fake, monkeypatch, record_property):
+    record_property("mutant", "flashmla-lse-layout-slip")
     real = fake_flashmla.flash_mla_with_kvcache
 
     def lse_read_tokens_major(*args, **kwargs):  # the adapter's LSE [B, H, s_q] taken as [B, s_q, H]

@@ -1,5 +1,11 @@
 """Invariants of the paged KV cache a backend is handed."""
+import dataclasses
+import hashlib
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +17,7 @@ from fixtures import SCENARIOS
 CASES = [
     CaseSpec(name, SCENARIOS[name].cpu, HeadConfig(4, 2, 16), torch.float16, bs, causal=SCENARIOS[name].causal)
     for name in ("mixed_small", "chunked_context_prefill", "kv_shorter_than_block", "ragged_many_small",
-                 "encoder_prefill")
+                 "encoder_prefill", "padded_decode", "empty_sequences")
     for bs in (1, 16, 48)
 ]
 
@@ -91,6 +97,31 @@ def test_finite_poison_mode():
     case = make_inputs(spec, "cpu", 0).materialize(finite_poison=True)
     assert math.isfinite(case.poison) and case.poison >= 1e3
     assert not case.k_cache.isnan().any() and (case.k_cache == case.poison).any()
+
+
+def test_far_pages_lie_past_2_to_the_31_elements():
+    """Checked on the draw alone: the cache itself would take gigabytes (test_mutants runs one)."""
+    from conformance.paged import draw_pages, far_page
+
+    spec = CASES[0].replace(far_pages=True)
+    pages = draw_pages(spec, torch.Generator().manual_seed(0), torch.device("cpu"))
+    per_block = spec.block_size * spec.heads.num_kv_heads * spec.heads.head_dim
+    used = pages["block_table"][pages["block_table"] != 0].long()
+    assert int(used.min()) * per_block >= 2**31 > (far_page(spec) - 1) * per_block
+    assert pages["num_blocks"] * per_block >= 2**31 and int(used.max()) < pages["num_blocks"]
+    plain = draw_pages(CASES[0], torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert torch.equal(plain["block_table"] + far_page(spec) - 1, pages["block_table"])  # the same draw, moved
+
+
+def test_extreme_logits_reach_1e4():
+    from conformance.matrix import EXTREME_LOGIT_STD
+
+    spec = CASES[0].replace(logit_std=EXTREME_LOGIT_STD, dtype=torch.float32)
+    inputs = make_inputs(spec, "cpu", spec.seed())
+    g = spec.heads.group_size
+    logits = torch.einsum("thd,nhd->thn", inputs.q.double(), inputs.k.double().repeat_interleave(g, 1)) * spec.scale
+    assert 0.8 * EXTREME_LOGIT_STD < float(logits.std()) < 1.2 * EXTREME_LOGIT_STD
+    assert float(logits.abs().max()) > 7e3
 
 
 def test_inputs_are_bit_identical_whatever_ran_before():
@@ -180,3 +211,32 @@ def test_cache_check_sees_a_write_in_the_wrong_place_of_a_strided_layout(layout)
     spec = CASES[1].replace(kv_layout=layout)  # block size 16: with 1, HND and NHD memory coincide
     result = Runner("cpu").run(WritesAsNhd(), spec)
     assert result.status == Status.FAIL and "k_cache:" in result.reason, result.reason
+
+
+def _digest(spec) -> str:
+    """Every field of a case's drawn inputs, as bytes."""
+    h = hashlib.sha256()
+    inputs = make_inputs(spec, "cpu", spec.seed(7))
+    for f in dataclasses.fields(inputs):
+        x = getattr(inputs, f.name)
+        h.update(x.contiguous().view(torch.uint8).numpy().tobytes() if isinstance(x, torch.Tensor) else repr(x).encode())
+    return h.hexdigest()
+
+
+def _some_cases():
+    from conformance.matrix import select_cases
+
+    specs = [s for s in select_cases("cpu") if s.scenario == "mixed_small" and s.block_size == 16][:6]
+    return specs + [s for s in select_cases("cpu", kind="mla") if s.scenario == "small_decode"][:2]
+
+
+def test_inputs_are_bit_identical_in_another_process_in_another_order():
+    """What lets pytest-xdist, process isolation and reruns judge the very same data: a case's
+    inputs depend on its id and the base seed only (not on order, process, RNG state or hash salt)."""
+    here = [_digest(s) for s in _some_cases()]
+    code = ("import sys, torch; sys.path[:0] = sys.argv[1:]; torch.manual_seed(123); import test_paged as t; "
+            "print(' '.join(reversed([t._digest(s) for s in reversed(t._some_cases())])))")
+    paths = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).parent)]
+    there = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout.split()
+    assert len(here) == 8 and there == here

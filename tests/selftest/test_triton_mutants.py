@@ -84,9 +84,10 @@ def runner():
 
 
 @pytest.mark.parametrize("name", MUTANTS)
-def test_kernel_mutant_is_caught(name, runner, tmp_path):
+def test_kernel_mutant_is_caught(name, runner, tmp_path, record_property):
     bug, old, new, split, case_ids = MUTANTS[name]
     mutant = TritonBackend(f"triton-mutant-{name}", split, kernels=mutant_module(name, old, new, tmp_path))
+    record_property("mutant", mutant.name)
     real = TritonBackend("triton-real", split)
     for spec in (CASES[i] for i in case_ids):
         assert runner.run(real, spec).status == Status.PASS, spec.id  # the case itself is sound
@@ -95,10 +96,11 @@ def test_kernel_mutant_is_caught(name, runner, tmp_path):
 
 
 @pytest.mark.parametrize("name", MLA_MUTANTS)
-def test_mla_kernel_mutant_is_caught(name, runner, tmp_path):
+def test_mla_kernel_mutant_is_caught(name, runner, tmp_path, record_property):
     bug, old, new, case_ids = MLA_MUTANTS[name]
     mutant = MLATriton(kernels=mutant_module(name, old, new, tmp_path, triton_mla_kernels))
     mutant.name = f"mla-triton-mutant-{name}"
+    record_property("mutant", mutant.name)
     for spec in (CASES[i] for i in case_ids):
         assert runner.run(MLATriton(), spec).status == Status.PASS, spec.id  # the case itself is sound
         result = runner.run(mutant, spec)
