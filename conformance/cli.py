@@ -2,7 +2,9 @@
 `python -m conformance list`: backends (with availability) and scenarios.
 `python -m conformance report A.json [B.json.xz ...]`: several JSON reports as one Markdown table.
 `python -m conformance bench --scenario large_decode --backend triton,flashinfer-decode-fa2`: latency and GB/s.
-`python -m conformance warm-up --backend flashinfer-prefill-fa2 -j 8`: only build JIT-compiled kernels."""
+`python -m conformance warm-up --backend flashinfer-prefill-fa2 -j 8`: only build JIT-compiled kernels.
+`python -m conformance flake-check --seeds 20`: the same cases over 20 base seeds; any pair that
+fails on one seed and passes on another is reported."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +13,8 @@ import time
 
 from .matrix import default_device, default_profile, select_cases, split_names
 from .registry import RegistryError, load_backends, select_backends
-from .report import BAD, environment, format_table, read_json, summarize, write_json
+from .isolation import add_run_options, make_runner
+from .report import BAD, environment, flake_summary, format_table, read_json, summarize, write_json
 from .runner import Runner
 from .spec import DTYPES, KV_DTYPES, CaseSpec, SpecError
 from .warmup import warm_up
@@ -22,16 +25,24 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the conformance matrix and print a backend x scenario table")
     w = sub.add_parser("warm-up", help="only build the JIT-compiled kernel variants a run would need")
-    for cmd in (run, w):  # what selects the cases, the same for both
+    flake = sub.add_parser("flake-check", help="run the cases over several base seeds; report pairs that pass on "
+                           "one seed and fail on another")
+    for cmd in (run, w, flake):  # what selects the cases, the same for all
         cmd.add_argument("--backend", action="append", help="backend name(s), comma-separated or repeated (default: all)")
         cmd.add_argument("--scenario", action="append", help="scenario name(s) (default: all of the profile)")
         cmd.add_argument("--profile", choices=("cpu", "gpu"), help="case sizes (default: gpu with CUDA, else cpu)")
         cmd.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
         cmd.add_argument("--load", action="append", default=[], help="also import this adapter module")
+    for cmd in (run, flake):  # how the cases run
+        cmd.add_argument("--warm-up-jobs", type=int, default=4, metavar="N",
+                         help="build JIT-compiled kernel variants in N processes before the run (0: off; default 4)")
+        add_run_options(cmd.add_argument)
     run.add_argument("--seed", type=int, default=0, help="base seed mixed into every case's seed (default 0)")
     run.add_argument("--json", default="conformance-report.json", help="JSON report path ('' to skip)")
-    run.add_argument("--warm-up-jobs", type=int, default=4, metavar="N",
-                     help="build JIT-compiled kernel variants in N processes before the run (0: off; default 4)")
+    flake.add_argument("--seeds", type=int, default=20, help="how many base seeds (default 20)")
+    flake.add_argument("--first-seed", type=int, default=0, help="the first base seed (default 0)")
+    flake.add_argument("--json", default="", help="also write every seed's results here, one JSON report per seed "
+                       "(PATH with .seed<N> before .json)")
     w.add_argument("-j", "--jobs", type=int, default=4, help="worker processes (default 4)")
     rep = sub.add_parser("report", help="merge JSON reports into one Markdown support table")
     rep.add_argument("reports", nargs="+", help="JSON reports written by `run --json` or `pytest --json-report`")
@@ -74,21 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         warm_up(backends, cases, device, args.jobs, tuple(args.load))
         return 0
     warm_up(backends, cases, device, args.warm_up_jobs, tuple(args.load))
-    runner = Runner(device, base_seed=args.seed)
     # Backends inner: a case's references are computed once for all of them. Each backend meets
     # the cases of its kind (dense or MLA).
     pairs = [(b, spec) for spec in cases for b in backends if b.kind == spec.kind]
-    total, results, start, last = len(pairs), [], time.time(), 0.0
-    print(f"{total} backend x case pairs ({len(cases)} cases, {len(backends)} backends) on {device} "
-          f"(profile {profile}, seed {args.seed})", file=sys.stderr)
-    for backend, spec in pairs:
-        results.append(runner.run(backend, spec))
-        now = time.time()
-        if now - last > 5 or len(results) == total:
-            bad = sum(r.status in BAD for r in results)
-            print(f"[{len(results)}/{total}] {now - start:.0f}s, {bad} failing; at {results[-1].id}",
-                  file=sys.stderr, flush=True)
-            last = now
+    print(f"{len(pairs)} backend x case pairs ({len(cases)} cases, {len(backends)} backends) on {device} "
+          f"(profile {profile})", file=sys.stderr)
+    if args.command == "flake-check":
+        return _flake_check(args, pairs, device, profile, backends)
+    start = time.time()
+    results = _run_pairs(pairs, _runner(args, device, args.seed))
     print(format_table(results))
     print(summarize(results))
     print(f"{len(results)} results in {time.time() - start:.1f}s")
@@ -97,6 +102,42 @@ def main(argv: list[str] | None = None) -> int:
                                         "backends": {b.name: b.description for b in backends}})
         print(f"JSON report: {args.json}")
     return 1 if any(r.status in BAD for r in results) else 0
+
+
+def _runner(args, device, seed: int):
+    return make_runner(device, seed, args.isolate, args.case_timeout, args.poison, tuple(args.load))
+
+
+def _run_pairs(pairs, runner, label: str = "") -> list:
+    """Every (backend, case) pair through the runner, with a progress line every few seconds."""
+    results, start, last = [], time.time(), 0.0
+    with runner:
+        for backend, spec in pairs:
+            results.append(runner.run(backend, spec))
+            now = time.time()
+            if now - last > 5 or len(results) == len(pairs):
+                bad = sum(r.status in BAD for r in results)
+                print(f"{label}[{len(results)}/{len(pairs)}] {now - start:.0f}s, {bad} failing; at {results[-1].id}",
+                      file=sys.stderr, flush=True)
+                last = now
+    return results
+
+
+def _flake_check(args, pairs, device, profile, backends) -> int:
+    by_seed, start = {}, time.time()
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        by_seed[seed] = _run_pairs(pairs, _runner(args, device, seed), f"seed {seed} ")
+        if args.json:
+            write_json(f"{args.json.removesuffix('.json')}.seed{seed}.json", by_seed[seed],
+                       {"profile": profile, "seed": seed, "environment": environment(device),
+                        "backends": {b.name: b.description for b in backends}})
+    text, clean = flake_summary(by_seed)
+    print(f"flake check: {len(pairs)} backend x case pairs x {args.seeds} base seeds "
+          f"({args.first_seed}..{args.first_seed + args.seeds - 1}) on {device}, profile {profile}, "
+          f"in {time.time() - start:.0f}s")
+    print(text)
+    print("no pair failed on any seed" if clean else "FAILING or FLAKY pairs above")
+    return 0 if clean else 1
 
 
 def _report(paths: list[str], merged_path: str = "") -> int:

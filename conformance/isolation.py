@@ -25,20 +25,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from .registry import Backend, load_backends
-from .runner import Result, Runner, Status
+from .runner import Result, Runner, Status, blank_result, settled_before_run
 from .spec import CaseSpec
 
 if TYPE_CHECKING:
     from typing import Self  # 3.11+, and only read by type checkers
 
 _GRACE = 2.0  # seconds from SIGTERM (the worker dumps its Python stack on it) to SIGKILL
-
-
-def blank_result(backend: str, spec: CaseSpec, device: torch.device, base_seed: int) -> Result:
-    """A Result before anything ran, filled in as Runner starts its own (status PASS)."""
-    return Result(backend=backend, case=spec.id, scenario=spec.scenario, dtype=spec.dtype_name,
-                  block_size=spec.block_size, heads=spec.heads.id, device=str(device),
-                  status=Status.PASS, seed=spec.seed(base_seed))
 
 
 def _set(result: Result, status: Status, reason: str) -> Result:
@@ -50,9 +43,10 @@ class IsolatedRunner:
     """Runner's interface (run, results, device, base_seed), with each case run in a worker process."""
 
     def __init__(self, device: str | torch.device = "cpu", base_seed: int = 0, timeout: float = 300.0,
-                 modules: tuple[str, ...] = (), start_timeout: float = 300.0):
+                 modules: tuple[str, ...] = (), start_timeout: float = 300.0, finite_poison: bool = False):
         self.device = torch.device(device)
         self.base_seed, self.timeout, self.start_timeout = base_seed, timeout, start_timeout
+        self.finite_poison = finite_poison
         self.modules = tuple(modules)
         self.results: list[Result] = []
         self._proc: multiprocessing.process.BaseProcess | None = None
@@ -70,13 +64,8 @@ class IsolatedRunner:
 
     def _run(self, backend: Backend, spec: CaseSpec) -> Result:
         result = blank_result(backend.name, spec, self.device, self.base_seed)
-        try:  # decided here, so a skipped case never starts a worker
-            reason = backend.skip_reason(spec, self.device)
-        except Exception as e:  # noqa: BLE001 - a broken capability rule is the adapter's error, not the run's end
-            return _set(result, Status.ERROR, f"{backend.name}.skip_reason raised {type(e).__name__}: {e}\n"
-                                              f"{traceback.format_exc(limit=-3)}")
-        if reason:
-            return _set(result, Status.SKIP, reason)
+        if settled_before_run(result, backend, spec):  # here, so a skipped case never starts a worker
+            return result
         try:  # by name where the worker's registry holds this very object, else pickled
             registered = load_backends(self.modules).get(backend.name) is backend
             payload = None if registered else pickle.dumps(backend)
@@ -114,7 +103,7 @@ class IsolatedRunner:
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         conn, child = ctx.Pipe()
         proc = ctx.Process(target=_worker, name="conformance-worker", daemon=True,
-                           args=(child, str(self.device), self.base_seed, self.modules,
+                           args=(child, str(self.device), self.base_seed, self.finite_poison, self.modules,
                                  torch.get_num_threads(), self._stderr))
         try:
             proc.start()
@@ -186,11 +175,12 @@ def _cuda_lost(device: torch.device) -> str:
         (torch.ones(1, device=device) + 1).item()
         return ""
     except Exception as e:  # noqa: BLE001 - any failure means the context is gone
-        return f"{type(e).__name__}: {e}"
+        first = str(e).strip().partition("\n")[0]  # the error; torch's advice follows it
+        return f"{type(e).__name__}: {first}"
 
 
-def _worker(conn: Connection, device: str, base_seed: int, modules: tuple[str, ...], threads: int,
-            stderr_path: str) -> None:
+def _worker(conn: Connection, device: str, base_seed: int, finite_poison: bool, modules: tuple[str, ...],
+            threads: int, stderr_path: str) -> None:
     # fd 2, not sys.stderr alone: C-level messages (CUDA errors, a segfault's report) land there too.
     fd = os.open(stderr_path, os.O_WRONLY | os.O_APPEND)
     os.dup2(fd, 2)
@@ -201,7 +191,7 @@ def _worker(conn: Connection, device: str, base_seed: int, modules: tuple[str, .
     try:
         torch.set_num_threads(threads)  # as the parent: CPU reductions, and so the numbers, depend on it
         load_backends(modules)
-        runner = Runner(device, base_seed)
+        runner = Runner(device, base_seed, finite_poison=finite_poison)
         if runner.device.type == "cuda":
             torch.ones(1, device=runner.device).sum().item()  # the context, before "ready"
     except BaseException:  # noqa: BLE001 - any failure here is the reason the case cannot run
@@ -224,3 +214,25 @@ def _worker(conn: Connection, device: str, base_seed: int, modules: tuple[str, .
         if lost:
             sys.stderr.flush()
             os._exit(1)  # no CUDA teardown on a broken context; the parent starts a fresh worker
+
+
+def add_run_options(add_option) -> None:
+    """How cases run, the same options for `python -m conformance` and pytest (argparse's
+    add_argument or pytest's addoption)."""
+    add_option("--isolate", choices=("auto", "on", "off"), default="auto",
+               help="run each backend's cases in a worker process, so a crash or hang is that case's CRASH or "
+                    "TIMEOUT and the run goes on (auto: on with CUDA, off on CPU)")
+    add_option("--case-timeout", type=float, default=300.0, metavar="SECONDS",
+               help="isolated runs: a case with no result after this long is a TIMEOUT (default 300)")
+    add_option("--poison", choices=("nan", "finite"), default="nan",
+               help="what fills unused cache slots: NaN shows any read of one; a large finite value only reads that "
+                    "change the output (default nan; backends that mask by multiplying with 0 always get finite)")
+
+
+def make_runner(device: torch.device, base_seed: int, isolate: str = "auto", case_timeout: float = 300.0,
+                poison: str = "nan", modules: tuple[str, ...] = ()) -> Runner | IsolatedRunner:
+    """The runner the options above ask for."""
+    finite = poison == "finite"
+    if isolate == "on" or (isolate == "auto" and torch.device(device).type == "cuda"):
+        return IsolatedRunner(device, base_seed, timeout=case_timeout, modules=modules, finite_poison=finite)
+    return Runner(device, base_seed, finite_poison=finite)

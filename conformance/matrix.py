@@ -46,7 +46,8 @@ class Profile:
     Main grid: every scenario x head config x dtype x block size, each run plain, with a sliding
     window (causal scenarios), a logit softcap, attention sinks and an fp8 KV cache. Sweep: a few
     scenarios over more head dims and block sizes (plain cases only), so odd shapes are covered
-    without multiplying the whole grid. Layouts: a few scenarios over the main heads, dtypes and
+    without multiplying the whole grid; spot heads (more GQA groups where a compile per shape makes
+    the sweep dear) on the first sweep scenario and block size. Layouts: a few scenarios over the main heads, dtypes and
     block sizes with the cache in every non-default layout (plain cases). Adversarial: a few
     scenarios over the main heads, dtypes and block sizes with logits near 1e4, and (full size
     only: the caches take gigabytes) a few over the first head config with every page past 2^31
@@ -62,13 +63,14 @@ class Profile:
     sweep_scenarios: tuple[str, ...] = ()
     sweep_heads: tuple[HeadConfig, ...] = ()
     sweep_block_sizes: tuple[int, ...] = ()
+    spot_heads: tuple[HeadConfig, ...] = ()  # the first sweep scenario at the first block size only
     layout_scenarios: tuple[str, ...] = ()
     extreme_logit_scenarios: tuple[str, ...] = ()
     far_page_scenarios: tuple[str, ...] = ()
     mla: MLAProfile | None = None
 
     def __post_init__(self):
-        ids = [h.id for h in self.heads + self.sweep_heads]
+        ids = [h.id for h in self.heads + self.sweep_heads + self.spot_heads]
         if len(set(ids)) != len(ids):
             raise SpecError(f"Profile({self.name}).heads = {ids}: head-config ids must be unique within a profile")
 
@@ -94,6 +96,9 @@ class Profile:
                         if heads in self.heads and bs in self.block_sizes:
                             continue  # in the main grid
                         out += [CaseSpec(sc.name, batch, heads, dtype, bs, causal=sc.causal) for dtype in self.dtypes]
+            if self.sweep_scenarios[:1] == (sc.name,):
+                out += [CaseSpec(sc.name, batch, heads, dtype, self.block_sizes[0], causal=sc.causal)
+                        for heads in self.spot_heads for dtype in self.dtypes]
             if sc.name in self.layout_scenarios:
                 out += [CaseSpec(sc.name, batch, heads, dtype, bs, causal=sc.causal, kv_layout=layout)
                         for heads in self.heads for dtype in self.dtypes for bs in self.block_sizes

@@ -76,6 +76,10 @@ def format_table(results: list[Result], markdown: bool = False) -> str:
         lines = ["| " + " | ".join(row) + " |" for row in rows]
         lines.insert(1, "|" + " --- |" * len(rows[0]))
         return "\n".join(lines)
+    return _text_table(rows)
+
+
+def _text_table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -105,3 +109,39 @@ def summarize(results: list[Result]) -> str:
         lines.append("skip reasons:")
         lines += [f"  {b}: {reason} ({n} cases)" for (b, reason), n in sorted(reasons.items())]
     return "\n".join(lines)
+
+
+def flake_summary(by_seed: dict[int, list[Result]]) -> tuple[str, bool]:
+    """The same backend x case pairs run over several base seeds: per backend, how many pairs ran,
+    how many fail on every seed, how many are flaky (pass on one seed, fail on another), and the
+    pair that came closest to its tolerance. Returns the text and whether every pair passed."""
+    runs: dict[str, dict[int, Result]] = defaultdict(dict)
+    for seed, results in by_seed.items():
+        for r in results:
+            if r.status != Status.SKIP:
+                runs[r.id][seed] = r
+    rows = [["backend", "pairs", "seeds", "always failing", "flaky", "worst err/tol (seed, case)"]]
+    details = []
+    for backend in dict.fromkeys(r.backend for rs in by_seed.values() for r in rs):
+        pairs = {pid: by for pid, by in runs.items() if next(iter(by.values())).backend == backend}
+        if not pairs:
+            continue
+        always = flaky = 0
+        worst = (-1.0, None, "")
+        for pid, by in pairs.items():
+            bad = sorted(s for s, r in by.items() if r.status in BAD)
+            if bad and len(bad) == len(by):
+                always += 1
+            elif bad:
+                flaky += 1
+            if bad:
+                details.append(f"  {'flaky' if len(bad) < len(by) else 'always failing'} {pid}: "
+                               f"{by[bad[0]].status.value} on seeds {bad} of {len(by)}: "
+                               f"{(by[bad[0]].reason.splitlines() or [''])[0]}")
+            for s, r in by.items():
+                if r.ratio is not None and r.ratio > worst[0]:
+                    worst = (r.ratio, s, r.case)
+        rows.append([backend, str(len(pairs)), str(len(by_seed)), str(always), str(flaky),
+                     f"{worst[0]:.2f} ({worst[1]}, {worst[2]})" if worst[1] is not None else "-"])
+    more = [f"  ... and {len(details) - 50} more"] if len(details) > 50 else []
+    return "\n".join([_text_table(rows), *details[:50], *more]), not details

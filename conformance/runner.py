@@ -97,18 +97,16 @@ class Runner:
         self.results.append(result)
         return result
 
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass  # nothing to release; IsolatedRunner stops its worker here
+
     def _run(self, backend: Backend, spec: CaseSpec) -> Result:
         t0 = time.perf_counter()
-        result = Result(backend=backend.name, case=spec.id, scenario=spec.scenario, dtype=spec.dtype_name,
-                        block_size=spec.block_size, heads=spec.heads.id, device=str(self.device),
-                        status=Status.PASS, seed=spec.seed(self.base_seed))
-        try:
-            reason = backend.skip_reason(spec, self.device)
-        except Exception as e:  # noqa: BLE001 - a broken capability rule is the adapter's error, not the run's end
-            result.status, result.reason = Status.ERROR, f"{backend.name}.skip_reason raised {_error(e)}"
-            return result
-        if reason:
-            result.status, result.reason = Status.SKIP, reason
+        result = blank_result(backend.name, spec, self.device, self.base_seed)
+        if settled_before_run(result, backend, spec):
             return result
         prep = self.prepared(spec)
         case = prep.inputs.materialize(finite_poison=backend.finite_poison or self.finite_poison)
@@ -156,6 +154,26 @@ class Runner:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def blank_result(backend: str, spec: CaseSpec, device: torch.device, base_seed: int) -> Result:
+    """A Result before anything ran (status PASS until judged otherwise)."""
+    return Result(backend=backend, case=spec.id, scenario=spec.scenario, dtype=spec.dtype_name,
+                  block_size=spec.block_size, heads=spec.heads.id, device=str(device),
+                  status=Status.PASS, seed=spec.seed(base_seed))
+
+
+def settled_before_run(result: Result, backend: Backend, spec: CaseSpec) -> bool:
+    """Make `result` a SKIP (the backend cannot run the case here, with the reason) or an ERROR (its
+    rules raised) without running anything; False when the case is to run."""
+    try:
+        reason = backend.skip_reason(spec, torch.device(result.device))
+    except Exception as e:  # noqa: BLE001 - a broken capability rule is the adapter's error, not the run's end
+        result.status, result.reason = Status.ERROR, f"{backend.name}.skip_reason raised {_error(e)}"
+        return True
+    if reason:
+        result.status, result.reason = Status.SKIP, reason
+    return bool(reason)
 
 
 def _error(e: Exception) -> str:

@@ -31,3 +31,36 @@ def test_report_merges_reruns_and_writes_one_json(tmp_path, capsys):
     meta, results = read_json(merged)
     assert len(results) == len({r.id for r in results}) == len(read_json(again)[1])  # the rerun replaced
     assert meta["merged_from"] == ["a.json", "b.json"] and "`a.json`, `b.json`: profile cpu" in md
+
+
+def test_flake_check_runs_every_seed_and_isolated_runs_match(tmp_path, capsys):
+    args = ["--backend", "sdpa", "--scenario", "small_decode"]
+    assert main(["flake-check", *args, "--seeds", "2", "--first-seed", "5", "--json", str(tmp_path / "f.json")]) == 0
+    out = capsys.readouterr().out
+    assert "x 2 base seeds (5..6)" in out and "no pair failed on any seed" in out
+    seeds = [read_json(str(tmp_path / f"f.seed{s}.json")) for s in (5, 6)]
+    assert [meta["seed"] for meta, _ in seeds] == [5, 6]
+    assert seeds[0][1][0].seed != seeds[1][1][0].seed  # other data on each seed
+    # The same run isolated in a worker process gives the same numbers.
+    assert main(["run", *args, "--seed", "5", "--isolate", "on", "--json", str(tmp_path / "iso.json")]) == 0
+    fields = ("id", "status", "err", "ref_err", "tol")
+    assert [[getattr(r, f) for f in fields] for r in read_json(str(tmp_path / "iso.json"))[1]] == \
+        [[getattr(r, f) for f in fields] for r in seeds[0][1]]
+
+
+def test_flake_summary_names_pairs_that_fail_on_some_seeds_only():
+    from conformance import Result, Status
+    from conformance.report import flake_summary
+
+    def result(case, status, ratio):
+        return Result(backend="b", case=case, scenario="s", dtype="fp16", block_size=16, heads="h", device="cpu",
+                      status=status, ratio=ratio, reason="output: max err" if status == Status.FAIL else "")
+
+    by_seed = {0: [result("steady", Status.PASS, 0.2), result("flaky", Status.PASS, 0.9), result("bad", Status.FAIL, 3)],
+               1: [result("steady", Status.PASS, 0.3), result("flaky", Status.FAIL, 1.1), result("bad", Status.FAIL, 2)]}
+    text, clean = flake_summary(by_seed)
+    assert not clean
+    assert "flaky b-flaky: FAIL on seeds [1] of 2: output: max err" in text
+    assert "always failing b-bad: FAIL on seeds [0, 1] of 2" in text
+    row = next(line for line in text.splitlines() if line.startswith("b "))
+    assert row.split()[1:5] == ["3", "2", "1", "1"] and "3.00 (0, bad)" in row

@@ -13,10 +13,13 @@ H = HeadConfig(4, 1, 64)
     ([], [], "BatchSpec.seq_lens = (): a batch needs at least one sequence"),
     ([8, 8], [1], "BatchSpec.query_lens = (1,): must have one entry per sequence (2 seq_lens given)"),
     ([8, 4], [1, 5], "BatchSpec.query_lens[1] = 5: must not exceed seq_lens[1] = 4"),
-    ([8, 0], [1, 1], "BatchSpec.seq_lens[1] = 0: must be an int >= 1"),
-    ([8, -3], [1, 1], "BatchSpec.seq_lens[1] = -3: must be an int >= 1"),
-    ([8], [0], "BatchSpec.query_lens[0] = 0: must be an int >= 1"),
-    ([8.0], [1], "BatchSpec.seq_lens[0] = 8.0: must be an int >= 1"),
+    ([8, 0], [1, 1], "BatchSpec.query_lens[1] = 1: must not exceed seq_lens[1] = 0"),
+    ([8, -3], [1, 1], "BatchSpec.seq_lens[1] = -3: must be an int >= 0"),
+    ([8], [0], "BatchSpec.query_lens[0] = 0: must be >= 1 (every sequence brings a new token) unless the sequence "
+               "is empty (seq_lens[0] = 8, not 0)"),
+    ([0, 0], [0, 0], "BatchSpec.seq_lens = (0, 0): a batch needs a non-empty sequence"),
+    ([8, 2], [1, -1], "BatchSpec.query_lens[1] = -1: must be an int >= 0"),
+    ([8.0], [1], "BatchSpec.seq_lens[0] = 8.0: must be an int >= 0"),
     ("abc", [1], "BatchSpec.seq_lens = 'abc': must be a list or tuple of ints"),
 ])
 def test_batch_spec_errors_name_field_value_and_rule(seq, query, message):
@@ -27,7 +30,19 @@ def test_batch_spec_errors_name_field_value_and_rule(seq, query, message):
 
 def test_batch_spec_derived_lengths():
     b = BatchSpec([32, 40, 48], [1, 5, 48])
-    assert b.context_lens == (31, 35, 0) and b.num_query_tokens == 54 and not b.is_decode
+    assert b.context_lens == (31, 35, 0) and b.num_query_tokens == 54 and not b.is_decode and not b.has_empty
+    padded = BatchSpec([0, 9, 0], [0, 1, 0])
+    assert padded.is_decode and padded.has_empty and padded.num_query_tokens == 1
+
+
+def test_empty_sequences_and_adversarial_variants_in_the_id_and_features():
+    spec = CaseSpec("padded", BatchSpec([0, 9], [0, 1]), H, torch.float16, 16)
+    assert spec.features == {"causal", "empty_sequences"}
+    spec = spec.replace(logit_std=2500.0, far_pages=True)
+    assert spec.id == "padded-fp16-bs16-gqa4-d64-logits2500-farpages"
+    for field, value, rule in (("logit_std", 0, "must be a number > 0"), ("far_pages", 1, "must be True or False")):
+        with pytest.raises(SpecError, match=f"CaseSpec.{field} = {value!r}: {rule}"):
+            spec.replace(**{field: value})
 
 
 @pytest.mark.parametrize("kwargs, message", [
