@@ -61,6 +61,8 @@ class SdpaBackend(Backend):
         kv_start = kv_start.tolist()
         spec = case.spec
         for i in range(len(q_start) - 1):
+            if q_start[i] == q_start[i + 1]:
+                continue  # an empty sequence: no rows to write (and SDPA's fused kernels take no empty call)
             q = case.q[q_start[i]:q_start[i + 1]].transpose(0, 1)[None]  # [1, Hq, q_len, D]
             k = k_all[kv_start[i]:kv_start[i + 1]].transpose(0, 1)[None].repeat_interleave(group, dim=1)
             v = v_all[kv_start[i]:kv_start[i + 1]].transpose(0, 1)[None].repeat_interleave(group, dim=1)

@@ -35,7 +35,11 @@ def _catalog() -> dict[str, Scenario]:
 
 
 # Logits of std 2500 reach about 1e4 among a case's keys: exp() of that overflows even in float64
-# unless the row's max is subtracted, and fp16 products q.k before the scale overflow too.
+# unless the row's max is subtracted, and fp16 products q.k before the scale overflow too. In fp16
+# and bf16 only: in fp32, where nothing overflows, the output at such logits hangs on the last bits
+# of the scores (a near-tie of the two largest turns a 1e-3 summation-order difference into the
+# output), which no noise estimate from one reference calibrates (seen on an H100: sdpa-math,
+# triton 1.2-12x the tolerance).
 EXTREME_LOGIT_STD = 2500.0
 
 
@@ -105,7 +109,8 @@ class Profile:
                         for layout in KV_LAYOUTS if layout != "nhd"]
             if sc.name in self.extreme_logit_scenarios:
                 out += [CaseSpec(sc.name, batch, heads, dtype, bs, causal=sc.causal, logit_std=EXTREME_LOGIT_STD)
-                        for heads in self.heads for dtype in self.dtypes for bs in self.block_sizes]
+                        for heads in self.heads for dtype in self.dtypes if dtype != torch.float32
+                        for bs in self.block_sizes]
             if sc.name in self.far_page_scenarios:
                 out += [CaseSpec(sc.name, batch, self.heads[0], dtype, bs, causal=sc.causal, kv_dtype=kv_dtype,
                                  far_pages=True)

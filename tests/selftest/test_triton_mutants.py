@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conformance import Runner, Status
+from conformance.isolation import IsolatedRunner
 from conformance.matrix import select_cases
 
 pytest.importorskip("triton")
@@ -105,3 +107,32 @@ def test_mla_kernel_mutant_is_caught(name, runner, tmp_path, record_property):
         assert runner.run(MLATriton(), spec).status == Status.PASS, spec.id  # the case itself is sound
         result = runner.run(mutant, spec)
         assert result.status == Status.FAIL, f"{name} ({bug}) not caught on {spec.id}: {result.status} {result.reason}"
+
+
+class Int32BlockOffsets(TritonBackend):
+    """Block ids left int32, so block x page stride wraps past 2^31 elements. Built where it runs: in
+    an isolated worker, since a wrapped offset may fault the GPU (an illegal address is a CRASH)."""
+
+    EDIT = ("mask=k_ok, other=0).to(tl.int64)", "mask=k_ok, other=0)")
+
+    def __init__(self, directory):
+        super().__init__("triton-mutant-int32-block-offsets", split=False)
+        self.directory = str(directory)
+
+    def kernels(self):
+        if self._kernels is None:
+            self._kernels = mutant_module("int32_block_offsets", *self.EDIT, Path(self.directory))
+        return self._kernels
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="far-pages cases need the compiled kernel: under the "
+                    "interpreter a wrapped offset reads wild host memory")
+def test_int32_block_offsets_are_caught_on_far_pages(tmp_path, record_property):
+    record_property("mutant", "triton-mutant-int32-block-offsets")
+    specs = [c for c in select_cases("gpu", ["medium_decode", "mixed_medium"]) if c.far_pages
+             and c.dtype == torch.bfloat16 and c.block_size == 16 and c.kv_dtype == "auto"]
+    with IsolatedRunner("cuda") as runner:
+        for spec in specs:
+            assert runner.run(TritonBackend("triton-real", False), spec).status == Status.PASS, spec.id
+            result = runner.run(Int32BlockOffsets(tmp_path), spec)
+            assert result.status in (Status.FAIL, Status.CRASH), f"not caught on {spec.id}: {result.status}"
