@@ -90,7 +90,7 @@ class FlashInferBackend(Backend):
         if self.wrapper == "decode" and not spec.batch.is_decode:
             return "CUDA-core decode: one new token per sequence (other batches go to flashinfer-prefill-*)"
         if self.wrapper == "decode_tc":
-            q_lens = set(spec.batch.query_lens)
+            q_lens = set(spec.batch.query_lens) - {0}  # empty sequences are left out of the plan
             if self.kernels == "fa3" and q_lens != {1}:
                 return "fa3 tensor-core decode: one new token per sequence (q_len_per_req > 1 is fa2-only)"
             if len(q_lens) != 1:
@@ -122,7 +122,6 @@ class FlashInferBackend(Backend):
 
         spec = case.spec
         hq, hkv, d = spec.heads.num_q_heads, spec.heads.num_kv_heads, spec.heads.head_dim
-        indptr, indices, last_page_len = _pages(case)
         page_size = case.k_cache.shape[1]
         common = dict(
             window_left=spec.sliding_window - 1 if spec.sliding_window else -1,
@@ -132,9 +131,12 @@ class FlashInferBackend(Backend):
         ws = _workspace(case.device)
         if self.wrapper == "prefill":
             wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, _layout(case), backend=self.kernels)
-            wrapper.plan(case.query_start_loc, indptr, indices, last_page_len, hq, hkv, d, page_size,
+            wrapper.plan(case.query_start_loc, *_pages(case), hq, hkv, d, page_size,
                          causal=spec.causal, **common)
         else:
+            # One query row per request: an empty sequence (no rows) is no request here.
+            live = case.seq_lens > 0
+            indptr, indices, last_page_len = _csr_pages(case.block_table[live], case.seq_lens[live], page_size)
             tc = self.wrapper == "decode_tc"
             wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 ws, _layout(case), use_tensor_cores=tc, backend=self.kernels or "auto")

@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="merge JSON reports into one Markdown support table")
     rep.add_argument("reports", nargs="+", help="JSON reports written by `run --json` or `pytest --json-report`")
     rep.add_argument("--json", default="", help="also write the merged results as one JSON report here")
+    rep.add_argument("--flakes", action="store_true", help="the reports are runs of the same cases over several "
+                     "base seeds (flake-check --json, or pytest --seed N --json-report): report the pairs that fail "
+                     "on some seed, flaky ones first")
     b = sub.add_parser("bench", help="latency and GB/s of backends on chosen cases (judged first)")
     b.add_argument("--backend", action="append", required=True, help="backend name(s), comma-separated or repeated")
     b.add_argument("--scenario", action="append", required=True, help="scenario name(s)")
@@ -68,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "report":
-        return _report(args.reports, args.json)
+        return _flakes(args.reports) if args.flakes else _report(args.reports, args.json)
     if args.command == "list":
         return _list(load_backends(tuple(args.load)))
     if args.command == "bench":
@@ -135,6 +138,19 @@ def _flake_check(args, pairs, device, profile, backends) -> int:
     print(f"flake check: {len(pairs)} backend x case pairs x {args.seeds} base seeds "
           f"({args.first_seed}..{args.first_seed + args.seeds - 1}) on {device}, profile {profile}, "
           f"in {time.time() - start:.0f}s")
+    print(text)
+    print("no pair failed on any seed" if clean else "FAILING or FLAKY pairs above")
+    return 0 if clean else 1
+
+
+def _flakes(paths: list[str]) -> int:
+    """flake_summary over reports grouped by their base seed (xdist workers' reports of one seed merge)."""
+    by_seed: dict[int, list] = {}
+    for path in paths:
+        meta, results = read_json(path)
+        by_seed.setdefault(meta["seed"], []).extend(results)
+    text, clean = flake_summary(by_seed)
+    print(f"{len(paths)} reports, base seeds {sorted(by_seed)}")
     print(text)
     print("no pair failed on any seed" if clean else "FAILING or FLAKY pairs above")
     return 0 if clean else 1

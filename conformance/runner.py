@@ -17,6 +17,9 @@ from .spec import CaseSpec
 from .tolerance import DEFAULT_TOLERANCE, Comparison, compare
 
 
+RELEASE_ABOVE = 4 << 30  # bytes the caching allocator may keep between cases
+
+
 class Status(str, Enum):
     PASS = "PASS"
     FAIL = "FAIL"  # wrong numbers, NaN/Inf, or a wrong cache write
@@ -108,8 +111,20 @@ class Runner:
         result = blank_result(backend.name, spec, self.device, self.base_seed)
         if settled_before_run(result, backend, spec):
             return result
-        prep = self.prepared(spec)
-        case = prep.inputs.materialize(finite_poison=backend.finite_poison or self.finite_poison)
+        try:
+            prep = self.prepared(spec)
+            case = prep.inputs.materialize(finite_poison=backend.finite_poison or self.finite_poison)
+        except torch.OutOfMemoryError as e:  # the machine's limit, not the backend's fault: say so, go on
+            self._prepared.clear()
+            result.status, result.reason = Status.ERROR, f"the case does not fit in memory here: {_error(e)}"
+            return result
+        try:
+            return self._run_case(backend, case, prep, result, t0)
+        finally:
+            del case
+            self._release()
+
+    def _run_case(self, backend: Backend, case, prep: _Prepared, result: Result, t0: float) -> Result:
         self._sync()
         t_backend = time.perf_counter()
         try:
@@ -154,6 +169,12 @@ class Runner:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _release(self) -> None:
+        """Give a big case's memory back to the GPU: with several workers on one GPU (pytest-xdist,
+        isolated workers), each one's caching allocator would otherwise keep its largest case reserved."""
+        if self.device.type == "cuda" and torch.cuda.memory_reserved(self.device) > RELEASE_ABOVE:
+            torch.cuda.empty_cache()
 
 
 def blank_result(backend: str, spec: CaseSpec, device: torch.device, base_seed: int) -> Result:

@@ -38,6 +38,8 @@ def test_flake_check_runs_every_seed_and_isolated_runs_match(tmp_path, capsys):
     assert main(["flake-check", *args, "--seeds", "2", "--first-seed", "5", "--json", str(tmp_path / "f.json")]) == 0
     out = capsys.readouterr().out
     assert "x 2 base seeds (5..6)" in out and "no pair failed on any seed" in out
+    assert main(["report", "--flakes", *(str(tmp_path / f"f.seed{s}.json") for s in (5, 6))]) == 0
+    assert "base seeds [5, 6]" in capsys.readouterr().out
     seeds = [read_json(str(tmp_path / f"f.seed{s}.json")) for s in (5, 6)]
     assert [meta["seed"] for meta, _ in seeds] == [5, 6]
     assert seeds[0][1][0].seed != seeds[1][1][0].seed  # other data on each seed
