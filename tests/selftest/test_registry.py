@@ -128,8 +128,20 @@ class BadLse(Echo):
         return case.out, torch.zeros(3)
 
 
+class RulesRaise(Echo):
+    def unsupported(self, spec, device):
+        return spec.no_such_field
+
+
+class ReturnsList(Echo):
+    def run(self, case):
+        return [case.out]
+
+
 @pytest.mark.parametrize("backend, reason", [
     (Raises(), "RuntimeError: kernel exploded"),
+    (RulesRaise(), "echo.skip_reason raised AttributeError: 'CaseSpec' object has no attribute 'no_such_field'"),
+    (ReturnsList(), "echo.run returned list: must return a tensor or (out, lse)"),
     (WrongShape(), "echo.run output: shape (4, 4, 16), torch.float16, cpu; must be shape (5, 4, 16), torch.float16"),
     (WrongDtype(), "echo.run output: shape (5, 4, 16), torch.float32, cpu; must be shape (5, 4, 16), torch.float16"),
     (NoLse(), "echo.run returned no lse, but its capabilities declare returns_lse"),
