@@ -134,13 +134,9 @@ def _flake_check(args, pairs, device, profile, backends) -> int:
             write_json(f"{args.json.removesuffix('.json')}.seed{seed}.json", by_seed[seed],
                        {"profile": profile, "seed": seed, "environment": environment(device),
                         "backends": {b.name: b.description for b in backends}})
-    text, clean = flake_summary(by_seed)
-    print(f"flake check: {len(pairs)} backend x case pairs x {args.seeds} base seeds "
-          f"({args.first_seed}..{args.first_seed + args.seeds - 1}) on {device}, profile {profile}, "
-          f"in {time.time() - start:.0f}s")
-    print(text)
-    print("no pair failed on any seed" if clean else "FAILING or FLAKY pairs above")
-    return 0 if clean else 1
+    return _print_flakes(by_seed, f"flake check: {len(pairs)} backend x case pairs x {args.seeds} base seeds "
+                                  f"({args.first_seed}..{args.first_seed + args.seeds - 1}) on {device}, "
+                                  f"profile {profile}, in {time.time() - start:.0f}s")
 
 
 def _flakes(paths: list[str]) -> int:
@@ -149,8 +145,12 @@ def _flakes(paths: list[str]) -> int:
     for path in paths:
         meta, results = read_json(path)
         by_seed.setdefault(meta["seed"], []).extend(results)
+    return _print_flakes(by_seed, f"{len(paths)} reports, base seeds {sorted(by_seed)}")
+
+
+def _print_flakes(by_seed: dict, header: str) -> int:
     text, clean = flake_summary(by_seed)
-    print(f"{len(paths)} reports, base seeds {sorted(by_seed)}")
+    print(header)
     print(text)
     print("no pair failed on any seed" if clean else "FAILING or FLAKY pairs above")
     return 0 if clean else 1

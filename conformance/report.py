@@ -135,13 +135,14 @@ def flake_summary(by_seed: dict[int, list[Result]]) -> tuple[str, bool]:
             elif bad:
                 flaky += 1
             if bad:
-                details.append(f"  {'flaky' if len(bad) < len(by) else 'always failing'} {pid}: "
-                               f"{by[bad[0]].status.value} on seeds {bad} of {len(by)}: "
-                               f"{(by[bad[0]].reason.splitlines() or [''])[0]}")
+                details.append((len(bad) == len(by), f"  {'flaky' if len(bad) < len(by) else 'always failing'} "
+                                f"{pid}: {by[bad[0]].status.value} on seeds {bad} of {len(by)}: "
+                                f"{(by[bad[0]].reason.splitlines() or [''])[0]}"))
             for s, r in by.items():
                 if r.ratio is not None and r.ratio > worst[0]:
                     worst = (r.ratio, s, r.case)
         rows.append([backend, str(len(pairs)), str(len(by_seed)), str(always), str(flaky),
                      f"{worst[0]:.2f} ({worst[1]}, {worst[2]})" if worst[1] is not None else "-"])
+    details = [line for _, line in sorted(details, key=lambda d: d[0])]  # flaky ones first
     more = [f"  ... and {len(details) - 50} more"] if len(details) > 50 else []
     return "\n".join([_text_table(rows), *details[:50], *more]), not details
