@@ -270,10 +270,9 @@ def draw_pages(spec: CaseSpec, gen: torch.Generator, device: torch.device) -> di
 
 
 def far_page(spec: CaseSpec) -> int:
-    """The first block whose element offset (block x elements per block) needs more than 31 bits."""
-    h = spec.heads
-    per_token = h.latent_dim if spec.kind == "mla" else h.num_kv_heads * h.head_dim
-    return math.ceil(2**31 / (spec.block_size * per_token))
+    """The first block whose element offset (block x elements per block) needs more than 31 bits
+    (dense caches: MLA cases refuse far pages)."""
+    return math.ceil(2**31 / (spec.block_size * spec.heads.num_kv_heads * spec.heads.head_dim))
 
 
 def scatter_to_cache(case: Case) -> None:

@@ -115,34 +115,27 @@ def flake_summary(by_seed: dict[int, list[Result]]) -> tuple[str, bool]:
     """The same backend x case pairs run over several base seeds: per backend, how many pairs ran,
     how many fail on every seed, how many are flaky (pass on one seed, fail on another), and the
     pair that came closest to its tolerance. Returns the text and whether every pair passed."""
-    runs: dict[str, dict[int, Result]] = defaultdict(dict)
+    # backend -> pair -> seed -> result; the pairs each backend ran (skips are not runs)
+    runs: dict[str, dict[str, dict[int, Result]]] = defaultdict(lambda: defaultdict(dict))
     for seed, results in by_seed.items():
         for r in results:
             if r.status != Status.SKIP:
-                runs[r.id][seed] = r
+                runs[r.backend][r.id][seed] = r
     rows = [["backend", "pairs", "seeds", "always failing", "flaky", "worst err/tol (seed, case)"]]
-    details = []
-    for backend in dict.fromkeys(r.backend for rs in by_seed.values() for r in rs):
-        pairs = {pid: by for pid, by in runs.items() if next(iter(by.values())).backend == backend}
-        if not pairs:
-            continue
-        always = flaky = 0
-        worst = (-1.0, None, "")
+    found = {"flaky": [], "always failing": []}
+    for backend, pairs in runs.items():
+        counts = Counter()
         for pid, by in pairs.items():
             bad = sorted(s for s, r in by.items() if r.status in BAD)
-            if bad and len(bad) == len(by):
-                always += 1
-            elif bad:
-                flaky += 1
             if bad:
-                details.append((len(bad) == len(by), f"  {'flaky' if len(bad) < len(by) else 'always failing'} "
-                                f"{pid}: {by[bad[0]].status.value} on seeds {bad} of {len(by)}: "
-                                f"{(by[bad[0]].reason.splitlines() or [''])[0]}"))
-            for s, r in by.items():
-                if r.ratio is not None and r.ratio > worst[0]:
-                    worst = (r.ratio, s, r.case)
-        rows.append([backend, str(len(pairs)), str(len(by_seed)), str(always), str(flaky),
-                     f"{worst[0]:.2f} ({worst[1]}, {worst[2]})" if worst[1] is not None else "-"])
-    details = [line for _, line in sorted(details, key=lambda d: d[0])]  # flaky ones first
+                kind = "always failing" if len(bad) == len(by) else "flaky"
+                counts[kind] += 1
+                found[kind].append(f"  {kind} {pid}: {by[bad[0]].status.value} on seeds {bad} of {len(by)}: "
+                                   f"{(by[bad[0]].reason.splitlines() or [''])[0]}")
+        worst = max(((r.ratio, -s, r.case) for by in pairs.values() for s, r in by.items() if r.ratio is not None),
+                    default=None)
+        rows.append([backend, str(len(pairs)), str(len(by_seed)), str(counts["always failing"]),
+                     str(counts["flaky"]), f"{worst[0]:.2f} ({-worst[1]}, {worst[2]})" if worst else "-"])
+    details = found["flaky"] + found["always failing"]
     more = [f"  ... and {len(details) - 50} more"] if len(details) > 50 else []
     return "\n".join([_text_table(rows), *details[:50], *more]), not details

@@ -121,7 +121,7 @@ class Runner:
         try:
             return self._run_case(backend, case, prep, result, t0)
         finally:
-            del case
+            del case  # the last reference to its cache: only then can _release give the memory back
             self._release()
 
     def _run_case(self, backend: Backend, case, prep: _Prepared, result: Result, t0: float) -> Result:
