@@ -6,6 +6,7 @@ without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
@@ -29,11 +30,16 @@ def no_triton_here() -> str | None:
     """Why Triton kernels cannot run on this machine (beyond a missing triton), or None."""
     if not torch.cuda.is_available() and not _interpreted():
         return "no CUDA and TRITON_INTERPRET is off (Triton runs on CPU only under its interpreter)"
+    if _interpreted() and importlib.util.find_spec("numpy") is None:
+        return "numpy is not installed (Triton's interpreter needs it: pip install numpy, or the [triton] extra)"
     return None
 
 
 def interpreter_refuses(spec, device) -> str | None:
-    """The one dtype Triton's interpreter gets wrong, with the reason."""
+    """Why Triton cannot run `spec` on `device` when the device is the CPU, or None: the
+    interpreter must be on, and bf16 is what it gets wrong."""
+    if device.type == "cpu" and not _interpreted():
+        return "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1), which is off in this process"
     if device.type == "cpu" and spec.dtype == torch.bfloat16:
         return ("bf16 under Triton's interpreter is computed on the raw bits (upstream will not fix it); "
                 "bf16 is covered on the GPU")

@@ -237,8 +237,7 @@ def draw_pages(spec: CaseSpec, gen: torch.Generator, device: torch.device) -> di
     n_total = sum(b.seq_lens)
     blocks_per_seq = [math.ceil(s / bs) for s in b.seq_lens]
     needed = sum(blocks_per_seq)
-    first = far_page(spec) if spec.far_pages else 1  # blocks below the pool stay poisoned and unused
-    num_blocks = first + 2 * needed
+    first, num_blocks = spec.first_block, spec.pool_blocks  # blocks below the pool stay poisoned and unused
     perm = torch.randperm(2 * needed, generator=gen, device=device) + first
     used, unused = perm[:needed], perm[needed:]
     width = max(blocks_per_seq) + 1  # one spare column: even the longest sequence has garbage after it
@@ -267,12 +266,6 @@ def draw_pages(spec: CaseSpec, gen: torch.Generator, device: torch.device) -> di
     ctx_idx = torch.nonzero(~is_new).flatten()
     return dict(kv_start_loc=kv_start, new_token_index=new_idx, context_index=ctx_idx,
                 context_slots=slots[ctx_idx], block_table=table, slot_mapping=slots[new_idx], num_blocks=num_blocks)
-
-
-def far_page(spec: CaseSpec) -> int:
-    """The first block whose element offset (block x elements per block) needs more than 31 bits
-    (dense caches: MLA cases refuse far pages)."""
-    return math.ceil(2**31 / (spec.block_size * spec.heads.num_kv_heads * spec.heads.head_dim))
 
 
 def scatter_to_cache(case: Case) -> None:

@@ -9,15 +9,13 @@ from enum import Enum
 
 import torch
 
+from .memory import SMALL_CASE, DeviceMemory, case_bytes, too_big
 from .mla import MLACase
 from .paged import Pages, PagedBatch, make_inputs, quantize
 from .reference import Reference, reference_attention
 from .registry import Backend, Unsupported
 from .spec import CaseSpec
 from .tolerance import DEFAULT_TOLERANCE, Comparison, compare
-
-
-RELEASE_ABOVE = 4 << 30  # bytes the caching allocator may keep between cases
 
 
 class Status(str, Enum):
@@ -51,6 +49,8 @@ class Result:
     backend_seconds: float | None = None
     harness_seconds: float | None = None  # inputs, references and judging; the backend excluded
     seed: int | None = None
+    memory_estimate: int | None = None  # CUDA: bytes the case was admitted with (memory.case_bytes)
+    memory_peak: int | None = None  # CUDA: the most bytes this process had allocated during the run
 
     @property
     def id(self) -> str:
@@ -73,7 +73,9 @@ class _Prepared:
 
 class Runner:
     """Runs cases on one device. Keeps the last few prepared cases, so running several backends
-    on the same case in a row computes its references once."""
+    on the same case in a row computes its references once; a big case (more than SMALL_CASE
+    bytes) is kept alone. On CUDA, every case is admitted into the GPU's memory ledger first
+    (memory.DeviceMemory), so processes sharing the GPU wait for room instead of running out."""
 
     def __init__(self, device: str | torch.device = "cpu", base_seed: int = 0, keep: int = 2,
                  finite_poison: bool = False):
@@ -85,12 +87,19 @@ class Runner:
         self.results: list[Result] = []  # every result of this runner, in order (reports are written from it)
         self._keep = keep
         self._prepared: OrderedDict[tuple, _Prepared] = OrderedDict()
+        self.memory = DeviceMemory.of(self.device) if self.device.type == "cuda" else None
 
     def prepared(self, spec: CaseSpec) -> _Prepared:
         key = (spec, self.base_seed)
         if key not in self._prepared:
-            if len(self._prepared) >= self._keep:
+            need = case_bytes(spec)
+            if self._prepared and max(need, *(case_bytes(k[0]) for k in self._prepared)) > SMALL_CASE:
+                self._prepared.clear()  # a big case is kept alone
+                self._release()
+            elif len(self._prepared) >= self._keep:
                 self._prepared.popitem(last=False)
+            if self.memory:
+                self.memory.hold(need)  # waits for room on the GPU
             self._prepared[key] = _Prepared(spec, self.device, spec.seed(self.base_seed))
         self._prepared.move_to_end(key)
         return self._prepared[key]
@@ -111,17 +120,23 @@ class Runner:
         result = blank_result(backend.name, spec, self.device, self.base_seed)
         if settled_before_run(result, backend, spec):
             return result
+        if self.memory:
+            result.memory_estimate = case_bytes(spec)
+            torch.cuda.reset_peak_memory_stats(self.device)
         try:
             prep = self.prepared(spec)
             case = prep.inputs.materialize(finite_poison=backend.finite_poison or self.finite_poison)
         except torch.OutOfMemoryError as e:  # the machine's limit, not the backend's fault: say so, go on
             self._prepared.clear()
+            self._release()
             result.status, result.reason = Status.ERROR, f"the case does not fit in memory here: {_error(e)}"
             return result
         try:
             return self._run_case(backend, case, prep, result, t0)
         finally:
             del case  # the last reference to its cache: only then can _release give the memory back
+            if self.memory:
+                result.memory_peak = torch.cuda.max_memory_allocated(self.device)
             self._release()
 
     def _run_case(self, backend: Backend, case, prep: _Prepared, result: Result, t0: float) -> Result:
@@ -171,10 +186,12 @@ class Runner:
             torch.cuda.synchronize(self.device)
 
     def _release(self) -> None:
-        """Give a big case's memory back to the GPU: with several workers on one GPU (pytest-xdist,
-        isolated workers), each one's caching allocator would otherwise keep its largest case reserved."""
-        if self.device.type == "cuda" and torch.cuda.memory_reserved(self.device) > RELEASE_ABOVE:
+        """Give a big case's memory back to the GPU (other processes on it may be waiting for it:
+        a caching allocator keeps its largest case reserved), and the claim on what is gone."""
+        if self.memory and torch.cuda.memory_reserved(self.device) > SMALL_CASE:
             torch.cuda.empty_cache()
+        if self.memory and not self._prepared:
+            self.memory.hold(0)
 
 
 def blank_result(backend: str, spec: CaseSpec, device: torch.device, base_seed: int) -> Result:
@@ -188,7 +205,7 @@ def settled_before_run(result: Result, backend: Backend, spec: CaseSpec) -> bool
     """Make `result` a SKIP (the backend cannot run the case here, with the reason) or an ERROR (its
     rules raised) without running anything; False when the case is to run."""
     try:
-        reason = backend.skip_reason(spec, torch.device(result.device))
+        reason = backend.skip_reason(spec, torch.device(result.device)) or too_big(spec, torch.device(result.device))
     except Exception as e:  # noqa: BLE001 - a broken capability rule is the adapter's error, not the run's end
         result.status, result.reason = Status.ERROR, f"{backend.name}.skip_reason raised {_error(e)}"
         return True

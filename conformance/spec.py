@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -129,6 +130,15 @@ class HeadConfig:
     def id(self) -> str:
         return f"gqa{self.group_size}-d{self.head_dim}"
 
+    @property
+    def out_dim(self) -> int:
+        return self.head_dim
+
+    @property
+    def cache_elements_per_token(self) -> int:
+        """K and V of every KV head."""
+        return 2 * self.num_kv_heads * self.head_dim
+
 
 @dataclass(frozen=True)
 class MLAHeads:
@@ -166,6 +176,14 @@ class MLAHeads:
     def latent_dim(self) -> int:
         """Elements per token in the cache (576): kv_c then k_pe."""
         return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def cache_elements_per_token(self) -> int:
+        return self.latent_dim
+
+    @property
+    def out_dim(self) -> int:
+        return self.v_head_dim
 
     @property
     def group_size(self) -> int:
@@ -246,6 +264,19 @@ class CaseSpec:
     def cache_dtype(self) -> torch.dtype:
         """The dtype of the paged K/V cache tensors."""
         return FP8_CACHE_DTYPES.get(self.kv_dtype, self.dtype)
+
+    @property
+    def first_block(self) -> int:
+        """The first block of the case's pool: 1 (block 0 is the null block), or for far pages the
+        first block whose element offset (block x elements per block) needs more than 31 bits."""
+        if not self.far_pages:
+            return 1
+        return math.ceil(2**31 / (self.block_size * self.heads.cache_elements_per_token // 2))
+
+    @property
+    def pool_blocks(self) -> int:
+        """Blocks of the paged cache: the first block, then a pool twice the size the sequences need."""
+        return self.first_block + 2 * sum(math.ceil(s / self.block_size) for s in self.batch.seq_lens)
 
     @property
     def features(self) -> frozenset[str]:

@@ -101,16 +101,16 @@ def test_finite_poison_mode():
 
 def test_far_pages_lie_past_2_to_the_31_elements():
     """Checked on the draw alone: the cache itself would take gigabytes (test_mutants runs one)."""
-    from conformance.paged import draw_pages, far_page
+    from conformance.paged import draw_pages
 
     spec = CASES[0].replace(far_pages=True)
     pages = draw_pages(spec, torch.Generator().manual_seed(0), torch.device("cpu"))
     per_block = spec.block_size * spec.heads.num_kv_heads * spec.heads.head_dim
     used = pages["block_table"][pages["block_table"] != 0].long()
-    assert int(used.min()) * per_block >= 2**31 > (far_page(spec) - 1) * per_block
+    assert int(used.min()) * per_block >= 2**31 > (spec.first_block - 1) * per_block
     assert pages["num_blocks"] * per_block >= 2**31 and int(used.max()) < pages["num_blocks"]
     plain = draw_pages(CASES[0], torch.Generator().manual_seed(0), torch.device("cpu"))
-    assert torch.equal(plain["block_table"] + far_page(spec) - 1, pages["block_table"])  # the same draw, moved
+    assert torch.equal(plain["block_table"] + spec.first_block - 1, pages["block_table"])  # the same draw, moved
 
 
 def test_extreme_logits_reach_1e4():

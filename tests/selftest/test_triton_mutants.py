@@ -11,7 +11,7 @@ import torch
 
 from conformance import Runner, Status
 from conformance.isolation import IsolatedRunner
-from conformance.matrix import select_cases
+from conformance.matrix import default_device, select_cases
 
 pytest.importorskip("triton")
 from backends import triton_kernels, triton_mla_kernels  # noqa: E402
@@ -82,7 +82,8 @@ def mutant_module(name: str, old: str, new: str, tmp_path: Path, original=triton
 
 @pytest.fixture(scope="module")
 def runner():
-    return Runner("cpu")
+    # The kernels compiled on a GPU host, interpreted on a CPU one.
+    return Runner(default_device())
 
 
 @pytest.mark.parametrize("name", MUTANTS)

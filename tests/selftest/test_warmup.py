@@ -1,7 +1,5 @@
 """The warm-up builds each compile key once, with the smallest case, in worker processes."""
 import os
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -53,32 +51,23 @@ def test_warm_up_runs_one_case_per_key_in_worker_processes(CompilingBackend, tmp
 
 
 class _Config:
-    """What _selected_before_collection reads of a pytest config."""
-
-    def __init__(self, args, keyword=""):
-        self.args, self.keyword = args, keyword
-        self.rootpath = Path("/somewhere/main")
+    """What the plugin's warm-up reads of a pytest config: the default options."""
 
     def getoption(self, name):
-        assert name == "keyword"
-        return self.keyword
+        return {"warm_up_jobs": 4, "backend": None, "scenario": None, "profile": "cpu", "device": "cpu",
+                "load": []}.get(name)
 
 
-@pytest.mark.parametrize("args, keyword, selected", [
-    ([], "", {"flashinfer-mla", "flashinfer-decode"}),
-    ([], "mla", {"flashinfer-mla"}),  # `pytest -k mla` warms up no dense variant
-    (["tests/test_mla_backend.py"], "", {"flashinfer-mla"}),
-    (["tests/test_backend.py::test_backend"], "", {"flashinfer-decode"}),
-    (["tests/selftest/test_cli.py"], "", set()),
-    (["tests"], "decode and not mla", {"flashinfer-decode"}),
-    ([], "backend and bf16", {"flashinfer-mla", "flashinfer-decode"}),
-])
-def test_warm_up_follows_the_tests_a_run_selects(args, keyword, selected):
-    from conformance.registry import load_backends
-    from fixtures.pytest_plugin import _selected_before_collection
+def test_warm_up_takes_exactly_the_collected_conformance_tests(monkeypatch):
+    import fixtures.pytest_plugin as plugin
 
-    wanted = _selected_before_collection(_Config(args, keyword))
-    backends = load_backends()
-    pairs = [(backends[n], s) for n in ("flashinfer-mla", "flashinfer-decode")
-             for s in select_cases("cpu", ["small_decode"]) if s.kind == backends[n].kind and s.dtype == torch.bfloat16]
-    assert {b.name for b, s in pairs if wanted(b, s)} == selected
+    calls = []
+    monkeypatch.setattr(plugin, "warm_up", lambda backends, specs, *args, wanted: calls.append(
+        {(b.name, s.id) for b in backends for s in specs if wanted(b, s)}))
+    mla = "tests/test_mla_backend.py::test_mla_backend[flashinfer-mla-small_decode-bf16-bs16-h16]"
+    dense = "tests/test_backend.py::test_backend[flashinfer-decode-small_decode-bf16-bs16-gqa4-d128]"
+    plugin._warm_up(_Config(), [mla, dense, "tests/selftest/test_cli.py::test_run"])
+    assert calls == [{("flashinfer-mla", "small_decode-bf16-bs16-h16"),
+                      ("flashinfer-decode", "small_decode-bf16-bs16-gqa4-d128")}]
+    plugin._warm_up(_Config(), ["tests/selftest/test_cli.py::test_run", "elsewhere/test_x.py::test_y[a-b]"])
+    assert len(calls) == 1  # a run without conformance tests builds nothing

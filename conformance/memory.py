@@ -1,0 +1,121 @@
+"""GPU memory admission: every process of the suite on one GPU shares its memory through a ledger.
+
+pytest-xdist workers (and their isolated case workers) each run cases on the same GPU and know
+nothing of each other; six of them each holding a 37 GB `wide_decode` case run an H200 out of
+memory. So a case carries an estimate of the device memory it needs (case_bytes), and before a
+big one a process claims that much in a per-GPU ledger (a small JSON file under the temp dir,
+locked with flock, one entry per process id) and waits while the claims of the others leave no
+room. Small cases run under each process's standing idle claim, without touching the ledger, so
+the common case costs nothing. A case that cannot fit even alone is a SKIP that says how much it
+needs and how much the GPU has.
+
+Progress is guaranteed: a process waits only while another holds a big claim (which ends with
+its case); if none does, it runs even past the budget (the estimate may be generous).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .reference import SCORE_CHUNK_ELEMENTS
+from .spec import CaseSpec
+
+GiB = 1 << 30
+IDLE_CLAIM = 2 * GiB  # a process between cases: its CUDA context, caching allocator, small cases
+SMALL_CASE = GiB  # cases up to this run under the idle claim (two of them may stay prepared)
+BUDGET_FRACTION = 0.95  # of the GPU's memory, for all claims together
+POLL_SECONDS = 0.2
+
+
+def case_bytes(spec: CaseSpec) -> int:
+    """An upper estimate of the device memory one backend run of `spec` takes in a runner: the
+    paged cache, the logical inputs and both references, the reference's chunked working set,
+    an adapter's copies of the cache (a gather, a padded copy up to twice the slots), each
+    sequence's keys expanded to every query head, the cache check's masks, and a margin."""
+    b, h = spec.batch, spec.heads
+    cache_elem = torch.empty((), dtype=spec.cache_dtype).element_size()
+    elem = torch.empty((), dtype=spec.dtype).element_size()
+    token = h.cache_elements_per_token
+    cache = spec.pool_blocks * spec.block_size * token * cache_elem
+    logical = sum(b.seq_lens) * token * elem + b.num_query_tokens * h.num_q_heads * h.head_dim * elem
+    references = b.num_query_tokens * h.num_q_heads * (h.out_dim * (8 + elem + 3 * 8) + 4 * 8)
+    reference_chunks = 8 * SCORE_CHUNK_ELEMENTS * 8
+    adapter = 3 * cache + max(b.seq_lens) * h.num_q_heads * (h.head_dim + h.out_dim) * 4 * 2
+    cache_check = 2 * spec.pool_blocks * spec.block_size * token
+    return cache + logical + references + reference_chunks + adapter + cache_check + GiB // 2
+
+
+def gib(n: int) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def too_big(spec: CaseSpec, device: torch.device) -> str | None:
+    """Why `spec` cannot run on `device` even alone, or None (CPU cases are not admitted)."""
+    if device.type != "cuda":
+        return None
+    need, total = case_bytes(spec), torch.cuda.get_device_properties(device).total_memory
+    if need + IDLE_CLAIM > BUDGET_FRACTION * total:
+        return (f"needs about {gib(need)} of GPU memory (estimate: cache, inputs, references, adapter "
+                f"copies); the GPU has {gib(total)}")
+    return None
+
+
+class DeviceMemory:
+    """This process's claim on one GPU's memory, in the ledger every process of the suite shares."""
+
+    def __init__(self, path: Path, budget: int, pid: int | None = None):
+        self.path, self.budget, self.pid = path, budget, pid or os.getpid()
+        self.claimed = 0
+
+    @classmethod
+    def of(cls, device: torch.device) -> "DeviceMemory":
+        props = torch.cuda.get_device_properties(device)
+        gpu = str(getattr(props, "uuid", device.index or 0))  # the same GPU under any CUDA_VISIBLE_DEVICES
+        return cls(Path(tempfile.gettempdir()) / f"attention-conformance-gpu-{gpu}.ledger",
+                   int(BUDGET_FRACTION * props.total_memory))
+
+    def hold(self, need: int) -> None:
+        """Claim `need` bytes (the idle claim at least) for what this process does next, waiting
+        while the others' claims leave no room; a smaller claim than before gives the rest back."""
+        want = max(need, IDLE_CLAIM)
+        if want == self.claimed:
+            return
+        while True:
+            with _ledger(self.path) as claims:
+                others = [n for pid, n in claims.items() if pid != self.pid]
+                if (want <= max(self.claimed, IDLE_CLAIM) or sum(others) + want <= self.budget
+                        or all(n <= IDLE_CLAIM for n in others)):  # nothing the others hold will be freed
+                    claims[self.pid] = self.claimed = want
+                    return
+            time.sleep(POLL_SECONDS)
+
+
+@contextlib.contextmanager
+def _ledger(path: Path):
+    """The ledger, locked while open: {pid: bytes claimed}, dead processes dropped."""
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        f.seek(0)
+        text = f.read()
+        claims = {int(pid): n for pid, n in (json.loads(text) if text else {}).items() if _alive(int(pid))}
+        yield claims
+        f.seek(0)
+        f.truncate()
+        json.dump(claims, f)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
