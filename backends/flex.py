@@ -6,8 +6,8 @@ slots its own sequence owns (document masking over physical slots), so no page i
 block mask's sparsity skips every key tile a query tile cannot see.
 
 Every feature is a tensor the mask_mod / score_mod read (not a Python branch), and shapes are
-padded to power-of-two buckets, so one compiled kernel serves many cases: torch.compile of
-flex_attention costs seconds per new graph.
+padded to power-of-two buckets (of at least 512 queries and 32k slots), so one compiled kernel
+serves many cases: torch.compile of flex_attention costs seconds per new graph.
 """
 from __future__ import annotations
 
@@ -53,7 +53,10 @@ class FlexBackend(Backend):
         spec, dev = case.spec, case.device
         nb, bs, hkv, d = case.k_cache.shape
         t, s = case.q.shape[0], nb * bs
-        t_pad, s_pad = _bucket(t, 128), _bucket(s, 128)
+        # At least 512 queries and 32k slots: on CPU, where flex compiles static shapes (seconds
+        # each), every CPU-sized case of one dtype and head layout then shares one graph; the
+        # block mask skips the padding, so it costs next to nothing.
+        t_pad, s_pad = _bucket(t, 512), _bucket(s, 1 << 15)
 
         # Ownership of each physical slot, from the block table: the sequence and logical position.
         bt = case.block_table.to(torch.int64)

@@ -11,7 +11,9 @@ import argparse
 import sys
 import time
 
-from .matrix import default_device, default_profile, select_cases, split_names
+import torch
+
+from .matrix import PROFILE_HELP, default_device, default_profile, select_cases, split_names
 from .registry import RegistryError, load_backends, select_backends
 from .isolation import add_run_options, make_runner
 from .report import BAD, environment, flake_summary, format_table, read_json, summarize, write_json
@@ -30,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     for cmd in (run, w, flake):  # what selects the cases, the same for all
         cmd.add_argument("--backend", action="append", help="backend name(s), comma-separated or repeated (default: all)")
         cmd.add_argument("--scenario", action="append", help="scenario name(s) (default: all of the profile)")
-        cmd.add_argument("--profile", choices=("cpu", "gpu"), help="case sizes (default: gpu with CUDA, else cpu)")
+        cmd.add_argument("--profile", help=PROFILE_HELP)
         cmd.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
         cmd.add_argument("--load", action="append", default=[], help="also import this adapter module")
     for cmd in (run, flake):  # how the cases run
@@ -53,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="latency and GB/s of backends on chosen cases (judged first)")
     b.add_argument("--backend", action="append", required=True, help="backend name(s), comma-separated or repeated")
     b.add_argument("--scenario", action="append", required=True, help="scenario name(s)")
-    b.add_argument("--profile", choices=("cpu", "gpu"), help="case sizes (default: gpu with CUDA, else cpu)")
+    b.add_argument("--profile", choices=("cpu", "gpu"), help="scenario sizes (default: gpu with CUDA, else cpu)")
     b.add_argument("--heads", default="llama3_8b", help="head-config preset (default llama3_8b)")
     b.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="(default bf16)")
     b.add_argument("--block-size", type=int, default=16, help="(default 16)")
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(args)
     try:
         backends = select_backends(split_names(args.backend), tuple(args.load))
-        profile = args.profile or default_profile()
+        profile = args.profile or default_profile(main_job=args.command == "run")
         cases = select_cases(profile, split_names(args.scenario))
     except (RegistryError, SpecError) as e:
         print(e, file=sys.stderr)
@@ -206,7 +208,7 @@ def _bench(args) -> int:
 
     try:
         backends = select_backends(split_names(args.backend), tuple(args.load))
-        profile = args.profile or default_profile()
+        profile = args.profile or ("gpu" if torch.cuda.is_available() else "cpu")
         names = split_names(args.scenario)
         for field, values, known in (("--scenario", names, SCENARIOS), ("--heads", [args.heads], HEAD_CONFIGS)):
             unknown = [v for v in values if v not in known]

@@ -17,15 +17,24 @@ class MLAProfile:
     heads: tuple[MLAHeads, ...]
     dtypes: tuple[torch.dtype, ...]
     block_sizes: tuple[int, ...]
+    long_scenarios: tuple[str, ...] = ()  # first heads and block size, every dtype, latents in the dtype
 
-    def cases(self, scenarios: dict[str, Scenario], profile: str) -> list[CaseSpec]:
-        unknown = sorted(set(self.scenarios) - set(_catalog()))
+    def cases(self, scenarios: dict[str, Scenario], sizes: str) -> list[CaseSpec]:
+        unknown = sorted(set(self.scenarios + self.long_scenarios) - set(_catalog()))
         if unknown:
             raise SpecError(f"MLAProfile.scenarios = {unknown}: not in the catalog")
-        return [CaseSpec(sc.name, sc.batch(profile), heads, dtype, bs, kv_dtype=kv_dtype)
-                for sc in scenarios.values() if sc.name in self.scenarios and sc.batch(profile) is not None
-                for heads in self.heads for dtype in self.dtypes for bs in self.block_sizes
-                for kv_dtype in ("auto", "fp8_e4m3")]
+        out = []
+        for sc in scenarios.values():
+            batch = sc.batch(sizes)
+            if batch is None:
+                continue
+            if sc.name in self.scenarios:
+                out += [CaseSpec(sc.name, batch, heads, dtype, bs, kv_dtype=kv_dtype)
+                        for heads in self.heads for dtype in self.dtypes for bs in self.block_sizes
+                        for kv_dtype in ("auto", "fp8_e4m3")]
+            if sc.name in self.long_scenarios:
+                out += [CaseSpec(sc.name, batch, self.heads[0], dtype, self.block_sizes[0]) for dtype in self.dtypes]
+        return out
 
 
 def _catalog() -> dict[str, Scenario]:
@@ -59,6 +68,7 @@ class Profile:
     """
 
     name: str
+    sizes: str  # the scenarios' "cpu" (scaled down) or "gpu" (full) batch sizes
     heads: tuple[HeadConfig, ...]
     dtypes: tuple[torch.dtype, ...]
     block_sizes: tuple[int, ...]
@@ -71,18 +81,32 @@ class Profile:
     layout_scenarios: tuple[str, ...] = ()
     extreme_logit_scenarios: tuple[str, ...] = ()
     far_page_scenarios: tuple[str, ...] = ()
+    # Long sequences (thousands of tokens), kept out of the main grid: on long_heads (cheap ones),
+    # every dtype, the first block size, plain and with a sliding window.
+    long_scenarios: tuple[str, ...] = ()
+    long_heads: tuple[HeadConfig, ...] = ()
+    # Only these scenarios of the catalog (None: all of them) in the main grid.
+    scenarios: tuple[str, ...] | None = None
     mla: MLAProfile | None = None
 
     def __post_init__(self):
-        ids = [h.id for h in self.heads + self.sweep_heads + self.spot_heads]
-        if len(set(ids)) != len(ids):
+        distinct = set(self.heads + self.sweep_heads + self.spot_heads + self.long_heads)
+        ids = sorted(h.id for h in distinct)
+        if len(set(ids)) != len(ids):  # two head configs a test id could not tell apart
             raise SpecError(f"Profile({self.name}).heads = {ids}: head-config ids must be unique within a profile")
 
     def cases(self, scenarios: dict[str, Scenario]) -> list[CaseSpec]:
         out = []
         for sc in scenarios.values():
-            batch = sc.batch(self.name)
+            batch = sc.batch(self.sizes)
             if batch is None:
+                continue
+            if sc.name in self.long_scenarios:
+                out += [CaseSpec(sc.name, batch, heads, dtype, self.block_sizes[0], causal=sc.causal,
+                                 sliding_window=window)
+                        for heads in self.long_heads for dtype in self.dtypes for window in (None, self.sliding_window)]
+                continue
+            if self.scenarios is not None and sc.name not in self.scenarios:
                 continue
             for heads in self.heads:
                 for dtype in self.dtypes:
@@ -116,12 +140,17 @@ class Profile:
                                  far_pages=True)
                         for dtype in self.dtypes for bs in self.block_sizes for kv_dtype in ("auto", "fp8_e4m3")]
         if self.mla:
-            out += self.mla.cases(scenarios, self.name)
+            out += self.mla.cases(scenarios, self.sizes)
         return out
 
 
-def default_profile() -> str:
-    return "gpu" if torch.cuda.is_available() else "cpu"
+PROFILE_HELP = ("the cases: quick (every backend family and scenario kind once; the main job's default without "
+                "CUDA), cpu (the full CPU profile; pytest's default without CUDA), gpu (full sizes; the default with CUDA)")
+
+
+def default_profile(main_job: bool = False) -> str:
+    """"gpu" with CUDA; else "cpu" for pytest and "quick" for the main job (`python -m conformance run`)."""
+    return "gpu" if torch.cuda.is_available() else "quick" if main_job else "cpu"
 
 
 def default_device(name: str | None = None) -> torch.device:

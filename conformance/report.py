@@ -65,8 +65,12 @@ def read_json(path: str) -> tuple[dict, list[Result]]:
 
 
 def format_table(results: list[Result], markdown: bool = False) -> str:
-    """Scenario x backend: passed/run, worst err/tol ratio (r), skipped count (s)."""
+    """Scenario x backend: passed/run, worst err/tol ratio (r), skipped count (s). The console
+    table leaves out backends that ran nothing (named below it; the skip reasons say why); the
+    Markdown support table keeps them, as columns of "skip"."""
     backends = list(dict.fromkeys(r.backend for r in results))
+    idle = [] if markdown else [b for b in backends if all(r.status == Status.SKIP for r in results if r.backend == b)]
+    backends = [b for b in backends if b not in idle]
     scenarios = list(dict.fromkeys(r.scenario for r in results))
     by = defaultdict(list)
     for r in results:
@@ -76,7 +80,7 @@ def format_table(results: list[Result], markdown: bool = False) -> str:
         lines = ["| " + " | ".join(row) + " |" for row in rows]
         lines.insert(1, "|" + " --- |" * len(rows[0]))
         return "\n".join(lines)
-    return _text_table(rows)
+    return _text_table(rows) + (f"\nnothing run here (every case skipped): {', '.join(idle)}" if idle else "")
 
 
 def _text_table(rows: list[list[str]]) -> str:

@@ -101,9 +101,9 @@ class Scenario:
     causal: bool = True
     description: str = ""
 
-    def batch(self, profile: str) -> BatchSpec | None:
-        _require(profile in ("cpu", "gpu"), "profile", profile, "must be 'cpu' or 'gpu'")
-        return self.gpu if profile == "gpu" else self.cpu
+    def batch(self, sizes: str) -> BatchSpec | None:
+        _require(sizes in ("cpu", "gpu"), "sizes", sizes, "must be 'cpu' (scaled down) or 'gpu' (full size)")
+        return self.gpu if sizes == "gpu" else self.cpu
 
 
 @dataclass(frozen=True)

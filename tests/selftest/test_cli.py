@@ -5,7 +5,7 @@ from conformance.report import read_json
 
 def test_run_writes_a_report_that_report_turns_into_a_table(tmp_path, capsys):
     path = str(tmp_path / "r.json")
-    assert main(["run", "--backend", "sdpa", "--scenario", "small_decode", "--json", path]) == 0
+    assert main(["run", "--profile", "cpu", "--backend", "sdpa", "--scenario", "small_decode", "--json", path]) == 0
     out = capsys.readouterr().out
     assert "small_decode" in out and "PASS 60  SKIP 36" in out and "feature softcap not supported (12 cases)" in out
     meta, results = read_json(path)
@@ -30,11 +30,11 @@ def test_report_merges_reruns_and_writes_one_json(tmp_path, capsys):
     md = capsys.readouterr().out
     meta, results = read_json(merged)
     assert len(results) == len({r.id for r in results}) == len(read_json(again)[1])  # the rerun replaced
-    assert meta["merged_from"] == ["a.json", "b.json"] and "`a.json`, `b.json`: profile cpu" in md
+    assert meta["merged_from"] == ["a.json", "b.json"] and "`a.json`, `b.json`: profile quick" in md
 
 
 def test_flake_check_runs_every_seed_and_isolated_runs_match(tmp_path, capsys):
-    args = ["--backend", "sdpa", "--scenario", "small_decode"]
+    args = ["--backend", "sdpa", "--scenario", "small_decode", "--profile", "cpu"]
     assert main(["flake-check", *args, "--seeds", "2", "--first-seed", "5", "--json", str(tmp_path / "f.json")]) == 0
     out = capsys.readouterr().out
     assert "x 2 base seeds (5..6)" in out and "no pair failed on any seed" in out
@@ -66,3 +66,17 @@ def test_flake_summary_names_pairs_that_fail_on_some_seeds_only():
     assert "always failing b-bad: FAIL on seeds [0, 1] of 2" in text
     row = next(line for line in text.splitlines() if line.startswith("b "))
     assert row.split()[1:5] == ["3", "2", "1", "1"] and "3.00 (0, bad)" in row
+
+
+def test_console_table_names_backends_that_ran_nothing_below_it():
+    from conformance import Result, Status
+    from conformance.report import format_table
+
+    def result(backend, status):
+        return Result(backend=backend, case="c", scenario="s", dtype="fp16", block_size=16, heads="h", device="cpu",
+                      status=status, ratio=0.5 if status == Status.PASS else None)
+
+    results = [result("ran", Status.PASS), result("ran", Status.SKIP), result("absent", Status.SKIP)]
+    text = format_table(results)
+    assert "absent" not in text.splitlines()[0] and text.endswith("nothing run here (every case skipped): absent")
+    assert "| scenario | ran | absent |" in format_table(results, markdown=True)

@@ -28,9 +28,15 @@ def test_readme_example_adapter_runs_and_passes(monkeypatch):
         "kv layout combined_nhd not supported (supports: nhd)", "kv layout combined_hnd not supported (supports: nhd)"}
 
 
-def test_readme_test_command_is_what_ci_runs():
+@pytest.mark.parametrize("command", [
+    'pip install torch==2.13.0 && pip install -e ".[triton]" && python -m conformance run',  # set-up and main job
+    "python -m pytest -n auto",  # the tests
+])
+def test_readme_commands_are_what_ci_runs(command):
+    """CI runs the README's two commands verbatim, in a virtualenv of its own."""
     ci = (README.parent / ".ci" / "run").read_text()
-    assert "python -m pytest -n auto" in README.read_text() and "python -m pytest -n auto" in ci
+    assert f"    {command}\n" in README.read_text() and f"\n{command}\n" in ci
+    assert "python -m venv" in ci
 
 
 BUILTIN = sorted(name for name, b in registry.load_backends().items() if type(b).__module__.startswith("backends."))
