@@ -35,14 +35,24 @@ def no_triton_here() -> str | None:
     return None
 
 
+INTERPRETED_WIDE_BATCH = 16  # sequences; wider batches run plain only under the interpreter
+
+
 def interpreter_refuses(spec, device) -> str | None:
     """Why Triton cannot run `spec` on `device` when the device is the CPU, or None: the
-    interpreter must be on, and bf16 is what it gets wrong."""
-    if device.type == "cpu" and not _interpreted():
+    interpreter must be on, bf16 is what it gets wrong, and it runs each program in Python (about
+    10 s for a case of 32-48 sequences), so wide batches run plain only there."""
+    if device.type != "cpu":
+        return None
+    if not _interpreted():
         return "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1), which is off in this process"
-    if device.type == "cpu" and spec.dtype == torch.bfloat16:
+    if spec.dtype == torch.bfloat16:
         return ("bf16 under Triton's interpreter is computed on the raw bits (upstream will not fix it); "
                 "bf16 is covered on the GPU")
+    plain = len(spec.features) == 1 and spec.kv_dtype == "auto" and spec.kv_layout == "nhd"
+    if spec.batch.batch_size > INTERPRETED_WIDE_BATCH and not plain:
+        return (f"under Triton's interpreter a batch of more than {INTERPRETED_WIDE_BATCH} sequences runs plain only "
+                "(about 10 s a case on a CPU); its variants are covered on the GPU")
     return None
 
 

@@ -18,6 +18,8 @@ class MLAProfile:
     dtypes: tuple[torch.dtype, ...]
     block_sizes: tuple[int, ...]
     long_scenarios: tuple[str, ...] = ()  # first heads and block size, every dtype, latents in the dtype
+    # The scenarios that run every head config (None: all); the others run the first only.
+    all_heads_scenarios: tuple[str, ...] | None = None
 
     def cases(self, scenarios: dict[str, Scenario], sizes: str) -> list[CaseSpec]:
         unknown = sorted(set(self.scenarios + self.long_scenarios) - set(_catalog()))
@@ -29,8 +31,9 @@ class MLAProfile:
             if batch is None:
                 continue
             if sc.name in self.scenarios:
+                every = self.all_heads_scenarios is None or sc.name in self.all_heads_scenarios
                 out += [CaseSpec(sc.name, batch, heads, dtype, bs, kv_dtype=kv_dtype)
-                        for heads in self.heads for dtype in self.dtypes for bs in self.block_sizes
+                        for heads in (self.heads if every else self.heads[:1]) for dtype in self.dtypes for bs in self.block_sizes
                         for kv_dtype in ("auto", "fp8_e4m3")]
             if sc.name in self.long_scenarios:
                 out += [CaseSpec(sc.name, batch, self.heads[0], dtype, self.block_sizes[0]) for dtype in self.dtypes]

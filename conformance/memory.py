@@ -37,7 +37,7 @@ POLL_SECONDS = 0.2
 def case_bytes(spec: CaseSpec) -> int:
     """An upper estimate of the device memory one backend run of `spec` takes in a runner: the
     paged cache, the logical inputs and both references, the reference's chunked working set,
-    an adapter's copies of the cache (a gather, a padded copy up to twice the slots), each
+    an adapter's copies of the cache (a gather; K and V padded up to twice the slots), each
     sequence's keys expanded to every query head, the cache check's masks, and a margin."""
     b, h = spec.batch, spec.heads
     cache_elem = torch.empty((), dtype=spec.cache_dtype).element_size()
@@ -47,7 +47,7 @@ def case_bytes(spec: CaseSpec) -> int:
     logical = sum(b.seq_lens) * token * elem + b.num_query_tokens * h.num_q_heads * h.head_dim * elem
     references = b.num_query_tokens * h.num_q_heads * (h.out_dim * (8 + elem + 3 * 8) + 4 * 8)
     reference_chunks = 8 * SCORE_CHUNK_ELEMENTS * 8
-    adapter = 3 * cache + max(b.seq_lens) * h.num_q_heads * (h.head_dim + h.out_dim) * 4 * 2
+    adapter = 4 * cache + max(b.seq_lens) * h.num_q_heads * (h.head_dim + h.out_dim) * 4 * 2
     cache_check = 2 * spec.pool_blocks * spec.block_size * token
     return cache + logical + references + reference_chunks + adapter + cache_check + GiB // 2
 

@@ -1,5 +1,6 @@
 """The main job end to end: run -> table + JSON -> merged Markdown report."""
 from conformance.cli import main
+from conformance.matrix import default_profile
 from conformance.report import read_json
 
 
@@ -30,7 +31,8 @@ def test_report_merges_reruns_and_writes_one_json(tmp_path, capsys):
     md = capsys.readouterr().out
     meta, results = read_json(merged)
     assert len(results) == len({r.id for r in results}) == len(read_json(again)[1])  # the rerun replaced
-    assert meta["merged_from"] == ["a.json", "b.json"] and "`a.json`, `b.json`: profile quick" in md
+    assert meta["merged_from"] == ["a.json", "b.json"]
+    assert f"`a.json`, `b.json`: profile {default_profile(main_job=True)}" in md
 
 
 def test_flake_check_runs_every_seed_and_isolated_runs_match(tmp_path, capsys):
