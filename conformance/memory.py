@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import tempfile
@@ -34,6 +35,7 @@ BUDGET_FRACTION = 0.95  # of the GPU's memory, for all claims together
 POLL_SECONDS = 0.2
 
 
+@functools.lru_cache(maxsize=4096)  # asked for on every run of a case
 def case_bytes(spec: CaseSpec) -> int:
     """An upper estimate of the device memory one backend run of `spec` takes in a runner: the
     paged cache, the logical inputs and both references, the reference's chunked working set,
@@ -46,10 +48,11 @@ def case_bytes(spec: CaseSpec) -> int:
     cache = spec.pool_blocks * spec.block_size * token * cache_elem
     logical = sum(b.seq_lens) * token * elem + b.num_query_tokens * h.num_q_heads * h.head_dim * elem
     references = b.num_query_tokens * h.num_q_heads * (h.out_dim * (8 + elem + 3 * 8) + 4 * 8)
-    reference_chunks = 8 * SCORE_CHUNK_ELEMENTS * 8
+    scores = b.batch_size * h.num_q_heads * max(b.query_lens) * max(b.seq_lens)  # all at once, if under a chunk
+    reference_chunks = 8 * min(scores, SCORE_CHUNK_ELEMENTS) * 8
     adapter = 4 * cache + max(b.seq_lens) * h.num_q_heads * (h.head_dim + h.out_dim) * 4 * 2
     cache_check = 2 * spec.pool_blocks * spec.block_size * token
-    return cache + logical + references + reference_chunks + adapter + cache_check + GiB // 2
+    return cache + logical + references + reference_chunks + adapter + cache_check + GiB // 4
 
 
 def gib(n: int) -> str:

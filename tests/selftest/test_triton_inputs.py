@@ -29,3 +29,23 @@ def test_paged_attention_names_bad_input(cache, kwargs, message):
 def test_write_cache_names_bad_input(k_new, v_cache, message):
     with pytest.raises(ValueError, match="write_cache: " + message):
         write_cache(k_new, k_new, CACHE, v_cache, torch.zeros(2, dtype=torch.int64))
+
+
+def test_interpreter_rules_skip_with_their_reasons(monkeypatch):
+    """On a CPU: no interpreter, no run; bf16 never; wide batches plain only. A missing numpy
+    makes every interpreted case a SKIP naming it, not an ERROR."""
+    from backends.triton_attention import interpreter_refuses, no_triton_here
+    from conformance.matrix import select_cases
+
+    cpu = torch.device("cpu")
+    cases = {c.id: c for c in select_cases("cpu", ["ragged_many_small", "mixed_small"], kind="mha")}
+    wide, narrow = "ragged_many_small-fp16-bs16-gqa4-d128", "mixed_small-fp16-bs16-gqa4-d128"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert interpreter_refuses(cases[wide], cpu) is None and interpreter_refuses(cases[narrow + "-sw24"], cpu) is None
+    assert "more than 16 sequences runs plain only" in interpreter_refuses(cases[wide + "-sw24"], cpu)
+    assert "raw bits" in interpreter_refuses(cases[narrow.replace("fp16", "bf16")], cpu)
+    assert interpreter_refuses(cases[wide + "-sw24"], torch.device("cuda")) is None
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "numpy" else object())
+    assert "numpy is not installed" in no_triton_here()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "need Triton's interpreter" in interpreter_refuses(cases[narrow], cpu)
