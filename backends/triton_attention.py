@@ -35,13 +35,15 @@ def no_triton_here() -> str | None:
     return None
 
 
-INTERPRETED_WIDE_BATCH = 16  # sequences; wider batches run plain only under the interpreter
+# Under the interpreter, batches with more sequences or new tokens than these run plain only.
+INTERPRETED_MAX_SEQUENCES = 16
+INTERPRETED_MAX_NEW_TOKENS = 128
 
 
 def interpreter_refuses(spec, device) -> str | None:
     """Why Triton cannot run `spec` on `device` when the device is the CPU, or None: the
     interpreter must be on, bf16 is what it gets wrong, and it runs each program in Python (about
-    10 s for a case of 32-48 sequences), so wide batches run plain only there."""
+    10 s for a case of 32-48 sequences or 256 new tokens), so big batches run plain only there."""
     if device.type != "cpu":
         return None
     if not _interpreted():
@@ -50,9 +52,11 @@ def interpreter_refuses(spec, device) -> str | None:
         return ("bf16 under Triton's interpreter is computed on the raw bits (upstream will not fix it); "
                 "bf16 is covered on the GPU")
     plain = len(spec.features) == 1 and spec.kv_dtype == "auto" and spec.kv_layout == "nhd"
-    if spec.batch.batch_size > INTERPRETED_WIDE_BATCH and not plain:
-        return (f"under Triton's interpreter a batch of more than {INTERPRETED_WIDE_BATCH} sequences runs plain only "
-                "(about 10 s a case on a CPU); its variants are covered on the GPU")
+    big = spec.batch.batch_size > INTERPRETED_MAX_SEQUENCES or spec.batch.num_query_tokens > INTERPRETED_MAX_NEW_TOKENS
+    if big and not plain:
+        return (f"under Triton's interpreter a batch of more than {INTERPRETED_MAX_SEQUENCES} sequences or "
+                f"{INTERPRETED_MAX_NEW_TOKENS} new tokens runs plain only (about 10 s a case on a CPU); its variants "
+                "are covered on the GPU")
     return None
 
 

@@ -42,7 +42,7 @@ def test_interpreter_rules_skip_with_their_reasons(monkeypatch):
     wide, narrow = "ragged_many_small-fp16-bs16-gqa4-d128", "mixed_small-fp16-bs16-gqa4-d128"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert interpreter_refuses(cases[wide], cpu) is None and interpreter_refuses(cases[narrow + "-sw24"], cpu) is None
-    assert "more than 16 sequences runs plain only" in interpreter_refuses(cases[wide + "-sw24"], cpu)
+    assert "more than 16 sequences or 128 new tokens runs plain only" in interpreter_refuses(cases[wide + "-sw24"], cpu)
     assert "raw bits" in interpreter_refuses(cases[narrow.replace("fp16", "bf16")], cpu)
     assert interpreter_refuses(cases[wide + "-sw24"], torch.device("cuda")) is None
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "numpy" else object())
