@@ -59,3 +59,20 @@ def test_estimate_grows_with_the_cache_and_covers_it_three_times():
     assert case_bytes(far) > 2**31 * 2 * 2 * 4  # a K and a V cache of >= 2^31 fp16 elements, and copies
     mla = next(s for s in select_cases("cpu", ["small_decode"], kind="mla") if s.dtype == torch.float16)
     assert case_bytes(mla) > mla.pool_blocks * mla.block_size * 576 * 2
+
+
+def test_a_case_bigger_than_the_gpu_is_a_skip_saying_how_much(monkeypatch):
+    """Decided before anything runs, from the estimate and the GPU's size (faked here: 8 GiB)."""
+    from types import SimpleNamespace
+
+    from conformance import Backend, Status
+    from conformance.runner import blank_result, settled_before_run
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=8 * GiB))
+    spec = select_cases("cpu", ["small_decode"], kind="mha")[0]
+    cuda = torch.device("cuda")
+    for case, fits in ((spec, True), (spec.replace(far_pages=True), False)):
+        result = blank_result("any", case, cuda, 0)
+        assert settled_before_run(result, Backend(), case) is not fits
+    assert result.status == Status.SKIP and result.reason.startswith("needs about ")
+    assert result.reason.endswith("the GPU has 8.0 GiB")
