@@ -9,8 +9,8 @@ room. Small cases run under each process's standing idle claim, without touching
 the common case costs nothing. A case that cannot fit even alone is a SKIP that says how much it
 needs and how much the GPU has.
 
-Progress is guaranteed: a process waits only while another holds a big claim (which ends with
-its case); if none does, it runs even past the budget (the estimate may be generous).
+Progress is guaranteed: a process waits only while another runs a big case (which ends); if none
+does, it runs even past the budget (the estimate may be generous).
 """
 from __future__ import annotations
 
@@ -71,11 +71,14 @@ def too_big(spec: CaseSpec, device: torch.device) -> str | None:
 
 
 class DeviceMemory:
-    """This process's claim on one GPU's memory, in the ledger every process of the suite shares."""
+    """This process's claim on one GPU's memory, in the ledger every process of the suite shares.
+    A claim is (bytes, running): running while a big case runs, else what the process still holds
+    between cases (a prepared case's inputs and references). Only running claims are waited for:
+    they end with their case, so a wait always ends (an idle process's claim would not)."""
 
     def __init__(self, path: Path, budget: int, pid: int | None = None):
         self.path, self.budget, self.pid = path, budget, pid or os.getpid()
-        self.claimed = 0
+        self.claim: tuple[int, bool] | None = None
 
     @classmethod
     def of(cls, device: torch.device) -> "DeviceMemory":
@@ -84,30 +87,37 @@ class DeviceMemory:
         return cls(Path(tempfile.gettempdir()) / f"attention-conformance-gpu-{gpu}.ledger",
                    int(BUDGET_FRACTION * props.total_memory))
 
-    def hold(self, need: int) -> None:
-        """Claim `need` bytes (the idle claim at least) for what this process does next, waiting
-        while the others' claims leave no room; a smaller claim than before gives the rest back."""
-        want = max(need, IDLE_CLAIM)
-        if want == self.claimed:
-            return
+    def admit(self, need: int) -> None:
+        """Claim `need` bytes for the case about to run, waiting while the big cases other processes
+        are running leave no room. A small case runs under the idle claim without waiting."""
+        if need <= IDLE_CLAIM:
+            return self._set((IDLE_CLAIM, False))
         while True:
             with _ledger(self.path) as claims:
-                others = [n for pid, n in claims.items() if pid != self.pid]
-                if (want <= max(self.claimed, IDLE_CLAIM) or sum(others) + want <= self.budget
-                        or all(n <= IDLE_CLAIM for n in others)):  # nothing the others hold will be freed
-                    claims[self.pid] = self.claimed = want
-                    return
+                others = [claim for pid, claim in claims.items() if pid != self.pid]
+                if sum(n for n, _ in others) + need <= self.budget or not any(running for _, running in others):
+                    claims[self.pid] = self.claim = (need, True)
+                    return None
             time.sleep(POLL_SECONDS)
+
+    def settle(self, held: int) -> None:
+        """Between cases: claim only what this process still holds."""
+        self._set((max(held, IDLE_CLAIM), False))
+
+    def _set(self, claim: tuple[int, bool]) -> None:
+        if claim != self.claim:
+            with _ledger(self.path) as claims:
+                claims[self.pid] = self.claim = claim
 
 
 @contextlib.contextmanager
 def _ledger(path: Path):
-    """The ledger, locked while open: {pid: bytes claimed}, dead processes dropped."""
+    """The ledger, locked while open: {pid: (bytes, running)}, dead processes dropped."""
     with open(path, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
         f.seek(0)
         text = f.read()
-        claims = {int(pid): n for pid, n in (json.loads(text) if text else {}).items() if _alive(int(pid))}
+        claims = {int(pid): tuple(c) for pid, c in (json.loads(text) if text else {}).items() if _alive(int(pid))}
         yield claims
         f.seek(0)
         f.truncate()

@@ -95,11 +95,9 @@ class Runner:
             need = case_bytes(spec)
             if self._prepared and max(need, *(case_bytes(k[0]) for k in self._prepared)) > SMALL_CASE:
                 self._prepared.clear()  # a big case is kept alone
-                self._release()
+                self._give_back()
             elif len(self._prepared) >= self._keep:
                 self._prepared.popitem(last=False)
-            if self.memory:
-                self.memory.hold(need)  # waits for room on the GPU
             self._prepared[key] = _Prepared(spec, self.device, spec.seed(self.base_seed))
         self._prepared.move_to_end(key)
         return self._prepared[key]
@@ -122,6 +120,7 @@ class Runner:
             return result
         if self.memory:
             result.memory_estimate = case_bytes(spec)
+            self.memory.admit(result.memory_estimate)  # waits for room on the GPU
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
             prep = self.prepared(spec)
@@ -186,12 +185,16 @@ class Runner:
             torch.cuda.synchronize(self.device)
 
     def _release(self) -> None:
-        """Give a big case's memory back to the GPU (other processes on it may be waiting for it:
-        a caching allocator keeps its largest case reserved), and the claim on what is gone."""
+        """After a case: the memory it no longer needs, and the claim on it, back to the GPU."""
+        self._give_back()
+        if self.memory:
+            self.memory.settle(torch.cuda.memory_allocated(self.device))  # what stays prepared
+
+    def _give_back(self) -> None:
+        """Other processes on the GPU may be waiting for the memory of a big case, which a caching
+        allocator would keep reserved."""
         if self.memory and torch.cuda.memory_reserved(self.device) > SMALL_CASE:
             torch.cuda.empty_cache()
-        if self.memory and not self._prepared:
-            self.memory.hold(0)
 
 
 def blank_result(backend: str, spec: CaseSpec, device: torch.device, base_seed: int) -> Result:

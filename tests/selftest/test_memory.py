@@ -8,7 +8,7 @@ import time
 import torch
 
 from conformance.matrix import select_cases
-from conformance.memory import GiB, IDLE_CLAIM, DeviceMemory, _ledger, case_bytes
+from conformance.memory import GiB, DeviceMemory, _ledger, case_bytes
 
 
 def _two(tmp_path, budget=10 * GiB):
@@ -16,35 +16,35 @@ def _two(tmp_path, budget=10 * GiB):
     return path, DeviceMemory(path, budget), DeviceMemory(path, budget, pid=os.getppid())  # two live processes
 
 
-def test_a_big_claim_waits_until_the_other_gives_its_big_claim_back(tmp_path):
+def test_a_big_case_waits_while_another_runs_one_and_not_for_idle_claims(tmp_path):
     path, a, b = _two(tmp_path)
-    a.hold(7 * GiB)
-    b.hold(0)  # the idle claim never waits
-    waiter = threading.Thread(target=b.hold, args=(5 * GiB,))
+    a.admit(7 * GiB)  # a runs a big case
+    b.admit(GiB)  # a small case never waits
+    waiter = threading.Thread(target=b.admit, args=(5 * GiB,))
     waiter.start()
     time.sleep(1.0)
-    assert waiter.is_alive()  # 7 + 5 GiB > 10
-    a.hold(0)
+    assert waiter.is_alive()  # 7 + 5 GiB > 10 while a's case runs
+    a.settle(4 * GiB)  # a's case ended; it still holds 4 GiB of prepared inputs, but runs nothing
     waiter.join(5)
     assert not waiter.is_alive()
     with _ledger(path) as claims:
-        assert claims == {os.getpid(): IDLE_CLAIM, os.getppid(): 5 * GiB}
+        assert claims == {os.getpid(): (4 * GiB, False), os.getppid(): (5 * GiB, True)}
 
 
 def test_a_claim_past_the_budget_runs_when_nothing_else_will_be_freed(tmp_path):
     path, a, b = _two(tmp_path)
-    a.hold(0)
-    b.hold(20 * GiB)  # only idle claims beside it: waiting would wait forever
-    assert b.claimed == 20 * GiB
+    a.settle(8 * GiB)
+    b.admit(20 * GiB)  # nothing runs beside it: waiting would wait forever
+    assert b.claim == (20 * GiB, True)
 
 
 def test_claims_of_dead_processes_are_dropped(tmp_path):
     path, a, _ = _two(tmp_path)
     with _ledger(path) as claims:
-        claims[2**22 + 12345] = 100 * GiB  # no such process (pid_max is at most 2^22)
-    a.hold(8 * GiB)
+        claims[2**22 + 12345] = (100 * GiB, True)  # no such process (pid_max is at most 2^22)
+    a.admit(8 * GiB)
     with _ledger(path) as claims:
-        assert claims == {os.getpid(): 8 * GiB}
+        assert claims == {os.getpid(): (8 * GiB, True)}
 
 
 def test_estimate_grows_with_the_cache_and_covers_it_three_times():
@@ -76,3 +76,29 @@ def test_a_case_bigger_than_the_gpu_is_a_skip_saying_how_much(monkeypatch):
         assert settled_before_run(result, Backend(), case) is not fits
     assert result.status == Status.SKIP and result.reason.startswith("needs about ")
     assert result.reason.endswith("the GPU has 8.0 GiB")
+
+
+def test_the_runner_claims_a_big_case_while_it_runs_and_settles_after(tmp_path, monkeypatch):
+    """The runner's CUDA path, on CPU: torch.cuda's memory counters faked, the ledger real."""
+    import conformance.runner as runner_module
+    from conformance import Runner, Status
+    from conformance.memory import IDLE_CLAIM
+    from mutants import PagedTorch
+
+    seen = []
+
+    class Recording(PagedTorch):
+        def run(self, case):
+            seen.append(runner.memory.claim)
+            return super().run(case)
+
+    for name, value in (("reset_peak_memory_stats", None), ("max_memory_allocated", 3 * GiB),
+                        ("memory_reserved", 0), ("memory_allocated", GiB), ("empty_cache", None)):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, v=value: v)
+    big = select_cases("cpu", ["small_decode"], kind="mha")[0]
+    monkeypatch.setattr(runner_module, "case_bytes", lambda spec: 6 * GiB if spec == big else GiB)
+    runner = Runner("cpu")
+    runner.memory = DeviceMemory(tmp_path / "gpu.ledger", 10 * GiB)
+    result = runner.run(Recording(), big)
+    assert result.status == Status.PASS and (result.memory_estimate, result.memory_peak) == (6 * GiB, 3 * GiB)
+    assert seen == [(6 * GiB, True)] and runner.memory.claim == (IDLE_CLAIM, False)
