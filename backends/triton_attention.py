@@ -51,9 +51,8 @@ def interpreter_refuses(spec, device) -> str | None:
     if spec.dtype == torch.bfloat16:
         return ("bf16 under Triton's interpreter is computed on the raw bits (upstream will not fix it); "
                 "bf16 is covered on the GPU")
-    plain = len(spec.features) == 1 and spec.kv_dtype == "auto" and spec.kv_layout == "nhd"
     big = spec.batch.batch_size > INTERPRETED_MAX_SEQUENCES or spec.batch.num_query_tokens > INTERPRETED_MAX_NEW_TOKENS
-    if big and not plain:
+    if big and not spec.is_plain:
         return (f"under Triton's interpreter a batch of more than {INTERPRETED_MAX_SEQUENCES} sequences or "
                 f"{INTERPRETED_MAX_NEW_TOKENS} new tokens runs plain only (about 10 s a case on a CPU); its variants "
                 "are covered on the GPU")

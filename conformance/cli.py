@@ -11,8 +11,6 @@ import argparse
 import sys
 import time
 
-import torch
-
 from .matrix import PROFILE_HELP, default_device, default_profile, select_cases, split_names
 from .registry import RegistryError, load_backends, select_backends
 from .isolation import add_run_options, make_runner
@@ -208,7 +206,7 @@ def _bench(args) -> int:
 
     try:
         backends = select_backends(split_names(args.backend), tuple(args.load))
-        profile = args.profile or ("gpu" if torch.cuda.is_available() else "cpu")
+        profile = args.profile or default_profile()
         names = split_names(args.scenario)
         for field, values, known in (("--scenario", names, SCENARIOS), ("--heads", [args.heads], HEAD_CONFIGS)):
             unknown = [v for v in values if v not in known]

@@ -266,6 +266,13 @@ class CaseSpec:
         return FP8_CACHE_DTYPES.get(self.kv_dtype, self.dtype)
 
     @property
+    def is_plain(self) -> bool:
+        """No variant: causal or not, and nothing else (no window, softcap, sinks, empty sequences,
+        fp8 cache, other layout, large logits or far pages)."""
+        return (len(self.features) == 1 and self.kv_dtype == "auto" and self.kv_layout == "nhd"
+                and self.logit_std == 1.0 and not self.far_pages)
+
+    @property
     def first_block(self) -> int:
         """The first block of the case's pool: 1 (block 0 is the null block), or for far pages the
         first block whose element offset (block x elements per block) needs more than 31 bits."""
