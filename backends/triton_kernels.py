@@ -245,10 +245,19 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
     num_seqs = seq_lens.numel()
     group = hq // hkv
     # Rows of a program: BLOCK_Q tokens x GROUP heads, at least 16 (tl.dot's minimum); decode
-    # programs hold one token per sequence, so they stay small.
-    block_m = max(16 if max_query_len == 1 else 64, triton.next_power_of_2(group))
+    # programs hold one token per sequence, so they stay small. Tiles sized so that nothing spills
+    # on sm_90 (at most 120 bytes a thread; `cuobjdump -res-usage`): fp32 at "ieee" precision runs
+    # on CUDA cores and spilled 8-22 KB a thread at 64 x 32, which the driver keeps as local memory
+    # for every thread the GPU can hold (5.3 GiB a process on an H200). Under the interpreter (CPU
+    # tensors) registers do not exist and each tile step costs Python time: bigger tiles there.
     dim_pad = max(16, triton.next_power_of_2(dim))
-    tile = 64 if dim_pad <= 128 else 32
+    if not q.is_cuda:
+        rows, tile = (16 if max_query_len == 1 else 64), (64 if dim_pad <= 128 else 32)
+    elif q.dtype == torch.float32:
+        rows, tile = 16, 16
+    else:
+        rows, tile = (16 if max_query_len == 1 else 64 if dim_pad <= 128 else 32), 32
+    block_m = max(rows, triton.next_power_of_2(group))
     block_q = block_m // group
     lse = torch.empty(T, hq, dtype=torch.float32, device=q.device)
     fp8 = k_cache.dtype == torch.float8_e4m3fn

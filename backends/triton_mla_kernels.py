@@ -118,13 +118,17 @@ def mla_decode(q, latent_cache, block_table, seq_lens, query_start_loc, out, *, 
             raise ValueError(f"mla_decode: {field} = {value}: {rule}")
     segments = num_segments(int(seq_lens.max()))
     block_h = 16  # tl.dot's least M
+    # fp32 at "ieee" precision runs on CUDA cores: 32-key tiles spilled 11 KB a thread on sm_90
+    # (kept by the driver as local memory for every thread of the GPU); 16 spill nothing. The
+    # interpreter (CPU tensors) has no registers and pays per tile step: 32 there.
+    tile = 16 if q.is_cuda and q.dtype == torch.float32 else 32
     acc = torch.empty(T, H, segments, lora, dtype=torch.float32, device=q.device)
     stats = torch.empty(T, H, segments, 2, dtype=torch.float32, device=q.device)
     _mla_decode_kernel[(T, triton.cdiv(H, block_h), segments)](
         acc, stats, q, latent_cache, block_table, seq_lens, query_start_loc,
         seq_lens.numel(), H, latent_cache.shape[1], scale, kv_scale,
         q.stride(0), q.stride(1), latent_cache.stride(0), latent_cache.stride(1), block_table.stride(0),
-        LORA=lora, ROPE=rope, BLOCK_H=block_h, TILE=32, KV_FP8=latent_cache.dtype == torch.float8_e4m3fn,
+        LORA=lora, ROPE=rope, BLOCK_H=block_h, TILE=tile, KV_FP8=latent_cache.dtype == torch.float8_e4m3fn,
         NUM_SEGMENTS=segments, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     lse = torch.empty(T, H, dtype=torch.float32, device=q.device)

@@ -6,7 +6,8 @@ case as in-process, and each Result is the one the in-process Runner would give.
 
 Protocol, one duplex pipe per worker: the worker answers "ready" (or "failed" and a traceback)
 once its imports are done; then, per case, the parent sends (backend name, pickled backend or None
-for "take it from your registry", spec) and the worker answers ("result", Result). No answer
+for "take it from your registry", spec) and the worker answers ("result", Result), after
+("admitted", None) if the case waited for GPU memory (the timeout counts from there). No answer
 within `timeout`: the worker is killed, TIMEOUT. The pipe closes without an answer: CRASH.
 """
 from __future__ import annotations
@@ -79,15 +80,17 @@ class IsolatedRunner:
             self._conn.send((backend.name, payload, spec))
         except OSError:
             pass  # it died since its last case: the wait below sees that
-        if not wait([self._conn, self._proc.sentinel], self.timeout):
-            _, tail = self._retire(kill=True)
-            return _set(result, Status.TIMEOUT, f"no result within {self.timeout:g}s: the worker was killed; "
-                                                f"later cases run in a fresh worker{tail}")
-        try:  # data first: a worker that lost its CUDA context answers, then exits
-            _, got = self._conn.recv()
-        except (EOFError, OSError):
-            how, tail = self._retire(kill=False)
-            return _set(result, Status.CRASH, f"worker process died during the case: {how}{tail}")
+        kind = "admitted"
+        while kind == "admitted":  # the time spent waiting for GPU memory is not the case's
+            if not wait([self._conn, self._proc.sentinel], self.timeout):
+                _, tail = self._retire(kill=True)
+                return _set(result, Status.TIMEOUT, f"no result within {self.timeout:g}s: the worker was killed; "
+                                                    f"later cases run in a fresh worker{tail}")
+            try:  # data first: a worker that lost its CUDA context answers, then exits
+                kind, got = self._conn.recv()
+            except (EOFError, OSError):
+                how, tail = self._retire(kill=False)
+                return _set(result, Status.CRASH, f"worker process died during the case: {how}{tail}")
         if got.status is Status.CRASH:
             self._retire(kill=False)
         return got
@@ -192,6 +195,7 @@ def _worker(conn: Connection, device: str, base_seed: int, finite_poison: bool, 
         torch.set_num_threads(threads)  # as the parent: CPU reductions, and so the numbers, depend on it
         load_backends(modules)
         runner = Runner(device, base_seed, finite_poison=finite_poison)
+        runner.on_admitted = lambda: conn.send(("admitted", None))  # the case's timeout starts now
         if runner.device.type == "cuda":
             torch.ones(1, device=runner.device).sum().item()  # the context, before "ready"
     except BaseException:  # noqa: BLE001 - any failure here is the reason the case cannot run

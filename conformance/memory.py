@@ -9,12 +9,21 @@ room. Small cases run under each process's standing idle claim, without touching
 the common case costs nothing. A case that cannot fit even alone is a SKIP that says how much it
 needs and how much the GPU has.
 
+The ledger knows only what the suite claims, so a big case must also fit in what the GPU really
+has free (memory the claims miss: CUDA contexts, other programs, a spilling kernel's local memory).
 Progress is guaranteed: a process waits only while another runs a big case (which ends); if none
 does, it runs even past the budget (the estimate may be generous).
+
+Local memory: a kernel that spills registers makes the driver grow the context's per-thread stack
+and keep that much local memory for every thread the GPU can hold, for the context's whole life.
+On an H200 our Triton kernel in fp32 at d256 (22 KB a thread) left 5.3 GiB in each process; sixteen
+xdist workers held 100 GiB between cases and big cases ran out of memory. After every case the
+runner sets the stack limit back (shrink_local_memory), which returns it (measured: 5.27 GiB).
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import functools
 import json
@@ -22,6 +31,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -76,8 +86,8 @@ class DeviceMemory:
     between cases (a prepared case's inputs and references). Only running claims are waited for:
     they end with their case, so a wait always ends (an idle process's claim would not)."""
 
-    def __init__(self, path: Path, budget: int, pid: int | None = None):
-        self.path, self.budget, self.pid = path, budget, pid or os.getpid()
+    def __init__(self, path: Path, budget: int, free: Callable[[], int], pid: int | None = None):
+        self.path, self.budget, self.free, self.pid = path, budget, free, pid or os.getpid()
         self.claim: tuple[int, bool] | None = None
 
     @classmethod
@@ -85,19 +95,26 @@ class DeviceMemory:
         props = torch.cuda.get_device_properties(device)
         gpu = str(getattr(props, "uuid", device.index or 0))  # the same GPU under any CUDA_VISIBLE_DEVICES
         return cls(Path(tempfile.gettempdir()) / f"attention-conformance-gpu-{gpu}.ledger",
-                   int(BUDGET_FRACTION * props.total_memory))
+                   int(BUDGET_FRACTION * props.total_memory), lambda: torch.cuda.mem_get_info(device)[0])
 
-    def admit(self, need: int) -> None:
+    def admit(self, need: int) -> bool:
         """Claim `need` bytes for the case about to run, waiting while the big cases other processes
-        are running leave no room. A small case runs under the idle claim without waiting."""
+        are running leave no room, in the budget or in what the GPU has free (where their claims
+        count in full: some of it they may not have allocated yet). A small case runs under the idle
+        claim without waiting. True when it waited."""
         if need <= IDLE_CLAIM:
-            return self._set((IDLE_CLAIM, False))
+            self._set((IDLE_CLAIM, False))
+            return False
+        waited = False
         while True:
             with _ledger(self.path) as claims:
                 others = [claim for pid, claim in claims.items() if pid != self.pid]
-                if sum(n for n, _ in others) + need <= self.budget or not any(running for _, running in others):
+                running = sum(n for n, is_running in others if is_running)
+                fits = sum(n for n, _ in others) + need <= self.budget and running + need <= self.free()
+                if fits or not running:
                     claims[self.pid] = self.claim = (need, True)
-                    return None
+                    return waited
+            waited = True
             time.sleep(POLL_SECONDS)
 
     def settle(self, held: int) -> None:
@@ -108,6 +125,30 @@ class DeviceMemory:
         if claim != self.claim:
             with _ledger(self.path) as claims:
                 claims[self.pid] = self.claim = claim
+
+
+_STACK_SIZE, _DEFAULT_STACK = 0, 1024  # CU_LIMIT_STACK_SIZE, and the driver's default per-thread stack
+
+
+@functools.cache
+def _libcuda() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libcuda.so.1")  # the driver API; CUDA's runtime holds it open already
+    except OSError:
+        return None
+
+
+def shrink_local_memory(lib: ctypes.CDLL | None = None) -> bool:
+    """Give back the local memory the current CUDA context kept for a spilling kernel (see the module
+    docstring) by setting its per-thread stack limit back to the default; a kernel that needs more
+    gets it again at its next launch. True when it shrank."""
+    lib = lib or _libcuda()
+    if lib is None:
+        return False
+    stack = ctypes.c_size_t()
+    if lib.cuCtxGetLimit(ctypes.byref(stack), _STACK_SIZE) != 0 or stack.value <= _DEFAULT_STACK:
+        return False
+    return lib.cuCtxSetLimit(_STACK_SIZE, ctypes.c_size_t(_DEFAULT_STACK)) == 0
 
 
 @contextlib.contextmanager

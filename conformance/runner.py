@@ -9,7 +9,7 @@ from enum import Enum
 
 import torch
 
-from .memory import SMALL_CASE, DeviceMemory, case_bytes, too_big
+from .memory import SMALL_CASE, DeviceMemory, case_bytes, shrink_local_memory, too_big
 from .mla import MLACase
 from .paged import Pages, PagedBatch, make_inputs, quantize
 from .reference import Reference, reference_attention
@@ -88,6 +88,7 @@ class Runner:
         self._keep = keep
         self._prepared: OrderedDict[tuple, _Prepared] = OrderedDict()
         self.memory = DeviceMemory.of(self.device) if self.device.type == "cuda" else None
+        self.on_admitted = lambda: None  # called when a case got its GPU memory after waiting for it
 
     def prepared(self, spec: CaseSpec) -> _Prepared:
         key = (spec, self.base_seed)
@@ -114,14 +115,15 @@ class Runner:
         pass  # nothing to release; IsolatedRunner stops its worker here
 
     def _run(self, backend: Backend, spec: CaseSpec) -> Result:
-        t0 = time.perf_counter()
         result = blank_result(backend.name, spec, self.device, self.base_seed)
         if settled_before_run(result, backend, spec):
             return result
         if self.memory:
             result.memory_estimate = case_bytes(spec)
-            self.memory.admit(result.memory_estimate)  # waits for room on the GPU
+            if self.memory.admit(result.memory_estimate):  # waits for room on the GPU
+                self.on_admitted()
             torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()  # the harness's time starts once the case has its memory
         try:
             prep = self.prepared(spec)
             case = prep.inputs.materialize(finite_poison=backend.finite_poison or self.finite_poison)
@@ -132,6 +134,9 @@ class Runner:
             return result
         try:
             return self._run_case(backend, case, prep, result, t0)
+        except torch.OutOfMemoryError as e:  # judging needs memory too (the backend's own OOM is its ERROR)
+            result.status, result.reason = Status.ERROR, f"the case does not fit in memory here: {_error(e)}"
+            return result
         finally:
             del case  # the last reference to its cache: only then can _release give the memory back
             if self.memory:
@@ -188,6 +193,7 @@ class Runner:
         """After a case: the memory it no longer needs, and the claim on it, back to the GPU."""
         self._give_back()
         if self.memory:
+            shrink_local_memory()
             self.memory.settle(torch.cuda.memory_allocated(self.device))  # what stays prepared
 
     def _give_back(self) -> None:

@@ -8,12 +8,13 @@ import time
 import torch
 
 from conformance.matrix import select_cases
-from conformance.memory import GiB, DeviceMemory, _ledger, case_bytes
+from conformance.memory import GiB, DeviceMemory, _ledger, case_bytes, shrink_local_memory
 
 
-def _two(tmp_path, budget=10 * GiB):
+def _two(tmp_path, budget=10 * GiB, free=lambda: 100 * GiB):
     path = tmp_path / "gpu.ledger"
-    return path, DeviceMemory(path, budget), DeviceMemory(path, budget, pid=os.getppid())  # two live processes
+    # two live processes: this one and its parent
+    return path, DeviceMemory(path, budget, free), DeviceMemory(path, budget, free, pid=os.getppid())
 
 
 def test_a_big_case_waits_while_another_runs_one_and_not_for_idle_claims(tmp_path):
@@ -36,6 +37,42 @@ def test_a_claim_past_the_budget_runs_when_nothing_else_will_be_freed(tmp_path):
     a.settle(8 * GiB)
     b.admit(20 * GiB)  # nothing runs beside it: waiting would wait forever
     assert b.claim == (20 * GiB, True)
+
+
+def test_a_big_case_also_waits_for_what_the_gpu_really_has_free(tmp_path):
+    """Memory no claim knows of (CUDA contexts, another program, a spilling kernel's local memory):
+    the budget would let the case in, the GPU's free memory does not while another case runs."""
+    free = [6 * GiB]
+    path, a, b = _two(tmp_path, budget=100 * GiB, free=lambda: free[0])
+    a.admit(3 * GiB)
+    waiter = threading.Thread(target=b.admit, args=(4 * GiB,))
+    waiter.start()
+    time.sleep(1.0)
+    assert waiter.is_alive()  # 3 GiB running beside it + 4 > 6 free
+    free[0] = 8 * GiB
+    waiter.join(5)
+    assert not waiter.is_alive() and b.claim == (4 * GiB, True)
+    b.settle(0)
+    assert a.admit(50 * GiB) is False  # nothing else runs: it goes ahead (and says it did not wait)
+
+
+def test_local_memory_a_spilling_kernel_left_is_given_back():
+    """The CUDA driver API faked: the stack limit is set back to the default only when it grew."""
+    class Driver:
+        def __init__(self, stack):
+            self.stack, self.set_to = stack, None
+
+        def cuCtxGetLimit(self, out, limit):
+            out._obj.value = self.stack  # byref(c_size_t)
+            return 0
+
+        def cuCtxSetLimit(self, limit, value):
+            self.set_to = value.value
+            return 0
+
+    grown, default = Driver(21968), Driver(1024)
+    assert shrink_local_memory(grown) and grown.set_to == 1024
+    assert not shrink_local_memory(default) and default.set_to is None
 
 
 def test_claims_of_dead_processes_are_dropped(tmp_path):
@@ -97,8 +134,19 @@ def test_the_runner_claims_a_big_case_while_it_runs_and_settles_after(tmp_path, 
         monkeypatch.setattr(torch.cuda, name, lambda *a, v=value: v)
     big = select_cases("cpu", ["small_decode"], kind="mha")[0]
     monkeypatch.setattr(runner_module, "case_bytes", lambda spec: 6 * GiB if spec == big else GiB)
+    shrunk = []
+    monkeypatch.setattr(runner_module, "shrink_local_memory", lambda: shrunk.append(True))
     runner = Runner("cpu")
-    runner.memory = DeviceMemory(tmp_path / "gpu.ledger", 10 * GiB)
+    runner.memory = DeviceMemory(tmp_path / "gpu.ledger", 10 * GiB, lambda: 10 * GiB)
     result = runner.run(Recording(), big)
     assert result.status == Status.PASS and (result.memory_estimate, result.memory_peak) == (6 * GiB, 3 * GiB)
     assert seen == [(6 * GiB, True)] and runner.memory.claim == (IDLE_CLAIM, False)
+    assert shrunk == [True]  # after the case: a spilling kernel's local memory back to the GPU
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(runner, "_judge", out_of_memory)  # judging needs memory too
+    result = runner.run(PagedTorch(), big)
+    assert result.status == Status.ERROR and result.reason.startswith("the case does not fit in memory here")
+    assert runner.memory.claim == (IDLE_CLAIM, False)
