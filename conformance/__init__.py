@@ -9,17 +9,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # isort: split
-from .paged import Case, Inputs, gather_kv, make_inputs, scatter_to_cache
+from .kinds import make_inputs, reference_attention
+from .paged import Case, Inputs, gather_kv, scatter_to_cache
 from .mla import MLACase, MLAInputs, scatter_latent
-from .reference import Reference, reference_attention
+from .reference import Reference
 from .registry import (ENTRY_POINT_GROUP, Backend, Capabilities, MLABackend, RegistryError, get_backend,
                        load_backends, register_backend, unregister_backend, Unsupported)
-from .runner import Result, Runner, Status
+from .runner import Category, Result, Runner, Status
 from .spec import BatchSpec, CaseSpec, HeadConfig, MLAHeads, Scenario, SpecError
 from .tolerance import Tolerance, compare
 
 __all__ = [
-    "BatchSpec", "Backend", "Capabilities", "Case", "CaseSpec", "ENTRY_POINT_GROUP", "HeadConfig", "Inputs",
+    "BatchSpec", "Backend", "Capabilities", "Case", "Category", "CaseSpec", "ENTRY_POINT_GROUP", "HeadConfig", "Inputs",
     "MLABackend", "MLACase", "MLAHeads", "MLAInputs", "Reference", "RegistryError", "Result", "Runner", "Scenario",
     "SpecError", "Status", "Tolerance", "Unsupported",
     "compare", "gather_kv", "get_backend", "load_backends", "make_inputs", "reference_attention", "register_backend",

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .paged import Case
+from .kinds import kind_of
 from .registry import Backend
 from .runner import Runner, Status
 from .spec import CaseSpec
@@ -31,13 +31,6 @@ class BenchRow:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def bytes_moved(case: Case) -> int:
-    kv_tokens = int(case.seq_lens.sum())
-    hkv, d = case.k_cache.shape[-2:]
-    kv = 2 * kv_tokens * hkv * d * case.k_cache.element_size()
-    return kv + case.q.numel() * case.q.element_size() + case.out.numel() * case.out.element_size()
 
 
 def _seconds_per_call(fn, device: torch.device, iters: int, repeats: int) -> float:
@@ -76,7 +69,7 @@ def bench(backends: list[Backend], specs: list[CaseSpec], runner: Runner, iters:
                 fn()
             seconds = _seconds_per_call(fn, runner.device, iters, repeats)
             row.latency_us = seconds * 1e6
-            row.gbps = bytes_moved(case) / seconds / 1e9
+            row.gbps = kind_of(case.spec).bytes_moved(case) / seconds / 1e9
     return rows
 
 

@@ -169,16 +169,16 @@ def _report(paths: list[str], merged_path: str = "") -> int:
             f"{k} {v}" for k, v in env.items() if v is not None)
         runs.setdefault(run, (meta, []))[1].append(path.rsplit("/", 1)[-1])
     results = list(by_id.values())
+    if merged_path:  # first: a reader that stops early (`| head`) must not cost the file
+        first = next(iter(runs.values()))[0]
+        write_json(merged_path, results, {"profile": first["profile"], "seed": first["seed"],
+                                          "environment": first["environment"], "backends": backends,
+                                          "merged_from": [n for _, names in runs.values() for n in names]})
     lines = ["# Conformance results", ""]
     lines += [f"- {', '.join(f'`{n}`' for n in names)}: {run}" for run, (_, names) in runs.items()]
     lines += ["", "Cell: passed/run, r = worst err/tol (at most 1 passes), s = skipped.", "",
               format_table(results, markdown=True), "", "```", summarize(results), "```"]
     print("\n".join(lines))
-    if merged_path:
-        first = next(iter(runs.values()))[0]
-        write_json(merged_path, results, {"profile": first["profile"], "seed": first["seed"],
-                                          "environment": first["environment"], "backends": backends,
-                                          "merged_from": [n for _, names in runs.values() for n in names]})
     return 1 if any(r.status in BAD for r in results) else 0
 
 

@@ -12,6 +12,7 @@ within `timeout`: the worker is killed, TIMEOUT. The pipe closes without an answ
 """
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
 import multiprocessing
 import os
@@ -26,18 +27,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from .registry import Backend, load_backends
-from .runner import Result, Runner, Status, blank_result, settled_before_run
+from .runner import Category, Result, Runner, Status, failed, identify, refusal
 from .spec import CaseSpec
 
 if TYPE_CHECKING:
     from typing import Self  # 3.11+, and only read by type checkers
 
 _GRACE = 2.0  # seconds from SIGTERM (the worker dumps its Python stack on it) to SIGKILL
-
-
-def _set(result: Result, status: Status, reason: str) -> Result:
-    result.status, result.reason = status, reason
-    return result
 
 
 class IsolatedRunner:
@@ -64,18 +60,19 @@ class IsolatedRunner:
         return result
 
     def _run(self, backend: Backend, spec: CaseSpec) -> Result:
-        result = blank_result(backend.name, spec, self.device, self.base_seed)
-        if settled_before_run(result, backend, spec):  # here, so a skipped case never starts a worker
-            return result
+        who = identify(backend.name, spec, self.device, self.base_seed)
+        refused = refusal(backend, spec, self.device)  # here, so a skipped case never starts a worker
+        if refused:
+            return Result.of(who, refused)
         try:  # by name where the worker's registry holds this very object, else pickled
             registered = load_backends(self.modules).get(backend.name) is backend
             payload = None if registered else pickle.dumps(backend)
         except Exception as e:  # noqa: BLE001 - anything pickle (or importing `modules`) raises
-            return _set(result, Status.ERROR, f"{backend.name} could not be sent to the worker process: "
-                                              f"{type(e).__name__}: {e}")
+            return Result.of(who, failed(Category.NOT_STARTED, f"{backend.name} could not be sent to the worker "
+                                                               f"process: {type(e).__name__}: {e}"))
         problem = self._start()
         if problem:
-            return _set(result, Status.ERROR, problem)
+            return Result.of(who, failed(Category.NOT_STARTED, problem))
         try:
             self._conn.send((backend.name, payload, spec))
         except OSError:
@@ -84,13 +81,15 @@ class IsolatedRunner:
         while kind == "admitted":  # the time spent waiting for GPU memory is not the case's
             if not wait([self._conn, self._proc.sentinel], self.timeout):
                 _, tail = self._retire(kill=True)
-                return _set(result, Status.TIMEOUT, f"no result within {self.timeout:g}s: the worker was killed; "
-                                                    f"later cases run in a fresh worker{tail}")
+                return Result.of(who, failed(Category.TIMEOUT, f"no result within {self.timeout:g}s: the worker was "
+                                                               f"killed; later cases run in a fresh worker{tail}",
+                                             Status.TIMEOUT))
             try:  # data first: a worker that lost its CUDA context answers, then exits
                 kind, got = self._conn.recv()
             except (EOFError, OSError):
                 how, tail = self._retire(kill=False)
-                return _set(result, Status.CRASH, f"worker process died during the case: {how}{tail}")
+                return Result.of(who, failed(Category.CRASH, f"worker process died during the case: {how}{tail}",
+                                             Status.CRASH))
         if got.status is Status.CRASH:
             self._retire(kill=False)
         return got
@@ -207,13 +206,15 @@ def _worker(conn: Connection, device: str, base_seed: int, finite_poison: bool, 
         try:
             backend = load_backends(modules)[name] if payload is None else pickle.loads(payload)
         except Exception as e:  # noqa: BLE001 - the adapter's module does not import here
-            result = _set(blank_result(name, spec, runner.device, base_seed), Status.ERROR,
-                          f"{name} could not be sent to the worker process: {type(e).__name__}: {e}")
+            result = Result.of(identify(name, spec, runner.device, base_seed),
+                               failed(Category.NOT_STARTED, f"{name} could not be sent to the worker process: "
+                                                            f"{type(e).__name__}: {e}"))
         else:
             result = runner.run(backend, spec)
         lost = runner.device.type == "cuda" and result.status is Status.ERROR and _cuda_lost(runner.device)
-        if lost:
-            _set(result, Status.CRASH, f"CUDA context lost: {lost}\nthe case's error: {result.reason}")
+        if lost:  # the same run, judged again: its error broke the context, so it is a crash
+            result = dataclasses.replace(result, status=Status.CRASH, categories=(Category.CRASH,),
+                                         reason=f"CUDA context lost: {lost}\nthe case's error: {result.reason}")
         conn.send(("result", result))
         if lost:
             sys.stderr.flush()

@@ -193,13 +193,9 @@ def _cumsum(xs) -> list[int]:
     return out
 
 
-def make_inputs(spec: CaseSpec, device: torch.device | str, seed: int) -> Pages:
-    """Draw a case's data (Inputs; MLAInputs for an MLA case). Every draw comes from one generator
-    seeded by the case, so the same case gives the same tensors on a device whatever ran before it."""
-    if spec.kind == "mla":
-        from .mla import make_mla_inputs  # noqa: PLC0415 - mla builds on this module
-
-        return make_mla_inputs(spec, device, seed)
+def make_dense_inputs(spec: CaseSpec, device: torch.device | str, seed: int) -> Inputs:
+    """Draw a dense case's data. Every draw comes from one generator seeded by the case, so the same
+    case gives the same tensors on a device whatever ran before it."""
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     h = spec.heads

@@ -30,11 +30,8 @@ class Reference:
     lse: torch.Tensor  # [T, Hq], natural log, sink included; -inf for a row that sees nothing (its out is 0)
 
 
-def reference_attention(inputs: Inputs, precision: str = "float64") -> Reference:
-    if inputs.spec.kind == "mla":
-        from .mla import mla_reference  # noqa: PLC0415 - mla builds on this module
-
-        return mla_reference(inputs, precision)
+def dense_reference(inputs: Inputs, precision: str = "float64") -> Reference:
+    """A dense case's attention, in float64 (the truth) or "lowp" (as a kernel in the case's dtype would)."""
     spec = inputs.spec
     acc_dtype, rnd = precision_of(spec, precision)
 

@@ -51,32 +51,33 @@ class Capabilities:
     requires: tuple[str, ...] = ()  # importable modules; a missing one skips every case, naming it
 
     def unsupported(self, spec: CaseSpec, device: torch.device) -> str | None:
-        """Why this backend cannot run `spec` on `device`, or None."""
+        """Every rule that keeps this backend from running `spec` on `device` ("; "-joined), or None."""
+        unmet = []
         if device.type not in self.devices:
-            return f"device {device.type} not supported (supports: {', '.join(sorted(self.devices))})"
+            unmet.append(f"device {device.type} not supported (supports: {', '.join(sorted(self.devices))})")
         if self.compute_capability and device.type == "cuda":
             cc = torch.cuda.get_device_capability(device)
             lo, hi = self.compute_capability
             if not lo <= cc <= hi:
-                return f"compute capability sm_{cc[0]}{cc[1]} outside sm_{lo[0]}{lo[1]}..sm_{hi[0]}{hi[1]}"
+                unmet.append(f"compute capability sm_{cc[0]}{cc[1]} outside sm_{lo[0]}{lo[1]}..sm_{hi[0]}{hi[1]}")
         if spec.dtype not in self.dtypes:
-            return f"dtype {spec.dtype_name} not supported (supports: {_names(self.dtypes)})"
+            unmet.append(f"dtype {spec.dtype_name} not supported (supports: {_names(self.dtypes)})")
         if spec.kv_dtype not in self.kv_dtypes:
-            return f"kv dtype {spec.kv_dtype} not supported (supports: {', '.join(sorted(self.kv_dtypes))})"
+            unmet.append(f"kv dtype {spec.kv_dtype} not supported (supports: {', '.join(sorted(self.kv_dtypes))})")
         if spec.kv_layout not in self.kv_layouts:
-            return f"kv layout {spec.kv_layout} not supported (supports: {', '.join(sorted(self.kv_layouts))})"
+            unmet.append(f"kv layout {spec.kv_layout} not supported (supports: {', '.join(sorted(self.kv_layouts))})")
         if self.head_dims is not None and spec.heads.head_dim not in self.head_dims:
-            return f"head_dim {spec.heads.head_dim} not supported (supports: {sorted(self.head_dims)})"
+            unmet.append(f"head_dim {spec.heads.head_dim} not supported (supports: {sorted(self.head_dims)})")
         if self.block_sizes is not None and spec.block_size not in self.block_sizes:
-            return f"block size {spec.block_size} not supported (supports: {sorted(self.block_sizes)})"
+            unmet.append(f"block size {spec.block_size} not supported (supports: {sorted(self.block_sizes)})")
         if spec.block_size % self.block_size_multiple:
-            return f"block size {spec.block_size} not a multiple of {self.block_size_multiple}"
+            unmet.append(f"block size {spec.block_size} not a multiple of {self.block_size_multiple}")
         if self.gqa_ratios is not None and spec.heads.group_size not in self.gqa_ratios:
-            return f"GQA ratio {spec.heads.group_size} not supported (supports: {sorted(self.gqa_ratios)})"
+            unmet.append(f"GQA ratio {spec.heads.group_size} not supported (supports: {sorted(self.gqa_ratios)})")
         missing = sorted(spec.features - self.features)
         if missing:
-            return f"feature {', '.join(missing)} not supported"
-        return None
+            unmet.append(f"feature {', '.join(missing)} not supported")
+        return "; ".join(unmet) or None
 
 
 class Unsupported(Exception):
@@ -96,7 +97,8 @@ class Backend:
     finite_poison: bool = False  # the kernel masks by multiplying with 0, so NaN poison would leak
 
     def unavailable(self) -> str | None:
-        """Why this backend cannot run at all on this machine (missing library ...), or None."""
+        """Why this backend cannot run at all on this machine (missing library ...), or None. Asked
+        once per backend object (skip_reason keeps the answer), so an expensive check needs no cache."""
         for module in self.capabilities.requires:
             if importlib.util.find_spec(module.split(".")[0]) is None:
                 return f"{module} is not installed"
@@ -107,9 +109,14 @@ class Backend:
         return None
 
     def skip_reason(self, spec: CaseSpec, device: torch.device) -> str | None:
+        """Why this backend does not run `spec` here: the kind, its absence, or every unmet rule
+        (the Capabilities' and unsupported()'s together, so one reason tells the whole story)."""
         if spec.kind != self.kind:
             return f"an {spec.kind} case; {self.name} runs {self.kind} cases"
-        return self.unavailable() or self.capabilities.unsupported(spec, device) or self.unsupported(spec, device)
+        if "_unavailable" not in vars(self):  # asked once per backend: it is about the machine, not the case
+            self._unavailable = self.unavailable()
+        unmet = (self.capabilities.unsupported(spec, device), self.unsupported(spec, device))
+        return self._unavailable or "; ".join(r for r in unmet if r) or None
 
     def compile_key(self, spec: CaseSpec):
         """For a library that compiles a kernel per variant on first use: what selects the variant

@@ -60,7 +60,7 @@ def read_json(path: str) -> tuple[dict, list[Result]]:
         data = json.load(f)
     if data.get("schema") != REPORT_SCHEMA:
         raise ValueError(f"{path}: schema = {data.get('schema')!r}, expected {REPORT_SCHEMA!r}")
-    results = [Result(**{**r, "status": Status(r["status"])}) for r in data.pop("results")]
+    results = [Result.from_dict(r) for r in data.pop("results")]
     return data, results
 
 
@@ -93,6 +93,9 @@ def _text_table(rows: list[list[str]]) -> str:
 def summarize(results: list[Result]) -> str:
     counts = Counter(r.status for r in results)
     lines = ["  ".join(f"{s.value} {counts[s]}" for s in Status if counts[s])]
+    categories = Counter(c.value for r in results for c in r.categories)
+    if categories:
+        lines.append("what went wrong: " + ", ".join(f"{c} {n}" for c, n in categories.most_common()))
     harness = sum(r.harness_seconds or 0 for r in results)
     backend = sum(r.backend_seconds or 0 for r in results)
     n_cases = len({r.case for r in results if r.harness_seconds is not None})
@@ -103,9 +106,10 @@ def summarize(results: list[Result]) -> str:
     bad = defaultdict(list)
     for r in results:
         if r.status in BAD:
-            bad[(r.backend, r.status.value, r.reason.splitlines()[0] if r.reason else "")].append(r.id)
-    for (backend, status, reason), ids in list(bad.items())[:30]:
-        lines.append(f"  {status} {ids[0]}{f' (and {len(ids) - 1} more of {backend})' if len(ids) > 1 else ''}: {reason}")
+            what = f"{r.status.value} [{', '.join(c.value for c in r.categories)}]"
+            bad[(r.backend, what, r.reason.splitlines()[0] if r.reason else "")].append(r.id)
+    for (backend, what, reason), ids in list(bad.items())[:30]:
+        lines.append(f"  {what} {ids[0]}{f' (and {len(ids) - 1} more of {backend})' if len(ids) > 1 else ''}: {reason}")
     if len(bad) > 30:
         lines.append(f"  ... and {len(bad) - 30} more kinds (see the JSON report)")
     reasons = Counter((r.backend, r.reason) for r in results if r.status == Status.SKIP)

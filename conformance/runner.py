@@ -10,9 +10,9 @@ from enum import Enum
 import torch
 
 from .memory import SMALL_CASE, DeviceMemory, case_bytes, shrink_local_memory, too_big
-from .mla import MLACase
-from .paged import Pages, PagedBatch, make_inputs, quantize
-from .reference import Reference, reference_attention
+from .kinds import kind_of, make_inputs, reference_attention
+from .paged import Pages, PagedBatch
+from .reference import Reference
 from .registry import Backend, Unsupported
 from .spec import CaseSpec
 from .tolerance import DEFAULT_TOLERANCE, Comparison, compare
@@ -25,6 +25,37 @@ class Status(str, Enum):
     ERROR = "ERROR"  # the adapter raised, or returned the wrong shape, dtype or device
     CRASH = "CRASH"  # reserved for isolated runs: the worker process died
     TIMEOUT = "TIMEOUT"  # reserved for isolated runs: the worker hung
+
+
+class Category(str, Enum):
+    """What went wrong, for machines (a report, a nightly diff); the reason says it for people."""
+
+    WRONG_OUTPUT = "wrong-output"  # finite, beyond the tolerance
+    WRONG_LSE = "wrong-lse"
+    NONFINITE = "non-finite"  # NaN or Inf in the output or LSE
+    WRONG_CACHE_WRITE = "wrong-cache-write"  # a slot differs from the expected write, or poison was touched
+    BAD_RETURN = "bad-return"  # not a tensor, or the wrong shape, dtype or device
+    ADAPTER_RAISED = "adapter-raised"  # run(), write_cache() or a capability rule raised
+    OUT_OF_MEMORY = "out-of-memory"  # the harness ran out of memory: the machine's limit
+    NOT_STARTED = "not-started"  # isolated runs: the adapter could not reach a worker, or none started
+    CRASH = "crash"
+    TIMEOUT = "timeout"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A run's outcome: status, the human reason and the machine-readable categories."""
+
+    status: Status
+    reason: str = ""
+    categories: tuple[Category, ...] = ()
+
+
+PASSED = Verdict(Status.PASS)
+
+
+def failed(category: Category, reason: str, status: Status = Status.ERROR) -> Verdict:
+    return Verdict(status, reason, (category,))
 
 
 @dataclass
@@ -40,6 +71,7 @@ class Result:
     device: str
     status: Status
     reason: str = ""
+    categories: tuple[Category, ...] = ()  # what went wrong (empty for PASS and SKIP)
     err: float | None = None  # max |out - ref|
     ref_err: float | None = None  # max |ref_lowp - ref|: the dtype's own noise on this case
     tol: float | None = None
@@ -56,9 +88,21 @@ class Result:
     def id(self) -> str:
         return f"{self.backend}-{self.case}"
 
+    @classmethod
+    def of(cls, identity: dict, verdict: Verdict, **measured) -> "Result":
+        """The one way a Result is made: who ran what (identify()), how it ended, what was measured."""
+        return cls(**identity, status=verdict.status, reason=verdict.reason, categories=verdict.categories,
+                   **measured)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Result":
+        return cls(**{**d, "status": Status(d["status"]),
+                      "categories": tuple(Category(c) for c in d.get("categories", ()))})
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["status"] = self.status.value
+        d["categories"] = [c.value for c in self.categories]
         return d
 
 
@@ -115,12 +159,14 @@ class Runner:
         pass  # nothing to release; IsolatedRunner stops its worker here
 
     def _run(self, backend: Backend, spec: CaseSpec) -> Result:
-        result = blank_result(backend.name, spec, self.device, self.base_seed)
-        if settled_before_run(result, backend, spec):
-            return result
+        who = identify(backend.name, spec, self.device, self.base_seed)
+        refused = refusal(backend, spec, self.device)
+        if refused:
+            return Result.of(who, refused)
+        measured = {}
         if self.memory:
-            result.memory_estimate = case_bytes(spec)
-            if self.memory.admit(result.memory_estimate):  # waits for room on the GPU
+            measured["memory_estimate"] = case_bytes(spec)
+            if self.memory.admit(measured["memory_estimate"]):  # waits for room on the GPU
                 self.on_admitted()
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()  # the harness's time starts once the case has its memory
@@ -130,20 +176,19 @@ class Runner:
         except torch.OutOfMemoryError as e:  # the machine's limit, not the backend's fault: say so, go on
             self._prepared.clear()
             self._release()
-            result.status, result.reason = Status.ERROR, f"the case does not fit in memory here: {_error(e)}"
-            return result
+            return Result.of(who, _out_of_memory(e), **measured)
         try:
-            return self._run_case(backend, case, prep, result, t0)
+            verdict = self._run_case(backend, case, prep, measured, t0)
         except torch.OutOfMemoryError as e:  # judging needs memory too (the backend's own OOM is its ERROR)
-            result.status, result.reason = Status.ERROR, f"the case does not fit in memory here: {_error(e)}"
-            return result
-        finally:
-            del case  # the last reference to its cache: only then can _release give the memory back
-            if self.memory:
-                result.memory_peak = torch.cuda.max_memory_allocated(self.device)
-            self._release()
+            verdict = _out_of_memory(e)
+        del case  # the last reference to its cache: only then can _release give the memory back
+        if self.memory:
+            measured["memory_peak"] = torch.cuda.max_memory_allocated(self.device)
+        self._release()
+        return Result.of(who, verdict, **measured)
 
-    def _run_case(self, backend: Backend, case, prep: _Prepared, result: Result, t0: float) -> Result:
+    def _run_case(self, backend: Backend, case, prep: _Prepared, measured: dict, t0: float) -> Verdict:
+        """Run the backend on `case` and judge it; its times and the judged numbers go into `measured`."""
         self._sync()
         t_backend = time.perf_counter()
         try:
@@ -151,39 +196,17 @@ class Runner:
             returned = backend.run(case)
             self._sync()
         except Unsupported as e:
-            result.status, result.reason = Status.SKIP, f"refused at call time: {e}"
-            return result
+            return Verdict(Status.SKIP, f"refused at call time: {e}")
         except Exception as e:  # noqa: BLE001 - an adapter's exception is its result, not the run's end
-            result.status, result.reason = Status.ERROR, _error(e)
-            return result
-        result.backend_seconds = time.perf_counter() - t_backend
+            return failed(Category.ADAPTER_RAISED, _error(e))
+        measured["backend_seconds"] = time.perf_counter() - t_backend
         try:
             out, lse = _unpack(returned, case, backend)
         except _BadOutput as e:
-            result.status, result.reason = Status.ERROR, str(e)
-            return result
-        self._judge(result, backend, case, prep, out, lse)
-        result.harness_seconds = time.perf_counter() - t0 - result.backend_seconds
-        return result
-
-    def _judge(self, result, backend, case, prep, out, lse) -> None:
-        tolerance = backend.tolerance or DEFAULT_TOLERANCE
-        c = compare(out, prep.ref.out, prep.ref_lowp.out, case.spec.dtype, tolerance)
-        result.err, result.ref_err, result.tol, result.ratio = c.err, c.ref_err, c.tol, c.ratio
-        problems = []
-        if not c.passed:
-            problems.append(_describe("output", c, case))
-        if lse is not None:
-            cl = compare(lse, prep.ref.lse, prep.ref_lowp.lse, case.spec.dtype, tolerance)
-            result.lse_err, result.lse_tol = cl.err, cl.tol
-            if not cl.passed:
-                problems.append(_describe("lse", cl, case))
-        for name, got, writes in _expected_caches(case, prep.inputs):
-            wrong = _cache_mismatch(got, writes, prep.inputs, case.poison)
-            if wrong:
-                problems.append(f"{name}: {wrong}")
-        if problems:
-            result.status, result.reason = Status.FAIL, "; ".join(problems)
+            return failed(Category.BAD_RETURN, str(e))
+        verdict = _judge(backend, case, prep, out, lse, measured)
+        measured["harness_seconds"] = time.perf_counter() - t0 - measured["backend_seconds"]
+        return verdict
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -203,24 +226,47 @@ class Runner:
             torch.cuda.empty_cache()
 
 
-def blank_result(backend: str, spec: CaseSpec, device: torch.device, base_seed: int) -> Result:
-    """A Result before anything ran (status PASS until judged otherwise)."""
-    return Result(backend=backend, case=spec.id, scenario=spec.scenario, dtype=spec.dtype_name,
-                  block_size=spec.block_size, heads=spec.heads.id, device=str(device),
-                  status=Status.PASS, seed=spec.seed(base_seed))
+def identify(backend: str, spec: CaseSpec, device: torch.device, base_seed: int) -> dict:
+    """The fields of a Result that say which backend ran which case where (Result.of takes them)."""
+    return dict(backend=backend, case=spec.id, scenario=spec.scenario, dtype=spec.dtype_name,
+                block_size=spec.block_size, heads=spec.heads.id, device=str(device), seed=spec.seed(base_seed))
 
 
-def settled_before_run(result: Result, backend: Backend, spec: CaseSpec) -> bool:
-    """Make `result` a SKIP (the backend cannot run the case here, with the reason) or an ERROR (its
-    rules raised) without running anything; False when the case is to run."""
+def refusal(backend: Backend, spec: CaseSpec, device: torch.device) -> Verdict | None:
+    """A SKIP (the backend cannot run the case here, with every reason) or an ERROR (its rules
+    raised), decided without running anything; None when the case is to run."""
     try:
-        reason = backend.skip_reason(spec, torch.device(result.device)) or too_big(spec, torch.device(result.device))
+        reason = backend.skip_reason(spec, device) or too_big(spec, device)
     except Exception as e:  # noqa: BLE001 - a broken capability rule is the adapter's error, not the run's end
-        result.status, result.reason = Status.ERROR, f"{backend.name}.skip_reason raised {_error(e)}"
-        return True
-    if reason:
-        result.status, result.reason = Status.SKIP, reason
-    return bool(reason)
+        return failed(Category.ADAPTER_RAISED, f"{backend.name}.skip_reason raised {_error(e)}")
+    return Verdict(Status.SKIP, reason) if reason else None
+
+
+def _out_of_memory(e: Exception) -> Verdict:
+    return failed(Category.OUT_OF_MEMORY, f"the case does not fit in memory here: {_error(e)}")
+
+
+def _judge(backend: Backend, case, prep: _Prepared, out, lse, measured: dict) -> Verdict:
+    """Output, LSE and cache against the references; the numbers go into `measured`."""
+    tolerance = backend.tolerance or DEFAULT_TOLERANCE
+    c = compare(out, prep.ref.out, prep.ref_lowp.out, case.spec.dtype, tolerance)
+    measured.update(err=c.err, ref_err=c.ref_err, tol=c.tol, ratio=c.ratio)
+    problems: list[tuple[Category, str]] = []
+    if not c.passed:
+        problems.append((Category.NONFINITE if c.nonfinite else Category.WRONG_OUTPUT, _describe("output", c, case)))
+    if lse is not None:
+        cl = compare(lse, prep.ref.lse, prep.ref_lowp.lse, case.spec.dtype, tolerance)
+        measured.update(lse_err=cl.err, lse_tol=cl.tol)
+        if not cl.passed:
+            problems.append((Category.NONFINITE if cl.nonfinite else Category.WRONG_LSE, _describe("lse", cl, case)))
+    for name, got, writes in kind_of(case.spec).expected_caches(case, prep.inputs):
+        wrong = _cache_mismatch(got, writes, prep.inputs, case.poison)
+        if wrong:
+            problems.append((Category.WRONG_CACHE_WRITE, f"{name}: {wrong}"))
+    if not problems:
+        return PASSED
+    categories = tuple(dict.fromkeys(category for category, _ in problems))
+    return Verdict(Status.FAIL, "; ".join(text for _, text in problems), categories)
 
 
 def _error(e: Exception) -> str:
@@ -254,21 +300,6 @@ _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64
 def _bits(x: torch.Tensor) -> torch.Tensor:
     """Bits, not values: fp8 codes must match exactly, and untouched poison stays the same NaN."""
     return x.view(_SAME_SIZE_INT[x.element_size()])
-
-
-def _expected_caches(case: PagedBatch, inputs) -> list[tuple[str, torch.Tensor, list]]:
-    """Each cache of the case, with the writes it must hold after the run: (slots, stored values)
-    of the context as handed over and of the new tokens (quantized like the default cache write)."""
-    if isinstance(case, MLACase):
-        new = torch.cat([case.kv_c_new, case.k_pe_new], -1)
-        return [("latent_cache", case.latent_cache,
-                 [(inputs.context_slots, inputs.stored(inputs.context_index)),
-                  (case.slot_mapping, quantize(new, case.kv_scale, case.latent_cache.dtype))])]
-    return [(f"{which}_cache", cache,
-             [(inputs.context_slots, inputs.stored(which, inputs.context_index)),
-              (case.slot_mapping, quantize(new, scale, cache.dtype))])
-            for which, cache, new, scale in (("k", case.k_cache, case.k_new, case.k_scale),
-                                             ("v", case.v_cache, case.v_new, case.v_scale))]
 
 
 def _cache_mismatch(got: torch.Tensor, writes: list, inputs, poison: float) -> str:

@@ -35,6 +35,24 @@ def test_report_merges_reruns_and_writes_one_json(tmp_path, capsys):
     assert f"`a.json`, `b.json`: profile {default_profile(main_job=True)}" in md
 
 
+def test_report_writes_its_json_even_when_the_reader_stops_early(tmp_path, monkeypatch):
+    """`report ... --json m.json | head`: the pipe closes before the table is printed."""
+    import builtins
+
+    report, merged = str(tmp_path / "a.json"), tmp_path / "m.json"
+    assert main(["run", "--backend", "sdpa", "--scenario", "small_decode", "--json", report]) == 0
+
+    def closed_pipe(*args, **kwargs):
+        raise BrokenPipeError
+
+    monkeypatch.setattr(builtins, "print", closed_pipe)
+    try:
+        main(["report", report, "--json", str(merged)])
+    except BrokenPipeError:
+        pass
+    assert len(read_json(str(merged))[1]) == len(read_json(report)[1])
+
+
 def test_flake_check_runs_every_seed_and_isolated_runs_match(tmp_path, capsys):
     args = ["--backend", "sdpa", "--scenario", "small_decode", "--profile", "cpu"]
     assert main(["flake-check", *args, "--seeds", "2", "--first-seed", "5", "--json", str(tmp_path / "f.json")]) == 0

@@ -103,16 +103,15 @@ def test_a_case_bigger_than_the_gpu_is_a_skip_saying_how_much(monkeypatch):
     from types import SimpleNamespace
 
     from conformance import Backend, Status
-    from conformance.runner import blank_result, settled_before_run
+    from conformance.runner import refusal
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=8 * GiB))
     spec = select_cases("cpu", ["small_decode"], kind="mha")[0]
     cuda = torch.device("cuda")
-    for case, fits in ((spec, True), (spec.replace(far_pages=True), False)):
-        result = blank_result("any", case, cuda, 0)
-        assert settled_before_run(result, Backend(), case) is not fits
-    assert result.status == Status.SKIP and result.reason.startswith("needs about ")
-    assert result.reason.endswith("the GPU has 8.0 GiB")
+    assert refusal(Backend(), spec, cuda) is None
+    verdict = refusal(Backend(), spec.replace(far_pages=True), cuda)
+    assert verdict.status == Status.SKIP and verdict.reason.startswith("needs about ")
+    assert verdict.reason.endswith("the GPU has 8.0 GiB")
 
 
 def test_the_runner_claims_a_big_case_while_it_runs_and_settles_after(tmp_path, monkeypatch):
@@ -146,7 +145,8 @@ def test_the_runner_claims_a_big_case_while_it_runs_and_settles_after(tmp_path, 
     def out_of_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(runner, "_judge", out_of_memory)  # judging needs memory too
+    monkeypatch.setattr(runner_module, "_judge", out_of_memory)  # judging needs memory too
     result = runner.run(PagedTorch(), big)
     assert result.status == Status.ERROR and result.reason.startswith("the case does not fit in memory here")
+    assert result.categories == (runner_module.Category.OUT_OF_MEMORY,)
     assert runner.memory.claim == (IDLE_CLAIM, False)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import conformance.registry as registry
-from conformance import (Backend, BatchSpec, Capabilities, CaseSpec, HeadConfig, RegistryError, Runner, Status,
-                         load_backends, register_backend)
+from conformance import (Backend, BatchSpec, Capabilities, CaseSpec, Category, HeadConfig, RegistryError, Runner,
+                         Status, load_backends, register_backend)
 
 SPEC = CaseSpec("t", BatchSpec([20, 9], [4, 1]), HeadConfig(4, 2, 16), torch.float16, 16)
 CPU = torch.device("cpu")
@@ -138,25 +138,51 @@ class ReturnsList(Echo):
         return [case.out]
 
 
-@pytest.mark.parametrize("backend, reason", [
-    (Raises(), "RuntimeError: kernel exploded"),
-    (RulesRaise(), "echo.skip_reason raised AttributeError: 'CaseSpec' object has no attribute 'no_such_field'"),
-    (ReturnsList(), "echo.run returned list: must return a tensor or (out, lse)"),
-    (WrongShape(), "echo.run output: shape (4, 4, 16), torch.float16, cpu; must be shape (5, 4, 16), torch.float16"),
-    (WrongDtype(), "echo.run output: shape (5, 4, 16), torch.float32, cpu; must be shape (5, 4, 16), torch.float16"),
-    (NoLse(), "echo.run returned no lse, but its capabilities declare returns_lse"),
-    (BadLse(), "echo.run lse: (3,); must be a float tensor of shape (5, 4)"),
+RAISED, BAD_RETURN = Category.ADAPTER_RAISED, Category.BAD_RETURN
+
+
+@pytest.mark.parametrize("backend, category, reason", [
+    (Raises(), RAISED, "RuntimeError: kernel exploded"),
+    (RulesRaise(), RAISED,
+     "echo.skip_reason raised AttributeError: 'CaseSpec' object has no attribute 'no_such_field'"),
+    (ReturnsList(), BAD_RETURN, "echo.run returned list: must return a tensor or (out, lse)"),
+    (WrongShape(), BAD_RETURN,
+     "echo.run output: shape (4, 4, 16), torch.float16, cpu; must be shape (5, 4, 16), torch.float16"),
+    (WrongDtype(), BAD_RETURN,
+     "echo.run output: shape (5, 4, 16), torch.float32, cpu; must be shape (5, 4, 16), torch.float16"),
+    (NoLse(), BAD_RETURN, "echo.run returned no lse, but its capabilities declare returns_lse"),
+    (BadLse(), BAD_RETURN, "echo.run lse: (3,); must be a float tensor of shape (5, 4)"),
 ])
-def test_adapter_misbehaviour_is_a_named_error(backend, reason):
+def test_adapter_misbehaviour_is_a_named_error(backend, category, reason):
     result = Runner(CPU).run(backend, SPEC)
     assert result.status == Status.ERROR and result.reason.startswith(reason)
+    assert result.categories == (category,)
 
 
 def test_wrong_numbers_fail_with_where_and_how_much():
     result = Runner(CPU).run(Echo(), SPEC)
-    assert result.status == Status.FAIL
+    assert result.status == Status.FAIL and result.categories == (Category.WRONG_OUTPUT,)
     assert result.reason.startswith("output: max err") and " at seq " in result.reason
     assert result.ratio > 1 and result.err > result.tol
+
+
+def test_nan_output_is_its_own_category():
+    class Nan(Echo):
+        def run(self, case):
+            return torch.full_like(case.out, float("nan"))
+
+    result = Runner(CPU).run(Nan(), SPEC)
+    assert result.status == Status.FAIL and result.categories == (Category.NONFINITE,)
+
+
+def test_a_skip_names_every_unmet_rule():
+    caps = Capabilities(dtypes=frozenset({torch.float32}), block_sizes=frozenset({32}),
+                        features=frozenset({"non_causal"}))
+    backend = type("Limited", (Echo,), {"name": "limited", "capabilities": caps,
+                                        "unsupported": lambda self, spec, device: "no batches of 2"})()
+    assert Runner(CPU).run(backend, SPEC).reason == (
+        "dtype fp16 not supported (supports: fp32); block size 16 not supported (supports: [32]); "
+        "feature causal not supported; no batches of 2")
 
 
 def test_stray_cache_write_is_caught():
@@ -168,6 +194,7 @@ def test_stray_cache_write_is_caught():
             case.v_cache[0, 0] = 0.0  # the null block must stay untouched
 
     result = Runner(CPU).run(StrayWrite(), SPEC)
+    assert result.categories == (Category.WRONG_CACHE_WRITE,)
     assert result.status == Status.FAIL and result.reason == \
         "v_cache: 1 slots differ from the expected write (first: block 0, offset 0)"
 
@@ -181,3 +208,17 @@ def test_flex_falling_back_to_eager_is_an_error(monkeypatch):
     monkeypatch.setattr(flex, "_compiled_flex", lambda dynamic: flex_attention)
     result = Runner(CPU).run(flex.FlexBackend(), SPEC)
     assert result.status == Status.ERROR and "without torch.compile" in result.reason
+
+
+def test_unavailable_is_asked_once_per_backend():
+    """It asks the machine (imports, devices), not the case: an expensive check needs no cache of its own."""
+    class Counted(Echo):
+        asked = 0
+
+        def unavailable(self):
+            Counted.asked += 1
+            return "no such library here"
+
+    backend, runner = Counted(), Runner(CPU)
+    results = [runner.run(backend, SPEC.replace(block_size=bs)) for bs in (16, 32, 64)]
+    assert Counted.asked == 1 and {r.reason for r in results} == {"no such library here"}

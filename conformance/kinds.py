@@ -1,0 +1,78 @@
+"""Case kinds: what differs between dense attention and MLA cases, one object each.
+
+A kind draws a case's inputs, computes its references and says what its caches must hold after a
+run; the runner, bench and the front ends look the kind up by `CaseSpec.kind` and call it, never
+branching on the kind themselves. Imports run one way: spec <- paged / reference <- mla <- kinds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .mla import MLACase, make_mla_inputs, mla_reference
+from .paged import Case, Pages, PagedBatch, make_dense_inputs, quantize
+from .reference import Reference, dense_reference
+from .spec import CaseSpec
+
+# A cache's name, the cache after the run, and the writes it must hold: (slots, stored values).
+ExpectedCache = tuple[str, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class CaseKind:
+    name: str  # CaseSpec.kind
+    make_inputs: Callable[[CaseSpec, torch.device | str, int], Pages]
+    reference: Callable[[Pages, str], Reference]  # precision "float64" (the truth) or "lowp"
+    expected_caches: Callable[[PagedBatch, Pages], list[ExpectedCache]]
+    bytes_moved: Callable[[PagedBatch], int]  # what a kernel must read and write at least (bench's GB/s)
+
+
+def _dense_caches(case: Case, inputs) -> list[ExpectedCache]:
+    """K and V: the context as handed over, and the new tokens quantized like the default write."""
+    return [(f"{which}_cache", cache,
+             [(inputs.context_slots, inputs.stored(which, inputs.context_index)),
+              (case.slot_mapping, quantize(new, scale, cache.dtype))])
+            for which, cache, new, scale in (("k", case.k_cache, case.k_new, case.k_scale),
+                                             ("v", case.v_cache, case.v_new, case.v_scale))]
+
+
+def _latent_caches(case: MLACase, inputs) -> list[ExpectedCache]:
+    """The latent cache: the context as handed over, and [kv_c, k_pe] of the new tokens."""
+    new = torch.cat([case.kv_c_new, case.k_pe_new], -1)
+    return [("latent_cache", case.latent_cache,
+             [(inputs.context_slots, inputs.stored(inputs.context_index)),
+              (case.slot_mapping, quantize(new, case.kv_scale, case.latent_cache.dtype))])]
+
+
+def _dense_bytes(case: Case) -> int:
+    """Every context token's K and V once, the queries and the output."""
+    hkv, d = case.k_cache.shape[-2:]
+    kv = 2 * int(case.seq_lens.sum()) * hkv * d * case.k_cache.element_size()
+    return kv + case.q.numel() * case.q.element_size() + case.out.numel() * case.out.element_size()
+
+
+def _latent_bytes(case: MLACase) -> int:
+    """Every context token's latent once (shared by all heads), the queries and the output."""
+    latent = int(case.seq_lens.sum()) * case.latent_cache.shape[-1] * case.latent_cache.element_size()
+    return latent + case.q.numel() * case.q.element_size() + case.out.numel() * case.out.element_size()
+
+
+DENSE = CaseKind("mha", make_dense_inputs, dense_reference, _dense_caches, _dense_bytes)
+MLA = CaseKind("mla", make_mla_inputs, mla_reference, _latent_caches, _latent_bytes)
+KINDS = {kind.name: kind for kind in (DENSE, MLA)}
+
+
+def kind_of(spec: CaseSpec) -> CaseKind:
+    return KINDS[spec.kind]
+
+
+def make_inputs(spec: CaseSpec, device: torch.device | str, seed: int) -> Pages:
+    """Draw a case's data (Inputs for a dense case, MLAInputs for an MLA one)."""
+    return kind_of(spec).make_inputs(spec, device, seed)
+
+
+def reference_attention(inputs: Pages, precision: str = "float64") -> Reference:
+    """A case's ground truth ("float64") or its low-precision twin ("lowp"), which calibrates the tolerance."""
+    return kind_of(inputs.spec).reference(inputs, precision)
