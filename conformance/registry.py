@@ -46,6 +46,7 @@ class Capabilities:
     block_sizes: frozenset[int] | None = None  # None: any (subject to block_size_multiple)
     block_size_multiple: int = 1
     gqa_ratios: frozenset[int] | None = None  # None: any
+    max_query_len: int | None = None  # new tokens of one sequence at most (1: a decode-only kernel); None: any
     features: frozenset[str] = DEFAULT_FEATURES
     returns_lse: bool = False
     requires: tuple[str, ...] = ()  # importable modules; a missing one skips every case, naming it
@@ -74,6 +75,9 @@ class Capabilities:
             unmet.append(f"block size {spec.block_size} not a multiple of {self.block_size_multiple}")
         if self.gqa_ratios is not None and spec.heads.group_size not in self.gqa_ratios:
             unmet.append(f"GQA ratio {spec.heads.group_size} not supported (supports: {sorted(self.gqa_ratios)})")
+        longest = max(spec.batch.query_lens)
+        if self.max_query_len is not None and longest > self.max_query_len:
+            unmet.append(f"{longest} new tokens in a sequence; at most {self.max_query_len} (max_query_len)")
         missing = sorted(spec.features - self.features)
         if missing:
             unmet.append(f"feature {', '.join(missing)} not supported")

@@ -56,6 +56,7 @@ def test_a_name_cannot_be_taken_by_another_class():
     (Capabilities(block_size_multiple=256), "block size 16 not a multiple of 256"),
     (Capabilities(gqa_ratios=frozenset({1, 4})), "GQA ratio 2 not supported (supports: [1, 4])"),
     (Capabilities(features=frozenset({"non_causal"})), "feature causal not supported"),
+    (Capabilities(max_query_len=1), "4 new tokens in a sequence; at most 1 (max_query_len)"),
     (Capabilities(requires=("surely_not_a_module_xyz",)), "surely_not_a_module_xyz is not installed"),
 ])
 def test_every_unsupported_combination_skips_with_its_reason(caps, reason):
