@@ -21,7 +21,7 @@ import torch
 
 from conformance import Capabilities, MLABackend, MLACase, register_backend
 
-from .triton_attention import interpreter_refuses, no_triton_here
+from conformance.triton_rules import interpreter_refuses, no_triton_here
 
 DECODE_THRESHOLD = 4  # vLLM: 1 + the number of speculative tokens; 3 draft tokens here
 

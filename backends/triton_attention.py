@@ -6,57 +6,19 @@ without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import torch
 
 from conformance import Backend, Capabilities, Case, register_backend
 from conformance.registry import ALL_FEATURES, ALL_KV_LAYOUTS
+from conformance.triton_rules import interpreter_refuses, no_triton_here
 
 FORCED_SEGMENTS = 4  # triton-split: full, partial and empty segments even on short CPU cases
 MIN_SPLIT_KEYS = 2048  # split only a decode batch whose longest sequence has at least this many keys
 MIN_SEGMENT_KEYS = 512  # ... and into segments of at least this many keys of it
 MAX_SEGMENTS = 64  # the reduce loads a program's segments as one tile
 PROGRAMS_PER_SM = 4  # enough resident programs to keep an SM's memory pipe busy
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def no_triton_here() -> str | None:
-    """Why Triton kernels cannot run on this machine (beyond a missing triton), or None."""
-    if not torch.cuda.is_available() and not _interpreted():
-        return "no CUDA and TRITON_INTERPRET is off (Triton runs on CPU only under its interpreter)"
-    if _interpreted() and importlib.util.find_spec("numpy") is None:
-        return "numpy is not installed (Triton's interpreter needs it: pip install numpy, or the [triton] extra)"
-    return None
-
-
-# Under the interpreter, batches with more sequences or new tokens than these run plain only.
-INTERPRETED_MAX_SEQUENCES = 16
-INTERPRETED_MAX_NEW_TOKENS = 128
-
-
-def interpreter_refuses(spec, device) -> str | None:
-    """Why Triton cannot run `spec` on `device` when the device is the CPU, or None: the
-    interpreter must be on, bf16 is what it gets wrong, and it runs each program in Python (about
-    10 s for a case of 32-48 sequences or 256 new tokens), so big batches run plain only there."""
-    if device.type != "cpu":
-        return None
-    if not _interpreted():
-        return "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1), which is off in this process"
-    if spec.dtype == torch.bfloat16:
-        return ("bf16 under Triton's interpreter is computed on the raw bits (upstream will not fix it); "
-                "bf16 is covered on the GPU")
-    big = spec.batch.batch_size > INTERPRETED_MAX_SEQUENCES or spec.batch.num_query_tokens > INTERPRETED_MAX_NEW_TOKENS
-    if big and not spec.is_plain:
-        return (f"under Triton's interpreter a batch of more than {INTERPRETED_MAX_SEQUENCES} sequences or "
-                f"{INTERPRETED_MAX_NEW_TOKENS} new tokens runs plain only (about 10 s a case on a CPU); its variants "
-                "are covered on the GPU")
-    return None
 
 
 def choose_segments(case: Case) -> int:

@@ -14,7 +14,7 @@ from .paged import Case, Inputs, gather_kv, scatter_to_cache
 from .mla import MLACase, MLAInputs, scatter_latent
 from .reference import Reference
 from .registry import (ENTRY_POINT_GROUP, Backend, Capabilities, MLABackend, RegistryError, get_backend,
-                       load_backends, register_backend, unregister_backend, Unsupported)
+                       load_backends, register_backend, Unsupported)
 from .runner import Category, Result, Runner, Status
 from .spec import BatchSpec, CaseSpec, HeadConfig, MLAHeads, Scenario, SpecError
 from .tolerance import Tolerance, compare
@@ -24,5 +24,5 @@ __all__ = [
     "MLABackend", "MLACase", "MLAHeads", "MLAInputs", "Reference", "RegistryError", "Result", "Runner", "Scenario",
     "SpecError", "Status", "Tolerance", "Unsupported",
     "compare", "gather_kv", "get_backend", "load_backends", "make_inputs", "reference_attention", "register_backend",
-    "scatter_latent", "scatter_to_cache", "unregister_backend",
+    "scatter_latent", "scatter_to_cache",
 ]

@@ -132,7 +132,8 @@ class Backend:
         scatter_to_cache(case)
 
     def run(self, case: Case):
-        """Return out [T, Hq, D] in the case's dtype, or (out, lse) with lse [T, Hq] in natural log."""
+        """Return out [T, Hq, D] in the case's dtype, or (out, lse) with lse [T, Hq] in natural log
+        (with sinks, the sink is in it: log(sum(exp(logits)) + exp(sink)))."""
         return self.prepare(case)()
 
     def prepare(self, case: Case):
@@ -178,10 +179,6 @@ def register_backend(backend):
         raise RegistryError(f"backend name = {name!r}: already registered by {type(other).__qualname__}")
     _REGISTRY[name] = instance
     return backend
-
-
-def unregister_backend(name: str) -> None:
-    _REGISTRY.pop(name, None)
 
 
 class _BrokenPlugin(Backend):

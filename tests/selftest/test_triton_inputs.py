@@ -34,7 +34,7 @@ def test_write_cache_names_bad_input(k_new, v_cache, message):
 def test_interpreter_rules_skip_with_their_reasons(monkeypatch):
     """On a CPU: no interpreter, no run; bf16 never; wide batches plain only. A missing numpy
     makes every interpreted case a SKIP naming it, not an ERROR."""
-    from backends.triton_attention import interpreter_refuses, no_triton_here
+    from conformance.triton_rules import interpreter_refuses, no_triton_here
     from conformance.matrix import select_cases
 
     cpu = torch.device("cpu")
