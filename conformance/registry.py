@@ -119,8 +119,10 @@ class Backend:
             return f"an {spec.kind} case; {self.name} runs {self.kind} cases"
         if "_unavailable" not in vars(self):  # asked once per backend: it is about the machine, not the case
             self._unavailable = self.unavailable()
+        if self._unavailable:  # its rules may need what is missing
+            return self._unavailable
         unmet = (self.capabilities.unsupported(spec, device), self.unsupported(spec, device))
-        return self._unavailable or "; ".join(r for r in unmet if r) or None
+        return "; ".join(r for r in unmet if r) or None
 
     def compile_key(self, spec: CaseSpec):
         """For a library that compiles a kernel per variant on first use: what selects the variant

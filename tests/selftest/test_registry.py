@@ -211,14 +211,18 @@ def test_flex_falling_back_to_eager_is_an_error(monkeypatch):
     assert result.status == Status.ERROR and "without torch.compile" in result.reason
 
 
-def test_unavailable_is_asked_once_per_backend():
-    """It asks the machine (imports, devices), not the case: an expensive check needs no cache of its own."""
+def test_unavailable_is_asked_once_per_backend_and_its_rules_then_never():
+    """It asks the machine (imports, devices), not the case: an expensive check needs no cache of its
+    own. An unavailable backend's own rules are not asked: they may need what is missing."""
     class Counted(Echo):
         asked = 0
 
         def unavailable(self):
             Counted.asked += 1
             return "no such library here"
+
+        def unsupported(self, spec, device):
+            raise ModuleNotFoundError("no module named 'the_library'")
 
     backend, runner = Counted(), Runner(CPU)
     results = [runner.run(backend, SPEC.replace(block_size=bs)) for bs in (16, 32, 64)]
