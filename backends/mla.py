@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 
 from conformance import Capabilities, MLABackend, MLACase, register_backend
-
 from conformance.triton_rules import interpreter_refuses, no_triton_here
 
 DECODE_THRESHOLD = 4  # vLLM: 1 + the number of speculative tokens; 3 draft tokens here

@@ -46,17 +46,20 @@ def _latent_caches(case: MLACase, inputs) -> list[ExpectedCache]:
               (case.slot_mapping, quantize(new, case.kv_scale, case.latent_cache.dtype))])]
 
 
+def _q_and_out_bytes(case: PagedBatch) -> int:
+    return case.q.numel() * case.q.element_size() + case.out.numel() * case.out.element_size()
+
+
 def _dense_bytes(case: Case) -> int:
     """Every context token's K and V once, the queries and the output."""
     hkv, d = case.k_cache.shape[-2:]
-    kv = 2 * int(case.seq_lens.sum()) * hkv * d * case.k_cache.element_size()
-    return kv + case.q.numel() * case.q.element_size() + case.out.numel() * case.out.element_size()
+    return 2 * int(case.seq_lens.sum()) * hkv * d * case.k_cache.element_size() + _q_and_out_bytes(case)
 
 
 def _latent_bytes(case: MLACase) -> int:
     """Every context token's latent once (shared by all heads), the queries and the output."""
     latent = int(case.seq_lens.sum()) * case.latent_cache.shape[-1] * case.latent_cache.element_size()
-    return latent + case.q.numel() * case.q.element_size() + case.out.numel() * case.out.element_size()
+    return latent + _q_and_out_bytes(case)
 
 
 DENSE = CaseKind("mha", make_dense_inputs, dense_reference, _dense_caches, _dense_bytes)

@@ -9,8 +9,8 @@ from enum import Enum
 
 import torch
 
-from .memory import SMALL_CASE, DeviceMemory, case_bytes, shrink_local_memory, too_big
 from .kinds import kind_of, make_inputs, reference_attention
+from .memory import SMALL_CASE, DeviceMemory, case_bytes, shrink_local_memory, too_big
 from .paged import Pages, PagedBatch
 from .reference import Reference
 from .registry import Backend, Unsupported
