@@ -27,6 +27,8 @@ class CaseKind:
     reference: Callable[[Pages, str], Reference]  # precision "float64" (the truth) or "lowp"
     expected_caches: Callable[[PagedBatch, Pages], list[ExpectedCache]]
     bytes_moved: Callable[[PagedBatch], int]  # what a kernel must read and write at least (bench's GB/s)
+    # (query/key, value) widths per query head of the widest form the reference pads to (memory estimate)
+    reference_widths: Callable[[object], tuple[int, int]]
 
 
 def _dense_caches(case: Case, inputs) -> list[ExpectedCache]:
@@ -62,8 +64,10 @@ def _latent_bytes(case: MLACase) -> int:
     return latent + _q_and_out_bytes(case)
 
 
-DENSE = CaseKind("mha", make_dense_inputs, dense_reference, _dense_caches, _dense_bytes)
-MLA = CaseKind("mla", make_mla_inputs, mla_reference, _latent_caches, _latent_bytes)
+DENSE = CaseKind("mha", make_dense_inputs, dense_reference, _dense_caches, _dense_bytes,
+                 reference_widths=lambda h: (h.head_dim, h.out_dim))
+MLA = CaseKind("mla", make_mla_inputs, mla_reference, _latent_caches, _latent_bytes,
+               reference_widths=lambda h: (h.latent_dim, h.kv_lora_rank))  # the absorbed form
 KINDS = {kind.name: kind for kind in (DENSE, MLA)}
 
 

@@ -35,6 +35,7 @@ from typing import Callable
 
 import torch
 
+from .kinds import kind_of
 from .reference import SCORE_CHUNK_ELEMENTS
 from .spec import CaseSpec
 
@@ -48,7 +49,8 @@ POLL_SECONDS = 0.2
 @functools.lru_cache(maxsize=4096)  # asked for on every run of a case
 def case_bytes(spec: CaseSpec) -> int:
     """An upper estimate of the device memory one backend run of `spec` takes in a runner: the
-    paged cache, the logical inputs and both references, the reference's chunked working set,
+    paged cache, the logical inputs and both references, the reference's padded queries and
+    accumulators (a ragged batch pads every sequence to the longest query) and chunked working set,
     an adapter's copies of the cache (a gather; K and V padded up to twice the slots), each
     sequence's keys expanded to every query head, the cache check's masks, and a margin."""
     b, h = spec.batch, spec.heads
@@ -58,11 +60,13 @@ def case_bytes(spec: CaseSpec) -> int:
     cache = spec.pool_blocks * spec.block_size * token * cache_elem
     logical = sum(b.seq_lens) * token * elem + b.num_query_tokens * h.num_q_heads * h.head_dim * elem
     references = b.num_query_tokens * h.num_q_heads * (h.out_dim * (8 + elem + 3 * 8) + 4 * 8)
+    qk, v = kind_of(spec).reference_widths(h)
+    padded = b.batch_size * max(b.query_lens) * h.num_q_heads * (qk + 3 * v) * 8  # float64; acc lives thrice
     scores = b.batch_size * h.num_q_heads * max(b.query_lens) * max(b.seq_lens)  # all at once, if under a chunk
     reference_chunks = 8 * min(scores, SCORE_CHUNK_ELEMENTS) * 8
     adapter = 4 * cache + max(b.seq_lens) * h.num_q_heads * (h.head_dim + h.out_dim) * 4 * 2
     cache_check = 2 * spec.pool_blocks * spec.block_size * token
-    return cache + logical + references + reference_chunks + adapter + cache_check + GiB // 4
+    return cache + logical + references + padded + reference_chunks + adapter + cache_check + GiB // 4
 
 
 def gib(n: int) -> str:

@@ -71,12 +71,18 @@ def compare(out: torch.Tensor, ref: torch.Tensor, ref_lowp: torch.Tensor, dtype:
     diff = torch.where(torch.isneginf(ref) & torch.isfinite(out), torch.full_like(diff, float("inf")), diff)
     ref_diff = torch.where(torch.isneginf(ref), torch.zeros_like(ref), (ref_lowp - ref).abs())
     ref_diff = torch.nan_to_num(ref_diff, nan=0.0, posinf=0.0)
-    err = float(diff.max()) if diff.numel() else 0.0
-    ref_err = float(ref_diff.max()) if ref_diff.numel() else 0.0
-    tol = tolerance.k * ref_err + FLOORS[dtype] * tolerance.floor_scale
-    if nonfinite:
-        flat = int(torch.argmax(bad.flatten().to(torch.uint8)))
-    else:
-        flat = int(torch.argmax(diff.flatten())) if diff.numel() else 0
-    worst = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), out.shape)) if out.numel() else ()
-    return Comparison(err=err, ref_err=ref_err, tol=tol, nonfinite=nonfinite, worst=worst)
+    if not out.numel():
+        return Comparison(err=0.0, ref_err=0.0, tol=_tol(0.0, dtype, tolerance), nonfinite=0, worst=())
+    # One transfer from the device, not one per number: on a GPU shared by many workers each sync waits its turn.
+    stats = torch.stack([bad.sum().to(torch.float64), diff.max(), ref_diff.max(),
+                         torch.argmax(bad.flatten().to(torch.uint8)).to(torch.float64),
+                         torch.argmax(diff.flatten()).to(torch.float64)])
+    nonfinite, err, ref_err, first_bad, largest = stats.tolist()
+    flat = int(first_bad if nonfinite else largest)
+    worst = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), out.shape))
+    return Comparison(err=err, ref_err=ref_err, tol=_tol(ref_err, dtype, tolerance), nonfinite=int(nonfinite),
+                      worst=worst)
+
+
+def _tol(ref_err: float, dtype: torch.dtype, tolerance: Tolerance) -> float:
+    return tolerance.k * ref_err + FLOORS[dtype] * tolerance.floor_scale
