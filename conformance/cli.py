@@ -8,16 +8,19 @@ fails on one seed and passes on another is reported."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
-from .matrix import PROFILE_HELP, default_device, default_profile, select_cases, split_names
+from fixtures import CATALOG
+
+from .bench import bench, format_bench
+from .config import RunConfig, add_run_options, add_selection_options
+from .matrix import default_device, default_profile, split_names
 from .registry import RegistryError, load_backends, select_backends
-from .isolation import add_run_options, make_runner
 from .report import BAD, environment, flake_summary, format_table, read_json, summarize, write_json
 from .runner import Runner
 from .spec import DTYPES, KV_DTYPES, CaseSpec, SpecError
-from .warmup import warm_up
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,14 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     flake = sub.add_parser("flake-check", help="run the cases over several base seeds; report pairs that pass on "
                            "one seed and fail on another")
     for cmd in (run, w, flake):  # what selects the cases, the same for all
-        cmd.add_argument("--backend", action="append", help="backend name(s), comma-separated or repeated (default: all)")
-        cmd.add_argument("--scenario", action="append", help="scenario name(s) (default: all of the profile)")
-        cmd.add_argument("--profile", help=PROFILE_HELP)
-        cmd.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-        cmd.add_argument("--load", action="append", default=[], help="also import this adapter module")
+        add_selection_options(cmd.add_argument)
     for cmd in (run, flake):  # how the cases run
-        cmd.add_argument("--warm-up-jobs", type=int, default=4, metavar="N",
-                         help="build JIT-compiled kernel variants in N processes before the run (0: off; default 4)")
         add_run_options(cmd.add_argument)
     run.add_argument("--seed", type=int, default=0, help="base seed mixed into every case's seed (default 0)")
     run.add_argument("--json", default="conformance-report.json", help="JSON report path ('' to skip)")
@@ -54,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", action="append", required=True, help="backend name(s), comma-separated or repeated")
     b.add_argument("--scenario", action="append", required=True, help="scenario name(s)")
     b.add_argument("--profile", choices=("cpu", "gpu"), help="scenario sizes (default: gpu with CUDA, else cpu)")
-    b.add_argument("--heads", default="llama3_8b", help="head-config preset (default llama3_8b)")
+    b.add_argument("--heads", default="llama3_8b", help="head-config preset, dense or MLA (default llama3_8b)")
     b.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="(default bf16)")
     b.add_argument("--block-size", type=int, default=16, help="(default 16)")
     b.add_argument("--kv-dtype", default="auto", choices=KV_DTYPES, help="(default auto)")
@@ -77,38 +74,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         return _bench(args)
     try:
-        backends = select_backends(split_names(args.backend), tuple(args.load))
-        profile = args.profile or default_profile(main_job=args.command == "run")
-        cases = select_cases(profile, split_names(args.scenario))
+        config = RunConfig.from_options(lambda name, default: getattr(args, name, default), CATALOG,
+                                        main_job=args.command == "run")
     except (RegistryError, SpecError) as e:
         print(e, file=sys.stderr)
         return 2
-    device = default_device(args.device)
     if args.command == "warm-up":
-        warm_up(backends, cases, device, args.jobs, tuple(args.load))
+        config.warm_up(args.jobs)
         return 0
-    warm_up(backends, cases, device, args.warm_up_jobs, tuple(args.load))
-    # Backends inner: a case's references are computed once for all of them. Each backend meets
-    # the cases of its kind (dense or MLA).
-    pairs = [(b, spec) for spec in cases for b in backends if b.kind == spec.kind]
-    print(f"{len(pairs)} backend x case pairs ({len(cases)} cases, {len(backends)} backends) on {device} "
-          f"(profile {profile})", file=sys.stderr)
+    config.warm_up()
+    pairs = config.pairs()
+    print(f"{len(pairs)} backend x case pairs ({len(config.cases)} cases, {len(config.backends)} backends) on "
+          f"{config.device} (profile {config.profile})", file=sys.stderr)
     if args.command == "flake-check":
-        return _flake_check(args, pairs, device, profile, backends)
+        return _flake_check(args, config, pairs)
     start = time.time()
-    results = _run_pairs(pairs, _runner(args, device, args.seed))
+    results = _run_pairs(pairs, config.runner())
     print(format_table(results))
     print(summarize(results))
     print(f"{len(results)} results in {time.time() - start:.1f}s")
     if args.json:
-        write_json(args.json, results, {"profile": profile, "seed": args.seed, "environment": environment(device),
-                                        "backends": {b.name: b.description for b in backends}})
+        write_json(args.json, results, config.report_meta())
         print(f"JSON report: {args.json}")
     return 1 if any(r.status in BAD for r in results) else 0
-
-
-def _runner(args, device, seed: int):
-    return make_runner(device, seed, args.isolate, args.case_timeout, args.poison, tuple(args.load))
 
 
 def _run_pairs(pairs, runner, label: str = "") -> list:
@@ -126,17 +114,15 @@ def _run_pairs(pairs, runner, label: str = "") -> list:
     return results
 
 
-def _flake_check(args, pairs, device, profile, backends) -> int:
+def _flake_check(args, config: RunConfig, pairs) -> int:
     by_seed, start = {}, time.time()
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        by_seed[seed] = _run_pairs(pairs, _runner(args, device, seed), f"seed {seed} ")
+        by_seed[seed] = _run_pairs(pairs, config.runner(seed), f"seed {seed} ")
         if args.json:
-            write_json(f"{args.json.removesuffix('.json')}.seed{seed}.json", by_seed[seed],
-                       {"profile": profile, "seed": seed, "environment": environment(device),
-                        "backends": {b.name: b.description for b in backends}})
+            write_json(f"{args.json.removesuffix('.json')}.seed{seed}.json", by_seed[seed], config.report_meta(seed))
     return _print_flakes(by_seed, f"flake check: {len(pairs)} backend x case pairs x {args.seeds} base seeds "
-                                  f"({args.first_seed}..{args.first_seed + args.seeds - 1}) on {device}, "
-                                  f"profile {profile}, in {time.time() - start:.0f}s")
+                                  f"({args.first_seed}..{args.first_seed + args.seeds - 1}) on {config.device}, "
+                                  f"profile {config.profile}, in {time.time() - start:.0f}s")
 
 
 def _flakes(paths: list[str]) -> int:
@@ -183,15 +169,13 @@ def _report(paths: list[str], merged_path: str = "") -> int:
 
 
 def _list(backends) -> int:
-    from fixtures import SCENARIOS
-
     device = default_device()
     for name, b in sorted(backends.items()):
         wrong_device = device.type not in b.capabilities.devices
         why = b.unavailable() or (f"needs {sorted(b.capabilities.devices)}" if wrong_device else None)
         print(f"{name:16} {'ok' if not why else 'unavailable: ' + why:40} {b.description}")
     print()
-    for s in SCENARIOS.values():
+    for s in CATALOG.scenarios.values():
         cpu = "cpu+gpu" if s.cpu else "gpu only"
         print(f"{s.name:24} {cpu:8} seq_lens={list(s.gpu.seq_lens)[:8]}{'...' if s.gpu.batch_size > 8 else ''} "
               f"query_lens={list(s.gpu.query_lens)[:8]}{'...' if s.gpu.batch_size > 8 else ''}"
@@ -200,21 +184,14 @@ def _list(backends) -> int:
 
 
 def _bench(args) -> int:
-    from fixtures import HEAD_CONFIGS, SCENARIOS
-
-    from .bench import bench, format_bench
-
     try:
         backends = select_backends(split_names(args.backend), tuple(args.load))
         profile = args.profile or default_profile()
-        names = split_names(args.scenario)
-        for field, values, known in (("--scenario", names, SCENARIOS), ("--heads", [args.heads], HEAD_CONFIGS)):
-            unknown = [v for v in values if v not in known]
-            if unknown:
-                raise SpecError(f"{field} = {unknown}: not in the catalog (known: {', '.join(known)})")
-        specs = [CaseSpec(n, SCENARIOS[n].batch(profile), HEAD_CONFIGS[args.heads], DTYPES[args.dtype],
-                          args.block_size, causal=SCENARIOS[n].causal, kv_dtype=args.kv_dtype)
-                 for n in names if SCENARIOS[n].batch(profile) is not None]
+        heads = CATALOG.head_config(args.heads)
+        scenarios = [CATALOG.scenario(name) for name in split_names(args.scenario)]
+        specs = [CaseSpec(sc.name, sc.batch(profile), heads, DTYPES[args.dtype], args.block_size, causal=sc.causal,
+                          kv_dtype=args.kv_dtype)
+                 for sc in scenarios if sc.batch(profile) is not None]
     except (RegistryError, SpecError) as e:
         print(e, file=sys.stderr)
         return 2
@@ -225,8 +202,6 @@ def _bench(args) -> int:
           f"flashinfer {env['flashinfer']}; median of 5 x {args.iters} calls\n")
     print(format_bench(rows, split_names(args.baseline) or []))
     if args.json:
-        import json
-
         with open(args.json, "w") as f:
             json.dump({"environment": env, "rows": [r.to_dict() for r in rows]}, f, indent=1)
     return 1 if any(r.status not in ("PASS", "SKIP") for r in rows) else 0

@@ -5,8 +5,8 @@ reason). The worker holds an ordinary Runner, so references are cached across th
 case as in-process, and each Result is the one the in-process Runner would give.
 
 Protocol, one duplex pipe per worker: the worker answers "ready" (or "failed" and a traceback)
-once its imports are done; then, per case, the parent sends (backend name, pickled backend or None
-for "take it from your registry", spec) and the worker answers ("result", Result), after
+once its imports are done (the modules of the parent's registered backends); then, per case, the
+parent sends (backend name, its module, pickled backend or None for "take it from your registry", spec) and the worker answers ("result", Result), after
 ("admitted", None) if the case waited for GPU memory (the timeout counts from there). No answer
 within `timeout`: the worker is killed, TIMEOUT. The pipe closes without an answer: CRASH.
 """
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .registry import Backend, load_backends
+from .registry import Backend, load_backends, registered_modules
 from .runner import Category, Result, Runner, Status, failed, identify, refusal
 from .spec import CaseSpec
 
@@ -64,8 +64,9 @@ class IsolatedRunner:
         refused = refusal(backend, spec, self.device)  # here, so a skipped case never starts a worker
         if refused:
             return Result.of(who, refused)
-        try:  # by name where the worker's registry holds this very object, else pickled
-            registered = load_backends(self.modules).get(backend.name) is backend
+        module = type(backend).__module__
+        try:  # by name where the worker's registry holds this very object (its module imported there), else pickled
+            registered = load_backends(self.modules).get(backend.name) is backend and module != "__main__"
             payload = None if registered else pickle.dumps(backend)
         except Exception as e:  # noqa: BLE001 - anything pickle (or importing `modules`) raises
             return Result.of(who, failed(Category.NOT_STARTED, f"{backend.name} could not be sent to the worker "
@@ -74,7 +75,7 @@ class IsolatedRunner:
         if problem:
             return Result.of(who, failed(Category.NOT_STARTED, problem))
         try:
-            self._conn.send((backend.name, payload, spec))
+            self._conn.send((backend.name, module, payload, spec))
         except OSError:
             pass  # it died since its last case: the wait below sees that
         kind = "admitted"
@@ -105,7 +106,7 @@ class IsolatedRunner:
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         conn, child = ctx.Pipe()
         proc = ctx.Process(target=_worker, name="conformance-worker", daemon=True,
-                           args=(child, str(self.device), self.base_seed, self.finite_poison, self.modules,
+                           args=(child, str(self.device), self.base_seed, self.finite_poison, registered_modules() + self.modules,
                                  torch.get_num_threads(), self._stderr))
         try:
             proc.start()
@@ -202,9 +203,9 @@ def _worker(conn: Connection, device: str, base_seed: int, finite_poison: bool, 
         return
     conn.send(("ready", ""))
     # Until the parent sends None. An exception of the harness itself ends the worker: a CRASH.
-    for name, payload, spec in iter(conn.recv, None):
+    for name, module, payload, spec in iter(conn.recv, None):
         try:
-            backend = load_backends(modules)[name] if payload is None else pickle.loads(payload)
+            backend = load_backends(modules + (module,))[name] if payload is None else pickle.loads(payload)
         except Exception as e:  # noqa: BLE001 - the adapter's module does not import here
             result = Result.of(identify(name, spec, runner.device, base_seed),
                                failed(Category.NOT_STARTED, f"{name} could not be sent to the worker process: "
@@ -221,22 +222,9 @@ def _worker(conn: Connection, device: str, base_seed: int, finite_poison: bool, 
             os._exit(1)  # no CUDA teardown on a broken context; the parent starts a fresh worker
 
 
-def add_run_options(add_option) -> None:
-    """How cases run, the same options for `python -m conformance` and pytest (argparse's
-    add_argument or pytest's addoption)."""
-    add_option("--isolate", choices=("auto", "on", "off"), default="auto",
-               help="run each backend's cases in a worker process, so a crash or hang is that case's CRASH or "
-                    "TIMEOUT and the run goes on (auto: on with CUDA, off on CPU)")
-    add_option("--case-timeout", type=float, default=300.0, metavar="SECONDS",
-               help="isolated runs: a case with no result after this long is a TIMEOUT (default 300)")
-    add_option("--poison", choices=("nan", "finite"), default="nan",
-               help="what fills unused cache slots: NaN shows any read of one; a large finite value only reads that "
-                    "change the output (default nan; backends that mask by multiplying with 0 always get finite)")
-
-
 def make_runner(device: torch.device, base_seed: int, isolate: str = "auto", case_timeout: float = 300.0,
                 poison: str = "nan", modules: tuple[str, ...] = ()) -> Runner | IsolatedRunner:
-    """The runner the options above ask for."""
+    """The runner config.add_run_options's options ask for."""
     finite = poison == "finite"
     if isolate == "on" or (isolate == "auto" and torch.device(device).type == "cuda"):
         return IsolatedRunner(device, base_seed, timeout=case_timeout, modules=modules, finite_poison=finite)

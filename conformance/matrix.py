@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kinds import KINDS
 from .spec import KV_LAYOUTS, CaseSpec, HeadConfig, MLAHeads, Scenario, SpecError
 
 
@@ -22,9 +23,6 @@ class MLAProfile:
     all_heads_scenarios: tuple[str, ...] | None = None
 
     def cases(self, scenarios: dict[str, Scenario], sizes: str) -> list[CaseSpec]:
-        unknown = sorted(set(self.scenarios + self.long_scenarios) - set(_catalog()))
-        if unknown:
-            raise SpecError(f"MLAProfile.scenarios = {unknown}: not in the catalog")
         out = []
         for sc in scenarios.values():
             batch = sc.batch(sizes)
@@ -38,12 +36,6 @@ class MLAProfile:
             if sc.name in self.long_scenarios:
                 out += [CaseSpec(sc.name, batch, self.heads[0], dtype, self.block_sizes[0]) for dtype in self.dtypes]
         return out
-
-
-def _catalog() -> dict[str, Scenario]:
-    from fixtures import SCENARIOS
-
-    return SCENARIOS
 
 
 # Logits of std 2500 reach about 1e4 among a case's keys: exp() of that overflows even in float64
@@ -146,6 +138,57 @@ class Profile:
             out += self.mla.cases(scenarios, self.sizes)
         return out
 
+    def scenario_names(self) -> set[str]:
+        """Every scenario the profile names (checked against the catalog)."""
+        names = set(self.scenarios or ()) | set(self.sweep_scenarios + self.layout_scenarios + self.long_scenarios
+                                                 + self.extreme_logit_scenarios + self.far_page_scenarios)
+        if self.mla:
+            names |= set(self.mla.scenarios + self.mla.long_scenarios + (self.mla.all_heads_scenarios or ()))
+        return names
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """What the suite runs on: the scenarios, head presets and profiles. The library receives it (the
+    `fixtures` package holds the suite's own, `fixtures.CATALOG`); another project can bring its own."""
+
+    scenarios: dict[str, Scenario]
+    heads: dict[str, HeadConfig | MLAHeads]
+    profiles: dict[str, Profile]
+
+    def __post_init__(self):
+        for profile in self.profiles.values():
+            unknown = sorted(profile.scenario_names() - set(self.scenarios))
+            if unknown:
+                raise SpecError(f"Profile({profile.name}) scenarios = {unknown}: not in the catalog")
+
+    def cases(self, profile: str, scenarios: list[str] | None = None, kind: str | None = None) -> list[CaseSpec]:
+        """The cases of a profile, optionally only some scenarios (names checked against the catalog)
+        and one kind (CaseSpec.kind: "mha" dense or "mla" latent-cache cases)."""
+        if profile not in self.profiles:
+            raise SpecError(f"profile = {profile!r}: must be one of {sorted(self.profiles)}")
+        if kind not in (None, *KINDS):
+            raise SpecError(f"kind = {kind!r}: must be None or one of {sorted(KINDS)}")
+        catalog = self.scenarios
+        if scenarios:
+            unknown = sorted(set(scenarios) - set(catalog))
+            if unknown:
+                raise SpecError(f"scenario = {unknown}: not in the catalog (known: {', '.join(catalog)})")
+            catalog = {n: s for n, s in catalog.items() if n in scenarios}
+        return [c for c in self.profiles[profile].cases(catalog) if kind in (None, c.kind)]
+
+    def scenario(self, name: str) -> Scenario:
+        return _lookup("scenario", name, self.scenarios)
+
+    def head_config(self, name: str) -> HeadConfig | MLAHeads:
+        return _lookup("heads", name, self.heads)
+
+
+def _lookup(field: str, name: str, known: dict):
+    if name not in known:
+        raise SpecError(f"{field} = {name!r}: not in the catalog (known: {', '.join(known)})")
+    return known[name]
+
 
 PROFILE_HELP = ("the cases: quick (every backend family and scenario kind once; the main job's default without "
                 "CUDA), cpu (the full CPU profile; pytest's default without CUDA), gpu (full sizes; the default with CUDA)")
@@ -163,21 +206,3 @@ def default_device(name: str | None = None) -> torch.device:
 def split_names(values: list[str] | None) -> list[str] | None:
     """Repeated and/or comma-separated option values ('--backend a,b --backend c') as one list."""
     return [x for v in values for x in v.split(",") if x] if values else None
-
-
-def select_cases(profile: str, scenarios: list[str] | None = None, kind: str | None = None) -> list[CaseSpec]:
-    """The cases of a profile, optionally only some scenarios (names checked against the catalog)
-    and one kind ("mha" dense or "mla" latent-cache cases)."""
-    from fixtures import PROFILES
-
-    if profile not in PROFILES:
-        raise SpecError(f"profile = {profile!r}: must be one of {sorted(PROFILES)}")
-    if kind not in (None, "mha", "mla"):
-        raise SpecError(f"kind = {kind!r}: must be None, 'mha' or 'mla'")
-    catalog = _catalog()
-    if scenarios:
-        unknown = sorted(set(scenarios) - set(catalog))
-        if unknown:
-            raise SpecError(f"scenario = {unknown}: not in the catalog (known: {', '.join(catalog)})")
-        catalog = {n: s for n, s in catalog.items() if n in scenarios}
-    return [c for c in PROFILES[profile].cases(catalog) if kind in (None, c.kind)]

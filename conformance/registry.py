@@ -1,8 +1,9 @@
 """Backends: the adapter interface, their declared capabilities, and the registry.
 
 An adapter translates a Case into one library call. It never builds inputs, computes references
-or judges. Built-in adapters live in the `backends` package and register on import; other
-packages register theirs through the entry-point group below, without editing this repo.
+or judges. Adapters register when their module is imported: the built-in ones in the `backends`
+package (the front ends import it), other packages' through the entry-point group below, without
+editing this repo.
 """
 from __future__ import annotations
 
@@ -198,10 +199,9 @@ _loaded = False
 
 
 def load_backends(modules: tuple[str, ...] = ()) -> dict[str, Backend]:
-    """Import the built-in adapters, those of installed packages (entry points), and `modules`."""
+    """The registered backends, after importing those of installed packages (entry points) and `modules`."""
     global _loaded
     if not _loaded:
-        importlib.import_module("backends")
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             try:
                 obj = ep.load()
@@ -215,6 +215,13 @@ def load_backends(modules: tuple[str, ...] = ()) -> dict[str, Backend]:
     for module in modules:
         importlib.import_module(module)
     return dict(_REGISTRY)
+
+
+def registered_modules() -> tuple[str, ...]:
+    """The modules that define the registered backends: what a worker process imports to hold the
+    same registry (a backend registered from __main__ cannot be found by name there)."""
+    modules = (type(b).__module__ for b in _REGISTRY.values() if not isinstance(b, _BrokenPlugin))
+    return tuple(dict.fromkeys(m for m in modules if m != "__main__"))
 
 
 def get_backend(name: str) -> Backend:

@@ -15,7 +15,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from .registry import Backend
+from .registry import Backend, load_backends, registered_modules
+from .runner import Runner
 from .spec import CaseSpec
 
 
@@ -43,9 +44,6 @@ def _size(spec: CaseSpec) -> int:
 
 
 def _warm_one(name: str, spec: CaseSpec, device: str, modules: tuple[str, ...]) -> tuple[str, str, float]:
-    from .registry import load_backends
-    from .runner import Runner
-
     t0 = time.perf_counter()
     result = Runner(device).run(load_backends(modules)[name], spec)
     status = result.status.value + (f" ({result.reason.splitlines()[0]})" if result.reason else "")
@@ -60,6 +58,7 @@ def warm_up(backends: list[Backend], specs: list[CaseSpec], device: torch.device
         return
     print(f"warm-up: {len(plan)} kernel variants in {jobs} processes", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
+    modules = tuple(dict.fromkeys(registered_modules() + tuple(modules)))  # a spawned process imports them
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_warm_one, name, spec, str(device), modules) for name, spec in plan]
         for f in futures:

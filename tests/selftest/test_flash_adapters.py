@@ -11,9 +11,9 @@ import torch
 
 import backends.flash_attn as fa
 from conformance import Runner, Status
-from conformance.matrix import select_cases
+from fixtures import CATALOG
 
-CASES = [c for c in select_cases("cpu", ["mixed_small", "chunked_context_prefill", "encoder_prefill"], kind="mha")
+CASES = [c for c in CATALOG.cases("cpu", ["mixed_small", "chunked_context_prefill", "encoder_prefill"], kind="mha")
          if c.dtype != torch.float32 and c.kv_dtype == "auto" and c.kv_layout == "nhd" and c.block_size == 16]
 CPU = dict(devices=frozenset({"cpu"}), compute_capability=None)
 

@@ -10,11 +10,11 @@ import torch
 
 from backends.flashmla import FlashMLA
 from conformance import Runner, Status
-from conformance.matrix import select_cases
+from fixtures import CATALOG
 
 # FlashMLA's dense decode takes bf16/fp16 latents only (fp8 skips with the reason); fp16 here
 # (bf16 on CPU is slow), its one page size.
-CASES = [c for c in select_cases("cpu", kind="mla") if c.block_size == 64 and c.dtype == torch.float16
+CASES = [c for c in CATALOG.cases("cpu", kind="mla") if c.block_size == 64 and c.dtype == torch.float16
          and c.kv_dtype == "auto"]
 
 

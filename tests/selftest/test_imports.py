@@ -1,5 +1,6 @@
-"""Imports inside the library run one way (spec <- paged / reference <- mla <- kinds <- runner <- front
-ends): no cycle, not even one hidden in a function-level import."""
+"""Imports inside the library run one way (spec <- paged / reference <- mla <- kinds <- runner <- config
+<- front ends): no cycle, not even one hidden in a function-level import; and the library below the
+front ends receives the catalog and the adapters instead of importing `fixtures` or `backends`."""
 import ast
 from pathlib import Path
 
@@ -47,3 +48,30 @@ def test_a_cycle_through_a_function_level_import_is_found(tmp_path):
     (tmp_path / "mla.py").write_text("from .paged import make\n")
     (tmp_path / "spec.py").write_text("")
     assert cycle(import_graph(tmp_path)) == ["mla", "paged", "mla"]
+
+
+FRONT_ENDS = {"cli", "config", "__main__"}  # they pick the suite's own catalog and built-in adapters
+
+
+def absolute_imports(path: Path) -> set[str]:
+    """Top-level packages `path` imports by absolute name, anywhere in its body."""
+    tree = ast.parse(path.read_text())
+    names = {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 0}
+    names |= {node.args[0].value for node in ast.walk(tree)  # importlib.import_module("backends")
+              if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant)}
+    return {n.split(".")[0] for n in names}
+
+
+def test_the_library_imports_neither_the_catalog_nor_the_adapters():
+    reaching = {p.stem: sorted(absolute_imports(p) & {"fixtures", "backends"})
+                for p in PACKAGE.glob("*.py") if p.stem not in FRONT_ENDS}
+    assert {m: found for m, found in reaching.items() if found} == {}
+
+
+def test_an_import_of_the_catalog_is_found(tmp_path):
+    (tmp_path / "matrix.py").write_text("def catalog():\n    from fixtures import SCENARIOS\n")
+    (tmp_path / "registry.py").write_text("import importlib\nimportlib.import_module('backends')\n")
+    assert absolute_imports(tmp_path / "matrix.py") == {"fixtures"}
+    assert absolute_imports(tmp_path / "registry.py") == {"importlib", "backends"}

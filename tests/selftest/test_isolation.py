@@ -8,9 +8,9 @@ import torch
 
 from conformance import Backend, Capabilities, Runner, Status, get_backend
 from conformance.isolation import IsolatedRunner
-from conformance.matrix import select_cases
+from fixtures import CATALOG
 
-CASES = {c.id: c for c in select_cases("cpu", ["small_decode"], kind="mha")}
+CASES = {c.id: c for c in CATALOG.cases("cpu", ["small_decode"], kind="mha")}
 FP32, FP16 = CASES["small_decode-fp32-bs16-gqa4-d128"], CASES["small_decode-fp16-bs16-gqa4-d128"]
 HANG_TIMEOUT = 4.0
 

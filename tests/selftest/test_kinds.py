@@ -4,18 +4,18 @@ looks the kind up. The bench's bytes per call come from the kind too (an MLA cas
 from conformance import Runner, Status
 from conformance.bench import bench
 from conformance.kinds import KINDS, kind_of
-from conformance.matrix import select_cases
+from fixtures import CATALOG
 from mla_mutants import LatentTorch
 from mutants import PagedTorch
 
 
 def test_every_kind_of_the_catalog_has_its_object():
-    assert {spec.kind for spec in select_cases("quick")} == set(KINDS)
+    assert {spec.kind for spec in CATALOG.cases("quick")} == set(KINDS)
 
 
 def test_the_bench_counts_each_kinds_own_bytes_and_times_it():
-    dense = next(s for s in select_cases("quick", ["small_decode"], kind="mha") if s.is_plain)
-    mla = select_cases("quick", kind="mla")[0]
+    dense = next(s for s in CATALOG.cases("quick", ["small_decode"], kind="mha") if s.is_plain)
+    mla = CATALOG.cases("quick", kind="mla")[0]
     runner = Runner("cpu")
     rows = bench([PagedTorch()], [dense], runner, iters=1, repeats=1) + \
         bench([LatentTorch()], [mla], runner, iters=1, repeats=1)

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from conformance.matrix import select_cases
+from fixtures import CATALOG
 from conformance.memory import GiB, DeviceMemory, _ledger, case_bytes, shrink_local_memory
 
 
@@ -85,7 +85,7 @@ def test_claims_of_dead_processes_are_dropped(tmp_path):
 
 
 def test_estimate_grows_with_the_cache_and_covers_it_three_times():
-    specs = {s.id: s for s in select_cases("cpu", ["medium_decode"], kind="mha")}
+    specs = {s.id: s for s in CATALOG.cases("cpu", ["medium_decode"], kind="mha")}
     small = specs["medium_decode-fp16-bs16-gqa4-d128"]
     fp32 = specs["medium_decode-fp32-bs16-gqa4-d128"]
     fp8 = specs["medium_decode-fp16-bs16-gqa4-d128-kvfp8e4m3"]
@@ -94,7 +94,7 @@ def test_estimate_grows_with_the_cache_and_covers_it_three_times():
     assert case_bytes(fp8) < case_bytes(small) < case_bytes(fp32)
     far = small.replace(far_pages=True)
     assert case_bytes(far) > 2**31 * 2 * 2 * 4  # a K and a V cache of >= 2^31 fp16 elements, and copies
-    mla = next(s for s in select_cases("cpu", ["small_decode"], kind="mla") if s.dtype == torch.float16)
+    mla = next(s for s in CATALOG.cases("cpu", ["small_decode"], kind="mla") if s.dtype == torch.float16)
     assert case_bytes(mla) > mla.pool_blocks * mla.block_size * 576 * 2
 
 
@@ -106,7 +106,7 @@ def test_a_case_bigger_than_the_gpu_is_a_skip_saying_how_much(monkeypatch):
     from conformance.runner import refusal
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=8 * GiB))
-    spec = select_cases("cpu", ["small_decode"], kind="mha")[0]
+    spec = CATALOG.cases("cpu", ["small_decode"], kind="mha")[0]
     cuda = torch.device("cuda")
     assert refusal(Backend(), spec, cuda) is None
     verdict = refusal(Backend(), spec.replace(far_pages=True), cuda)
@@ -131,7 +131,7 @@ def test_the_runner_claims_a_big_case_while_it_runs_and_settles_after(tmp_path, 
     for name, value in (("reset_peak_memory_stats", None), ("max_memory_allocated", 3 * GiB),
                         ("memory_reserved", 0), ("memory_allocated", GiB), ("empty_cache", None)):
         monkeypatch.setattr(torch.cuda, name, lambda *a, v=value: v)
-    big = select_cases("cpu", ["small_decode"], kind="mha")[0]
+    big = CATALOG.cases("cpu", ["small_decode"], kind="mha")[0]
     monkeypatch.setattr(runner_module, "case_bytes", lambda spec: 6 * GiB if spec == big else GiB)
     shrunk = []
     monkeypatch.setattr(runner_module, "shrink_local_memory", lambda: shrunk.append(True))

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from conformance import CaseSpec, Runner, Status
-from conformance.matrix import select_cases
+from fixtures import CATALOG
 from fixtures import HEAD_CONFIGS, SCENARIOS
 
 # kind: (the adapter with a `bug` switch, its bugs)
 FAMILIES = {"mha": (mutants.PagedTorch, mutants.BUGS), "mla": (mla_mutants.LatentTorch, mla_mutants.BUGS)}
-CASES = {kind: select_cases("cpu", kind=kind) for kind in FAMILIES}
+CASES = {kind: CATALOG.cases("cpu", kind=kind) for kind in FAMILIES}
 # A far-pages case small enough for a CPU: fp8 caches of 2^31 one-byte elements each (4 GiB in all).
 FAR_PAGES = CaseSpec("small_decode", SCENARIOS["small_decode"].cpu, HEAD_CONFIGS["tiny_gqa4_d128"], torch.float16,
                      16, kv_dtype="fp8_e4m3", far_pages=True)

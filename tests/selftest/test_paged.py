@@ -224,10 +224,10 @@ def _digest(spec) -> str:
 
 
 def _some_cases():
-    from conformance.matrix import select_cases
+    from fixtures import CATALOG
 
-    specs = [s for s in select_cases("cpu") if s.scenario == "mixed_small" and s.block_size == 16][:6]
-    return specs + [s for s in select_cases("cpu", kind="mla") if s.scenario == "small_decode"][:2]
+    specs = [s for s in CATALOG.cases("cpu") if s.scenario == "mixed_small" and s.block_size == 16][:6]
+    return specs + [s for s in CATALOG.cases("cpu", kind="mla") if s.scenario == "small_decode"][:2]
 
 
 def test_inputs_are_bit_identical_in_another_process_in_another_order():

@@ -7,7 +7,7 @@ import pytest
 
 import conformance.registry as registry
 from conformance import Runner, Status
-from conformance.matrix import select_cases
+from fixtures import CATALOG
 
 README = pathlib.Path(__file__).parents[2] / "README.md"
 
@@ -19,7 +19,7 @@ def test_readme_example_adapter_runs_and_passes(monkeypatch):
     exec(compile(code, str(README), "exec"), module.__dict__)
     backend = registry._REGISTRY["naive-torch"]
     runner = Runner("cpu")
-    results = [runner.run(backend, spec) for spec in select_cases("cpu", ["mixed_small", "encoder_prefill"], kind="mha")]
+    results = [runner.run(backend, spec) for spec in CATALOG.cases("cpu", ["mixed_small", "encoder_prefill"], kind="mha")]
     statuses = {r.status for r in results}
     assert statuses == {Status.PASS, Status.SKIP}, [r.reason for r in results if r.status not in statuses]
     assert {r.reason for r in results if r.status == Status.SKIP} == {

@@ -5,7 +5,7 @@ import torch
 
 import conformance.reference as reference
 from conformance import BatchSpec, CaseSpec, HeadConfig, make_inputs, reference_attention
-from conformance.matrix import select_cases
+from fixtures import CATALOG
 from conformance.mla import mla_reference
 from conformance.paged import dequantize
 
@@ -119,7 +119,7 @@ def test_fp8_reference_reads_the_quantized_cache():
     assert (reference_attention(inputs).out - raw).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("spec", [s for s in select_cases("cpu", kind="mla") if s.dtype == torch.float32
+@pytest.mark.parametrize("spec", [s for s in CATALOG.cases("cpu", kind="mla") if s.dtype == torch.float32
                                   and s.block_size == 16], ids=lambda s: s.id)
 def test_mla_expanded_and_absorbed_forms_agree(spec):
     """The MLA ground truth (expanded MHA) and the absorbed MQA form are one computation in float64."""

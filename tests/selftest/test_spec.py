@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conformance import BatchSpec, CaseSpec, HeadConfig, SpecError
-from conformance.matrix import select_cases
+from fixtures import CATALOG
 from fixtures import PROFILES, SCENARIOS
 
 H = HeadConfig(4, 1, 64)
@@ -71,9 +71,9 @@ def test_case_spec_errors(changes, message):
 
 def test_unknown_scenario_and_profile_are_named():
     with pytest.raises(SpecError, match=r"scenario = \['nope'\]: not in the catalog"):
-        select_cases("cpu", ["nope"])
+        CATALOG.cases("cpu", ["nope"])
     with pytest.raises(SpecError, match="profile = 'tpu'"):
-        select_cases("tpu")
+        CATALOG.cases("tpu")
 
 
 VLLM = {  # name: (seq_lens, query_lens) as vLLM's tests/v1/attention define them
@@ -119,7 +119,7 @@ def test_encoder_prefill_is_non_causal_and_others_causal():
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_profile_case_ids_are_unique(profile):
-    ids = [c.id for c in select_cases(profile)]
+    ids = [c.id for c in CATALOG.cases(profile)]
     assert len(ids) == len(set(ids))
 
 
@@ -159,8 +159,8 @@ def test_mla_case_id_scale_and_rules():
 
 
 def test_select_cases_by_kind():
-    mla = select_cases("cpu", kind="mla")
+    mla = CATALOG.cases("cpu", kind="mla")
     assert mla and {c.kind for c in mla} == {"mla"} and {c.heads.id for c in mla} == {"h16", "h128"}
-    assert {c.kind for c in select_cases("cpu", kind="mha")} == {"mha"}
+    assert {c.kind for c in CATALOG.cases("cpu", kind="mha")} == {"mha"}
     with pytest.raises(SpecError, match="kind = 'gqa'"):
-        select_cases("cpu", kind="gqa")
+        CATALOG.cases("cpu", kind="gqa")

@@ -35,10 +35,10 @@ def test_interpreter_rules_skip_with_their_reasons(monkeypatch):
     """On a CPU: no interpreter, no run; bf16 never; wide batches plain only. A missing numpy
     makes every interpreted case a SKIP naming it, not an ERROR."""
     from conformance.triton_rules import interpreter_refuses, no_triton_here
-    from conformance.matrix import select_cases
+    from fixtures import CATALOG
 
     cpu = torch.device("cpu")
-    cases = {c.id: c for c in select_cases("cpu", ["ragged_many_small", "mixed_small"], kind="mha")}
+    cases = {c.id: c for c in CATALOG.cases("cpu", ["ragged_many_small", "mixed_small"], kind="mha")}
     wide, narrow = "ragged_many_small-fp16-bs16-gqa4-d128", "mixed_small-fp16-bs16-gqa4-d128"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert interpreter_refuses(cases[wide], cpu) is None and interpreter_refuses(cases[narrow + "-sw24"], cpu) is None

@@ -11,7 +11,8 @@ import torch
 
 from conformance import Runner, Status
 from conformance.isolation import IsolatedRunner
-from conformance.matrix import default_device, select_cases
+from conformance.matrix import default_device
+from fixtures import CATALOG
 
 pytest.importorskip("triton")
 from backends import triton_kernels, triton_mla_kernels  # noqa: E402
@@ -64,7 +65,7 @@ MLA_MUTANTS = {
         "kv = kv.to(tl.float32).to(q_lat.dtype)",
         ["small_decode-fp16-bs16-h16-kvfp8e4m3"]),
 }
-CASES = {c.id: c for c in select_cases("cpu")}
+CASES = {c.id: c for c in CATALOG.cases("cpu")}
 
 
 def mutant_module(name: str, old: str, new: str, tmp_path: Path, original=triton_kernels):
@@ -130,7 +131,7 @@ class Int32BlockOffsets(TritonBackend):
                     "interpreter a wrapped offset reads wild host memory")
 def test_int32_block_offsets_are_caught_on_far_pages(tmp_path, record_property):
     record_property("mutant", "triton-mutant-int32-block-offsets")
-    specs = [c for c in select_cases("gpu", ["medium_decode", "mixed_medium"]) if c.far_pages
+    specs = [c for c in CATALOG.cases("gpu", ["medium_decode", "mixed_medium"]) if c.far_pages
              and c.dtype == torch.bfloat16 and c.block_size == 16 and c.kv_dtype == "auto"]
     with IsolatedRunner("cuda") as runner:
         for spec in specs:

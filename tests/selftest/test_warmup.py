@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import conformance.registry as registry
-from conformance.matrix import select_cases
+from fixtures import CATALOG
 from conformance.warmup import warm_up, warm_up_plan
 
-CASES = select_cases("cpu", ["small_decode", "mixed_small"], kind="mha")
+CASES = CATALOG.cases("cpu", ["small_decode", "mixed_small"], kind="mha")
 CPU = torch.device("cpu")
 
 
@@ -51,19 +51,23 @@ def test_warm_up_runs_one_case_per_key_in_worker_processes(CompilingBackend, tmp
 
 
 class _Config:
-    """What the plugin's warm-up reads of a pytest config: the default options."""
+    """What the plugin's warm-up reads of a pytest config: the default options, and a stash."""
 
-    def getoption(self, name):
+    def __init__(self):
+        self.stash = {}
+
+    def getoption(self, name, default=None):
         return {"warm_up_jobs": 4, "backend": None, "scenario": None, "profile": "cpu", "device": "cpu",
-                "load": []}.get(name)
+                "load": []}.get(name, default)
 
 
 def test_warm_up_takes_exactly_the_collected_conformance_tests(monkeypatch):
+    import conformance.config
     import fixtures.pytest_plugin as plugin
 
     calls = []
-    monkeypatch.setattr(plugin, "warm_up", lambda backends, specs, *args, wanted: calls.append(
-        {(b.name, s.id) for b in backends for s in specs if wanted(b, s)}))
+    monkeypatch.setattr(conformance.config, "warm_up", lambda backends, specs, *args: calls.append(
+        {(b.name, s.id) for b in backends for s in specs if args[-1](b, s)}))
     mla = "tests/test_mla_backend.py::test_mla_backend[flashinfer-mla-small_decode-bf16-bs16-h16]"
     dense = "tests/test_backend.py::test_backend[flashinfer-decode-small_decode-bf16-bs16-gqa4-d128]"
     plugin._warm_up(_Config(), [mla, dense, "tests/selftest/test_cli.py::test_run"])
