@@ -25,14 +25,9 @@ class FlashMLA(MLACommon):
     capabilities = Capabilities(
         devices=frozenset({"cuda"}), compute_capability=((9, 0), (9, 0)), features=frozenset({"causal"}),
         dtypes=frozenset({torch.float16, torch.bfloat16}), block_sizes=frozenset({64}),
+        latent_dims=frozenset({(512, 64)}),  # the only shape FlashMLA is built for
         returns_lse=True, requires=("flash_mla",),
     )
-
-    def unsupported(self, spec, device):
-        h = spec.heads
-        if (h.kv_lora_rank, h.qk_rope_head_dim) != (512, 64):
-            return f"latent {h.kv_lora_rank} + rope {h.qk_rope_head_dim}: FlashMLA is built for 512 + 64"
-        return None
 
     def latent_attention(self, case, part, q_abs):
         from flash_mla import flash_mla_with_kvcache, get_mla_metadata

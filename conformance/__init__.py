@@ -11,7 +11,8 @@ if not torch.cuda.is_available():
 # isort: split
 from .kinds import make_inputs, reference_attention
 from .paged import Case, Inputs, gather_kv, scatter_to_cache
-from .mla import MLACase, MLAInputs, scatter_latent
+from .mla import (BatchPart, MLACase, MLAInputs, absorb_queries, causal_softmax, gather_latents, scatter_latent,
+                  split_batch, up_project)
 from .reference import Reference
 from .registry import (ENTRY_POINT_GROUP, Backend, Capabilities, MLABackend, RegistryError, get_backend,
                        load_backends, register_backend, Unsupported)
@@ -20,9 +21,10 @@ from .spec import BatchSpec, CaseSpec, HeadConfig, MLAHeads, Scenario, SpecError
 from .tolerance import Tolerance, compare
 
 __all__ = [
-    "BatchSpec", "Backend", "Capabilities", "Case", "Category", "CaseSpec", "ENTRY_POINT_GROUP", "HeadConfig", "Inputs",
-    "MLABackend", "MLACase", "MLAHeads", "MLAInputs", "Reference", "RegistryError", "Result", "Runner", "Scenario",
-    "SpecError", "Status", "Tolerance", "Unsupported",
-    "compare", "gather_kv", "get_backend", "load_backends", "make_inputs", "reference_attention", "register_backend",
-    "scatter_latent", "scatter_to_cache",
+    "BatchPart", "BatchSpec", "Backend", "Capabilities", "Case", "Category", "CaseSpec", "ENTRY_POINT_GROUP",
+    "HeadConfig", "Inputs", "MLABackend", "MLACase", "MLAHeads", "MLAInputs", "Reference", "RegistryError", "Result",
+    "Runner", "Scenario", "SpecError", "Status", "Tolerance", "Unsupported",
+    "absorb_queries", "causal_softmax", "compare", "gather_kv", "gather_latents", "get_backend", "load_backends",
+    "make_inputs", "reference_attention", "register_backend", "scatter_latent", "scatter_to_cache", "split_batch",
+    "up_project",
 ]

@@ -29,6 +29,10 @@ class CaseKind:
     bytes_moved: Callable[[PagedBatch], int]  # what a kernel must read and write at least (bench's GB/s)
     # (query/key, value) widths per query head of the widest form the reference pads to (memory estimate)
     reference_widths: Callable[[object], tuple[int, int]]
+    # The Capabilities fields about head shapes that mean something for this kind, and the unmet
+    # ones among them for a case's heads: (capabilities, heads) -> reasons.
+    head_capabilities: tuple[str, ...]
+    head_rules: Callable[[object, object], list[str]]
 
 
 def _dense_caches(case: Case, inputs) -> list[ExpectedCache]:
@@ -64,10 +68,28 @@ def _latent_bytes(case: MLACase) -> int:
     return latent + _q_and_out_bytes(case)
 
 
+def _dense_head_rules(caps, h) -> list[str]:
+    unmet = []
+    if caps.head_dims is not None and h.head_dim not in caps.head_dims:
+        unmet.append(f"head_dim {h.head_dim} not supported (supports: {sorted(caps.head_dims)})")
+    if caps.gqa_ratios is not None and h.group_size not in caps.gqa_ratios:
+        unmet.append(f"GQA ratio {h.group_size} not supported (supports: {sorted(caps.gqa_ratios)})")
+    return unmet
+
+
+def _latent_head_rules(caps, h) -> list[str]:
+    dims = (h.kv_lora_rank, h.qk_rope_head_dim)
+    if caps.latent_dims is not None and dims not in caps.latent_dims:
+        return [f"latent {dims[0]} + rope {dims[1]} not supported (supports: {sorted(caps.latent_dims)})"]
+    return []
+
+
 DENSE = CaseKind("mha", make_dense_inputs, dense_reference, _dense_caches, _dense_bytes,
-                 reference_widths=lambda h: (h.head_dim, h.out_dim))
+                 reference_widths=lambda h: (h.head_dim, h.out_dim),
+                 head_capabilities=("head_dims", "gqa_ratios"), head_rules=_dense_head_rules)
 MLA = CaseKind("mla", make_mla_inputs, mla_reference, _latent_caches, _latent_bytes,
-               reference_widths=lambda h: (h.latent_dim, h.kv_lora_rank))  # the absorbed form
+               reference_widths=lambda h: (h.latent_dim, h.kv_lora_rank),  # the absorbed form
+               head_capabilities=("latent_dims",), head_rules=_latent_head_rules)
 KINDS = {kind.name: kind for kind in (DENSE, MLA)}
 
 

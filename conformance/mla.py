@@ -150,3 +150,78 @@ def mla_reference(inputs: MLAInputs, precision: str = "float64", form: str | Non
         o_lat, lse = attend(spec, q_abs, keys, inputs.kv_start_loc, 1, L, rnd)
         out = torch.einsum("thl,lhv->thv", rnd(o_lat), w_uv)
     return Reference(out=out.to(spec.dtype) if precision == "lowp" else out, lse=lse)
+
+
+# Helpers for MLA adapters (vLLM's MLA backends do the same): split a batch into its decode and
+# prefill paths, read a sequence's latents through its block table, fold W_UK into the queries
+# and W_UV into the output around a latent-space kernel.
+
+@dataclass
+class BatchPart:
+    """The sequences of a case that take one path, as their own batch."""
+
+    seqs: torch.Tensor  # [b] int64: which sequences of the case
+    rows: torch.Tensor  # [t] int64: their query / output rows in the case
+    seq_lens: torch.Tensor  # [b] int32
+    query_start_loc: torch.Tensor  # [b + 1] int32, into the part's own rows
+    block_table: torch.Tensor  # [b, max_blocks] int32
+    max_query_len: int
+
+
+def split_batch(case: MLACase, threshold: int, uniform: bool) -> tuple[BatchPart | None, BatchPart | None]:
+    """(decode, prefill): sequences with at most `threshold` new tokens, and the rest. `uniform`:
+    the decode kernel takes one query length per batch, so (vLLM's require_uniform) only sequences
+    with the first decode sequence's length decode."""
+    qsl = case.query_start_loc.long()
+    q_lens = qsl[1:] - qsl[:-1]
+    decode = q_lens <= threshold
+    if uniform and decode.any():
+        decode &= q_lens == q_lens[decode][0]
+    return _part(case, torch.nonzero(decode).flatten(), q_lens), _part(case, torch.nonzero(~decode).flatten(), q_lens)
+
+
+def _part(case: MLACase, seqs: torch.Tensor, q_lens: torch.Tensor) -> BatchPart | None:
+    if not seqs.numel():
+        return None
+    lens = q_lens[seqs]
+    starts = case.query_start_loc.long()[seqs]
+    local = torch.arange(int(lens.sum()), device=seqs.device)
+    first = torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+    rows = torch.repeat_interleave(starts, lens) + local - first
+    qsl = torch.zeros(seqs.numel() + 1, dtype=torch.int32, device=seqs.device)
+    qsl[1:] = torch.cumsum(lens, 0)
+    return BatchPart(seqs, rows, case.seq_lens[seqs], qsl, case.block_table[seqs], int(lens.max()))
+
+
+def gather_latents(case: MLACase, seq: int, dtype: torch.dtype) -> torch.Tensor:
+    """Sequence `seq`'s latents [n, L + R] read through its block table, dequantized to `dtype`."""
+    bs = case.latent_cache.shape[1]
+    pos = torch.arange(int(case.seq_lens[seq]), device=case.device)
+    lat = case.latent_cache[case.block_table[seq, pos // bs].long(), pos % bs]
+    return (lat.float() * case.kv_scale).to(dtype) if lat.dtype == torch.float8_e4m3fn else lat.to(dtype)
+
+
+def project(equation: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A projection as a GPU GEMM does it: inputs in the case's dtype, fp32 accumulation, output
+    rounded to the dtype (done in fp32 here, also because CPU fp16 matmuls are slow)."""
+    return torch.einsum(equation, a.float(), b.float()).to(a.dtype)
+
+
+def causal_softmax(scores: torch.Tensor, ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over keys of fp32 scores [H, m, n] of m new queries after ctx context tokens,
+    bottom-right causal (query i sees keys 0..ctx + i). Returns (probabilities, lse [m, H])."""
+    m, n = scores.shape[1:]
+    visible = torch.arange(n, device=scores.device)[None, :] <= ctx + torch.arange(m, device=scores.device)[:, None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, -1), torch.logsumexp(scores, -1).transpose(0, 1)
+
+
+def absorb_queries(case: MLACase, q: torch.Tensor) -> torch.Tensor:
+    """Queries [t, H, P + R] in the absorbed form [t, H, L + R]: q_nope through W_UK, in the case's dtype."""
+    P = case.spec.heads.qk_nope_head_dim
+    return torch.cat([project("thp,lhp->thl", q[..., :P], case.w_uk), q[..., P:]], -1)
+
+
+def up_project(case: MLACase, o_lat: torch.Tensor) -> torch.Tensor:
+    """Latent outputs [t, H, L] through W_UV: [t, H, V]."""
+    return project("thl,lhv->thv", o_lat.to(case.spec.dtype), case.w_uv)

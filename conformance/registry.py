@@ -14,6 +14,7 @@ from importlib.metadata import entry_points
 
 import torch
 
+from .kinds import KINDS, kind_of
 from .mla import scatter_latent
 from .paged import Case, scatter_to_cache
 from .spec import DTYPE_NAMES, KV_LAYOUTS, CaseSpec
@@ -43,10 +44,13 @@ class Capabilities:
     # Cache layouts the adapter reads and writes (spec.KV_LAYOUTS). Only "nhd" unless declared: an
     # adapter that views the cache as contiguous [slots, Hkv, D] must not meet strided ones.
     kv_layouts: frozenset[str] = frozenset({"nhd"})
-    head_dims: frozenset[int] | None = None  # None: any
+    num_q_heads: frozenset[int] | None = None  # query heads of one call; None: any
+    # Head shapes, in the vocabulary of the backend's kind (CaseKind.head_capabilities); None: any.
+    head_dims: frozenset[int] | None = None  # dense: the head dim of q, k and v
+    gqa_ratios: frozenset[int] | None = None  # dense: query heads per KV head
+    latent_dims: frozenset[tuple[int, int]] | None = None  # MLA: (kv_lora_rank, qk_rope_head_dim)
     block_sizes: frozenset[int] | None = None  # None: any (subject to block_size_multiple)
     block_size_multiple: int = 1
-    gqa_ratios: frozenset[int] | None = None  # None: any
     max_query_len: int | None = None  # new tokens of one sequence at most (1: a decode-only kernel); None: any
     features: frozenset[str] = DEFAULT_FEATURES
     returns_lse: bool = False
@@ -68,14 +72,13 @@ class Capabilities:
             unmet.append(f"kv dtype {spec.kv_dtype} not supported (supports: {', '.join(sorted(self.kv_dtypes))})")
         if spec.kv_layout not in self.kv_layouts:
             unmet.append(f"kv layout {spec.kv_layout} not supported (supports: {', '.join(sorted(self.kv_layouts))})")
-        if self.head_dims is not None and spec.heads.head_dim not in self.head_dims:
-            unmet.append(f"head_dim {spec.heads.head_dim} not supported (supports: {sorted(self.head_dims)})")
+        if self.num_q_heads is not None and spec.heads.num_q_heads not in self.num_q_heads:
+            unmet.append(f"{spec.heads.num_q_heads} query heads not supported (supports: {sorted(self.num_q_heads)})")
+        unmet += kind_of(spec).head_rules(self, spec.heads)
         if self.block_sizes is not None and spec.block_size not in self.block_sizes:
             unmet.append(f"block size {spec.block_size} not supported (supports: {sorted(self.block_sizes)})")
         if spec.block_size % self.block_size_multiple:
             unmet.append(f"block size {spec.block_size} not a multiple of {self.block_size_multiple}")
-        if self.gqa_ratios is not None and spec.heads.group_size not in self.gqa_ratios:
-            unmet.append(f"GQA ratio {spec.heads.group_size} not supported (supports: {sorted(self.gqa_ratios)})")
         longest = max(spec.batch.query_lens)
         if self.max_query_len is not None and longest > self.max_query_len:
             unmet.append(f"{longest} new tokens in a sequence; at most {self.max_query_len} (max_query_len)")
@@ -180,8 +183,23 @@ def register_backend(backend):
     other = _REGISTRY.get(name)
     if other is not None and type(other) is not type(instance):
         raise RegistryError(f"backend name = {name!r}: already registered by {type(other).__qualname__}")
+    _check_vocabulary(instance)
     _REGISTRY[name] = instance
     return backend
+
+
+def _check_vocabulary(backend: Backend) -> None:
+    """A backend's kind exists, and its head rules are in that kind's vocabulary: a dense rule on an
+    MLA backend (a GQA ratio, say) would silently mean something else or nothing."""
+    if backend.kind not in KINDS:
+        raise RegistryError(f"{backend.name}.kind = {backend.kind!r}: must be one of {sorted(KINDS)}")
+    own = KINDS[backend.kind].head_capabilities
+    for kind in KINDS.values():
+        for field in set(kind.head_capabilities) - set(own):
+            if getattr(backend.capabilities, field) is not None:
+                raise RegistryError(f"{backend.name}: Capabilities.{field} = {getattr(backend.capabilities, field)} "
+                                    f"is a rule of {kind.name} cases; a {backend.kind} backend's head rules are "
+                                    f"{', '.join(('num_q_heads',) + own)}")
 
 
 class _BrokenPlugin(Backend):

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -110,6 +111,9 @@ class Scenario:
 class HeadConfig:
     """Attention heads of one layer (per tensor-parallel rank). Query head h reads KV head h // group."""
 
+    kind: ClassVar[str] = "mha"  # CaseSpec.kind of a case with these heads (conformance/kinds.py)
+    fixed_case_fields: ClassVar[dict] = {}  # CaseSpec fields its cases must leave at these values
+
     num_q_heads: int
     num_kv_heads: int
     head_dim: int
@@ -150,6 +154,11 @@ class MLAHeads:
     over the latent this is one KV head for all query heads (the absorbed form).
     """
 
+    kind: ClassVar[str] = "mla"
+    # Causal decoder attention over one latent cache: no variant an MLA kernel would have to know.
+    fixed_case_fields: ClassVar[dict] = {"causal": True, "sliding_window": None, "softcap": None, "sinks": False,
+                                         "kv_layout": "nhd", "logit_std": 1.0, "far_pages": False}
+
     num_q_heads: int
     kv_lora_rank: int = 512
     qk_rope_head_dim: int = 64
@@ -184,10 +193,6 @@ class MLAHeads:
     @property
     def out_dim(self) -> int:
         return self.v_head_dim
-
-    @property
-    def group_size(self) -> int:
-        return self.num_q_heads
 
     @property
     def id(self) -> str:
@@ -243,18 +248,14 @@ class CaseSpec:
         _require(isinstance(self.logit_std, (int, float)) and self.logit_std > 0, "CaseSpec.logit_std", self.logit_std,
                  "must be a number > 0")
         _require(isinstance(self.far_pages, bool), "CaseSpec.far_pages", self.far_pages, "must be True or False")
-        if self.kind == "mla":
-            for field, value, plain in (("causal", self.causal, True), ("sliding_window", self.sliding_window, None),
-                                        ("softcap", self.softcap, None), ("sinks", self.sinks, False),
-                                        ("kv_layout", self.kv_layout, "nhd"), ("logit_std", self.logit_std, 1.0),
-                                        ("far_pages", self.far_pages, False)):
-                _require(value == plain, f"CaseSpec.{field}", value,
-                         f"must be {plain!r} in an MLA case (causal decoder attention over one latent cache)")
+        for field, plain in self.heads.fixed_case_fields.items():
+            _require(getattr(self, field) == plain, f"CaseSpec.{field}", getattr(self, field),
+                     f"must be {plain!r} in a case whose heads are {type(self.heads).__name__} ({self.kind})")
 
     @property
     def kind(self) -> str:
-        """"mha" (query heads over K/V heads; GQA and MQA included) or "mla" (over a latent cache)."""
-        return "mla" if isinstance(self.heads, MLAHeads) else "mha"
+        """"mha" (query heads over K/V heads; GQA and MQA included) or "mla" (over a latent cache): its heads say."""
+        return self.heads.kind
 
     @property
     def dtype_name(self) -> str:

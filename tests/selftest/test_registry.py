@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import conformance.registry as registry
-from conformance import (Backend, BatchSpec, Capabilities, CaseSpec, Category, HeadConfig, RegistryError, Runner,
-                         Status, load_backends, register_backend)
+from conformance import (Backend, BatchSpec, Capabilities, CaseSpec, Category, HeadConfig, MLABackend, MLAHeads,
+                         RegistryError, Runner, Status, load_backends, register_backend)
 
 SPEC = CaseSpec("t", BatchSpec([20, 9], [4, 1]), HeadConfig(4, 2, 16), torch.float16, 16)
 CPU = torch.device("cpu")
@@ -55,6 +55,7 @@ def test_a_name_cannot_be_taken_by_another_class():
     (Capabilities(block_sizes=frozenset({32})), "block size 16 not supported (supports: [32])"),
     (Capabilities(block_size_multiple=256), "block size 16 not a multiple of 256"),
     (Capabilities(gqa_ratios=frozenset({1, 4})), "GQA ratio 2 not supported (supports: [1, 4])"),
+    (Capabilities(num_q_heads=frozenset({16, 128})), "4 query heads not supported (supports: [16, 128])"),
     (Capabilities(features=frozenset({"non_causal"})), "feature causal not supported"),
     (Capabilities(max_query_len=1), "4 new tokens in a sequence; at most 1 (max_query_len)"),
     (Capabilities(requires=("surely_not_a_module_xyz",)), "surely_not_a_module_xyz is not installed"),
@@ -63,6 +64,30 @@ def test_every_unsupported_combination_skips_with_its_reason(caps, reason):
     backend = type("Limited", (Echo,), {"name": "limited", "capabilities": caps})()
     result = Runner(CPU).run(backend, SPEC)
     assert result.status == Status.SKIP and result.reason == reason
+
+
+def test_mla_head_rules_speak_of_latents():
+    mla = CaseSpec("t", BatchSpec([20, 9], [4, 1]), MLAHeads(16, kv_lora_rank=256), torch.float16, 16)
+    caps = Capabilities(features=frozenset({"causal"}), latent_dims=frozenset({(512, 64)}), num_q_heads=frozenset({128}))
+    assert caps.unsupported(mla, CPU) == ("16 query heads not supported (supports: [128]); "
+                                          "latent 256 + rope 64 not supported (supports: [(512, 64)])")
+    assert caps.unsupported(mla.replace(heads=MLAHeads(128)), CPU) is None
+
+
+@pytest.mark.parametrize("base, caps, message", [
+    (MLABackend, Capabilities(gqa_ratios=frozenset({16})), "Capabilities.gqa_ratios = .* is a rule of mha cases; "
+                                                           "a mla backend's head rules are num_q_heads, latent_dims"),
+    (MLABackend, Capabilities(head_dims=frozenset({192})), "Capabilities.head_dims = .* is a rule of mha cases"),
+    (Echo, Capabilities(latent_dims=frozenset({(512, 64)})), "Capabilities.latent_dims = .* is a rule of mla cases"),
+])
+def test_a_head_rule_of_another_kind_is_refused_at_registration(base, caps, message):
+    with pytest.raises(RegistryError, match=message):
+        register_backend(type("Confused", (base,), {"name": "confused", "capabilities": caps}))
+
+
+def test_an_unknown_kind_is_refused_at_registration():
+    with pytest.raises(RegistryError, match=r"odd.kind = 'gqa': must be one of \['mha', 'mla'\]"):
+        register_backend(type("Odd", (Echo,), {"name": "odd", "kind": "gqa"}))
 
 
 def test_feature_skip_names_the_feature():

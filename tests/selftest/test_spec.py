@@ -152,7 +152,7 @@ def test_mla_case_id_scale_and_rules():
     assert MLAHeads(16, kv_lora_rank=256).id == "h16-l256-r64-n128-v128"
     for change, field in (({"sliding_window": 8}, "sliding_window"), ({"softcap": 4.0}, "softcap"),
                           ({"sinks": True}, "sinks"), ({"kv_layout": "hnd"}, "kv_layout"), ({"causal": False}, "causal")):
-        with pytest.raises(SpecError, match=rf"CaseSpec\.{field} = .*MLA case"):
+        with pytest.raises(SpecError, match=rf"CaseSpec\.{field} = .*heads are MLAHeads"):
             c.replace(**change)
     with pytest.raises(SpecError, match=r"MLAHeads\.kv_lora_rank = 0: must be an int >= 1"):
         MLAHeads(16, kv_lora_rank=0)
