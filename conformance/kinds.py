@@ -1,7 +1,7 @@
 """Case kinds: what differs between dense attention and MLA cases, one object each.
 
-A kind draws a case's inputs, computes its references and says what its caches must hold after a
-run; the runner, bench and the front ends look the kind up by `CaseSpec.kind` and call it, never
+A kind draws a case's inputs, computes its references, writes the new tokens into its caches by
+default and says what they must hold after a run; the runner, bench and the front ends look the kind up by `CaseSpec.kind` and call it, never
 branching on the kind themselves. Imports run one way: spec <- paged / reference <- mla <- kinds.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Callable
 
 import torch
 
-from .mla import MLACase, make_mla_inputs, mla_reference
-from .paged import Case, Pages, PagedBatch, make_dense_inputs, quantize
+from .mla import MLACase, make_mla_inputs, mla_reference, scatter_latent
+from .paged import Case, Pages, PagedBatch, make_dense_inputs, quantize, scatter_to_cache
 from .reference import Reference, dense_reference
 from .spec import CaseSpec
 
@@ -25,6 +25,7 @@ class CaseKind:
     name: str  # CaseSpec.kind
     make_inputs: Callable[[CaseSpec, torch.device | str, int], Pages]
     reference: Callable[[Pages, str], Reference]  # precision "float64" (the truth) or "lowp"
+    write_cache: Callable[[PagedBatch], None]  # the default cache write (Backend.write_cache)
     expected_caches: Callable[[PagedBatch, Pages], list[ExpectedCache]]
     bytes_moved: Callable[[PagedBatch], int]  # what a kernel must read and write at least (bench's GB/s)
     # (query/key, value) widths per query head of the widest form the reference pads to (memory estimate)
@@ -84,10 +85,10 @@ def _latent_head_rules(caps, h) -> list[str]:
     return []
 
 
-DENSE = CaseKind("mha", make_dense_inputs, dense_reference, _dense_caches, _dense_bytes,
+DENSE = CaseKind("mha", make_dense_inputs, dense_reference, scatter_to_cache, _dense_caches, _dense_bytes,
                  reference_widths=lambda h: (h.head_dim, h.out_dim),
                  head_capabilities=("head_dims", "gqa_ratios"), head_rules=_dense_head_rules)
-MLA = CaseKind("mla", make_mla_inputs, mla_reference, _latent_caches, _latent_bytes,
+MLA = CaseKind("mla", make_mla_inputs, mla_reference, scatter_latent, _latent_caches, _latent_bytes,
                reference_widths=lambda h: (h.latent_dim, h.kv_lora_rank),  # the absorbed form
                head_capabilities=("latent_dims",), head_rules=_latent_head_rules)
 KINDS = {kind.name: kind for kind in (DENSE, MLA)}

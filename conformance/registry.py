@@ -15,8 +15,7 @@ from importlib.metadata import entry_points
 import torch
 
 from .kinds import KINDS, kind_of
-from .mla import scatter_latent
-from .paged import Case, scatter_to_cache
+from .paged import Case
 from .spec import DTYPE_NAMES, KV_LAYOUTS, CaseSpec
 from .tolerance import Tolerance
 
@@ -134,8 +133,9 @@ class Backend:
         return None
 
     def write_cache(self, case: Case) -> None:
-        """Write the new tokens' K/V into the paged cache. Override with the library's own op."""
-        scatter_to_cache(case)
+        """Write the new tokens' K/V (an MLA case: latents) into the paged cache, as the case's kind
+        does by default (scatter_to_cache, scatter_latent). Override with the library's own op."""
+        kind_of(case.spec).write_cache(case)
 
     def run(self, case: Case):
         """Return out [T, Hq, D] in the case's dtype, or (out, lse) with lse [T, Hq] in natural log
@@ -160,9 +160,6 @@ class MLABackend(Backend):
 
     kind = "mla"
     capabilities = Capabilities(features=frozenset({"causal"}))
-
-    def write_cache(self, case) -> None:
-        scatter_latent(case)
 
 
 class RegistryError(ValueError):
