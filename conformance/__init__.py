@@ -10,6 +10,7 @@ if not torch.cuda.is_available():
 
 # isort: split
 from .kinds import make_inputs, reference_attention
+from .matrix import Catalog
 from .paged import Case, Inputs, gather_kv, scatter_to_cache
 from .mla import (BatchPart, MLACase, MLAInputs, absorb_queries, causal_softmax, gather_latents, scatter_latent,
                   split_batch, up_project)
@@ -21,7 +22,7 @@ from .spec import BatchSpec, CaseSpec, HeadConfig, MLAHeads, Scenario, SpecError
 from .tolerance import Tolerance, compare
 
 __all__ = [
-    "BatchPart", "BatchSpec", "Backend", "Capabilities", "Case", "Category", "CaseSpec", "ENTRY_POINT_GROUP",
+    "BatchPart", "BatchSpec", "Backend", "Capabilities", "Case", "Catalog", "Category", "CaseSpec", "ENTRY_POINT_GROUP",
     "HeadConfig", "Inputs", "MLABackend", "MLACase", "MLAHeads", "MLAInputs", "Reference", "RegistryError", "Result",
     "Runner", "Scenario", "SpecError", "Status", "Tolerance", "Unsupported",
     "absorb_queries", "causal_softmax", "compare", "gather_kv", "gather_latents", "get_backend", "load_backends",
