@@ -5,8 +5,8 @@ reason). The worker holds an ordinary Runner, so references are cached across th
 case as in-process, and each Result is the one the in-process Runner would give.
 
 Protocol, one duplex pipe per worker: the worker answers "ready" (or "failed" and a traceback)
-once its imports are done (the modules of the parent's registered backends); then, per case, the
-parent sends (backend name, its module, pickled backend or None for "take it from your registry", spec) and the worker answers ("result", Result), after
+once its imports are done; then, per case, the parent sends (backend name, its module, pickled
+backend or None for "import its module and take it from your registry", spec) and the worker answers ("result", Result), after
 ("admitted", None) if the case waited for GPU memory (the timeout counts from there). No answer
 within `timeout`: the worker is killed, TIMEOUT. The pipe closes without an answer: CRASH.
 """
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .registry import Backend, load_backends, registered_modules
+from .registry import Backend, load_backends
 from .runner import Category, Result, Runner, Status, failed, identify, refusal
 from .spec import CaseSpec
 
@@ -106,7 +106,7 @@ class IsolatedRunner:
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         conn, child = ctx.Pipe()
         proc = ctx.Process(target=_worker, name="conformance-worker", daemon=True,
-                           args=(child, str(self.device), self.base_seed, self.finite_poison, registered_modules() + self.modules,
+                           args=(child, str(self.device), self.base_seed, self.finite_poison, self.modules,
                                  torch.get_num_threads(), self._stderr))
         try:
             proc.start()

@@ -232,13 +232,6 @@ def load_backends(modules: tuple[str, ...] = ()) -> dict[str, Backend]:
     return dict(_REGISTRY)
 
 
-def registered_modules() -> tuple[str, ...]:
-    """The modules that define the registered backends: what a worker process imports to hold the
-    same registry (a backend registered from __main__ cannot be found by name there)."""
-    modules = (type(b).__module__ for b in _REGISTRY.values() if not isinstance(b, _BrokenPlugin))
-    return tuple(dict.fromkeys(m for m in modules if m != "__main__"))
-
-
 def get_backend(name: str) -> Backend:
     backends = load_backends()
     if name not in backends:

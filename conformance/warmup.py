@@ -15,7 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from .registry import Backend, load_backends, registered_modules
+from .registry import Backend, load_backends
 from .runner import Runner
 from .spec import CaseSpec
 
@@ -58,9 +58,9 @@ def warm_up(backends: list[Backend], specs: list[CaseSpec], device: torch.device
         return
     print(f"warm-up: {len(plan)} kernel variants in {jobs} processes", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    modules = tuple(dict.fromkeys(registered_modules() + tuple(modules)))  # a spawned process imports them
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_warm_one, name, spec, str(device), modules) for name, spec in plan]
+        where = {b.name: type(b).__module__ for b in backends}  # a spawned process imports it to find the backend
+        futures = [pool.submit(_warm_one, name, spec, str(device), (*modules, where[name])) for name, spec in plan]
         for f in futures:
             case, status, seconds = f.result()
             print(f"warm-up: {case} {status} {seconds:.0f}s", file=sys.stderr, flush=True)
