@@ -1,8 +1,9 @@
 """torch FlexAttention reading the paged cache in place.
 
 The whole physical cache is one key sequence of num_blocks * block_size slots and the packed
-queries one query sequence; a mask_mod built from the block table lets each query see exactly the
-slots its own sequence owns (document masking over physical slots), so no page is gathered. The
+queries one query sequence; a mask_mod built from the block tables lets each query see exactly the
+slots in its own sequence's blocks (document masking over physical slots; a shared prompt block is
+in several sequences' tables), so no page is gathered. The
 block mask's sparsity skips every key tile a query tile cannot see.
 
 Every feature is a tensor the mask_mod / score_mod read (not a Python branch), and shapes are
@@ -56,21 +57,21 @@ class FlexBackend(Backend):
         # block mask skips the padding, so it costs next to nothing.
         t_pad, s_pad = _bucket(t, 512), _bucket(s, 1 << 15)
 
-        # Ownership of each physical slot, from the block table: the sequence and logical position.
+        # Each sequence's logical block index of every physical block (-1: not in its table). A block
+        # may be in several tables (a shared prompt), at the same logical index in each.
+        # Padded to buckets too (padding sequences own nothing), so CPU graphs stay shared.
         bt = case.block_table.to(torch.int64)
-        n_blocks = (case.seq_lens.to(torch.int64) + bs - 1) // bs
-        owned = torch.arange(bt.shape[1], device=dev)[None, :] < n_blocks[:, None]
-        seq_ids = torch.arange(bt.shape[0], device=dev)[:, None].expand_as(bt)
-        block_seq = torch.full((nb,), -2, dtype=torch.int64, device=dev)
-        block_first_pos = torch.zeros(nb, dtype=torch.int64, device=dev)
-        block_seq[bt[owned]] = seq_ids[owned]
-        block_first_pos[bt[owned]] = (torch.arange(bt.shape[1], device=dev)[None, :] * bs).expand_as(bt)[owned]
-        slot_seq = torch.full((s_pad,), -2, dtype=torch.int64, device=dev)
-        slot_pos = torch.zeros(s_pad, dtype=torch.int64, device=dev)
-        slot_seq[:s] = block_seq.repeat_interleave(bs)
-        slot_pos[:s] = block_first_pos.repeat_interleave(bs) + torch.arange(bs, device=dev).repeat(nb)
-        seq_lens = case.seq_lens.to(torch.int64)
-        slot_seq[:s] = torch.where(slot_pos[:s] < seq_lens[slot_seq[:s].clamp(min=0)], slot_seq[:s], -2)
+        n_seqs = bt.shape[0]
+        seq_lens = torch.zeros(_bucket(n_seqs, 64), dtype=torch.int64, device=dev)
+        seq_lens[:n_seqs] = case.seq_lens
+        owned = torch.arange(bt.shape[1], device=dev)[None, :] < ((seq_lens[:n_seqs] + bs - 1) // bs)[:, None]
+        # A column for every block a slot index can name (padding slots too); on CPU as many as slots,
+        # so the shape does not depend on the block size (a compile per shape costs seconds there).
+        width = s_pad if dev.type == "cpu" else -(-s_pad // bs)
+        block_col = torch.full((seq_lens.numel(), width), -1, dtype=torch.int32, device=dev)
+        rows, cols = torch.nonzero(owned, as_tuple=True)
+        block_col[rows, bt[rows, cols]] = cols.to(torch.int32)
+        bs_t = torch.tensor(bs, device=dev)  # a tensor, not a constant of the graph
 
         # Each query's sequence and absolute position (context + i); padding rows own nothing.
         qsl = case.query_start_loc.to(torch.int64)
@@ -85,14 +86,17 @@ class FlexBackend(Backend):
         cap = torch.tensor(spec.softcap or 0.0, device=dev, dtype=torch.float32)
 
         def mask_mod(b, h, qi, ki):
-            same = q_seq[qi] == slot_seq[ki]
-            dist = q_pos[qi] - slot_pos[ki]
-            return same & ((dist >= 0) | ~causal) & (dist < window)
+            seq = q_seq[qi].clamp(min=0)
+            col = block_col[seq, ki // bs_t].to(torch.int64)  # padding slots lie in blocks no sequence owns
+            pos = col * bs_t + ki % bs_t  # the slot's position in the query's sequence, if it is there
+            dist = q_pos[qi] - pos
+            mine = (q_seq[qi] >= 0) & (col >= 0) & (pos < seq_lens[seq])
+            return mine & ((dist >= 0) | ~causal) & (dist < window)
 
         def score_mod(score, b, h, qi, ki):
             return torch.where(cap > 0, cap * torch.tanh(score / cap), score)
 
-        block_mask = _paged_block_mask(q_seq, slot_seq, bt.shape[0], t_pad, s_pad, mask_mod)
+        block_mask = _paged_block_mask(q_seq, rows, bt[rows, cols], bs, n_seqs, t_pad, s_pad, mask_mod)
         q = torch.zeros(1, spec.heads.num_q_heads, t_pad, d, dtype=case.q.dtype, device=dev)
         q[0, :, :t] = case.q.transpose(0, 1)
         k = _pad_slots(case.k_cache.reshape(s, hkv, d), s_pad)  # a copy for the strided layouts
@@ -119,22 +123,24 @@ class FlexBackend(Backend):
         return case.out, (lse[0, :, :t].transpose(0, 1) if lse is not None else None)
 
 
-def _paged_block_mask(q_seq: torch.Tensor, slot_seq: torch.Tensor, num_seqs: int, t_pad: int, s_pad: int, mask_mod):
-    """The block mask straight from the ownership of rows and slots: a query tile visits exactly the
-    key tiles holding slots of the sequences its rows belong to; within a tile, mask_mod decides.
-    (create_block_mask finds the same tiles by evaluating mask_mod on every query x slot pair:
-    0.2 s a call on a CPU at these sizes.)"""
+def _paged_block_mask(q_seq: torch.Tensor, seqs: torch.Tensor, blocks: torch.Tensor, bs: int, num_seqs: int,
+                      t_pad: int, s_pad: int, mask_mod):
+    """The block mask straight from the block tables: a query tile visits exactly the key tiles
+    holding blocks (seqs[i] owns blocks[i]) of the sequences its rows belong to; within a tile,
+    mask_mod decides. (create_block_mask finds the same tiles by evaluating mask_mod on every query
+    x slot pair: 0.2 s a call on a CPU at these sizes.)"""
     from torch.nn.attention.flex_attention import BlockMask
 
     tile = 128  # flex's default block size, both ways
-
-    def owners(seq_of_row: torch.Tensor) -> torch.Tensor:  # [tiles, num_seqs]: sequences owning a row of each tile
-        rows = torch.nonzero(seq_of_row >= 0).flatten()
-        owned = torch.zeros(seq_of_row.numel() // tile, num_seqs, device=seq_of_row.device)
-        owned[rows // tile, seq_of_row[rows]] = 1.0
-        return owned
-
-    visits = (owners(q_seq[:t_pad]) @ owners(slot_seq).T) > 0  # [query tiles, key tiles]
+    dev = q_seq.device
+    rows = torch.nonzero(q_seq >= 0).flatten()
+    query_owners = torch.zeros(t_pad // tile, num_seqs, device=dev)  # [query tiles, sequences]
+    query_owners[rows // tile, q_seq[rows]] = 1.0
+    key_owners = torch.zeros(s_pad // tile, num_seqs, device=dev)  # [key tiles, sequences]
+    first, last = blocks * bs // tile, (blocks * bs + bs - 1) // tile
+    for step in range((bs + tile - 1) // tile + 1):  # every tile a block touches
+        key_owners[torch.minimum(first + step, last), seqs] = 1.0
+    visits = (query_owners @ key_owners.T) > 0  # [query tiles, key tiles]
     kv_num_blocks = visits.sum(-1, dtype=torch.int32)
     kv_indices = torch.argsort(visits.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
     return BlockMask.from_kv_blocks(kv_num_blocks[None, None], kv_indices[None, None], BLOCK_SIZE=tile,

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from .mla import MLACase, make_mla_inputs, mla_reference, scatter_latent
-from .paged import Case, Pages, PagedBatch, make_dense_inputs, quantize, scatter_to_cache
+from .paged import Case, Pages, PagedBatch, make_dense_inputs, scatter_to_cache
 from .reference import Reference, dense_reference
 from .spec import CaseSpec
 
@@ -37,20 +37,17 @@ class CaseKind:
 
 
 def _dense_caches(case: Case, inputs) -> list[ExpectedCache]:
-    """K and V: the context as handed over, and the new tokens quantized like the default write."""
-    return [(f"{which}_cache", cache,
-             [(inputs.context_slots, inputs.stored(which, inputs.context_index)),
-              (case.slot_mapping, quantize(new, scale, cache.dtype))])
-            for which, cache, new, scale in (("k", case.k_cache, case.k_new, case.k_scale),
-                                             ("v", case.v_cache, case.v_new, case.v_scale))]
+    """K and V: the context as handed over, and the new tokens as the default write stores them,
+    all from the harness's own copies (an adapter may change the case's slot mapping or K/V)."""
+    return [(f"{which}_cache", cache, [(inputs.context_slots, inputs.stored(which, inputs.context_index)),
+                                       (inputs.slot_mapping, inputs.stored(which, inputs.new_token_index))])
+            for which, cache in (("k", case.k_cache), ("v", case.v_cache))]
 
 
 def _latent_caches(case: MLACase, inputs) -> list[ExpectedCache]:
-    """The latent cache: the context as handed over, and [kv_c, k_pe] of the new tokens."""
-    new = torch.cat([case.kv_c_new, case.k_pe_new], -1)
-    return [("latent_cache", case.latent_cache,
-             [(inputs.context_slots, inputs.stored(inputs.context_index)),
-              (case.slot_mapping, quantize(new, case.kv_scale, case.latent_cache.dtype))])]
+    """The latent cache: the context as handed over, and [kv_c, k_pe] of the new tokens (as above)."""
+    return [("latent_cache", case.latent_cache, [(inputs.context_slots, inputs.stored(inputs.context_index)),
+                                                 (inputs.slot_mapping, inputs.stored(inputs.new_token_index))])]
 
 
 def _q_and_out_bytes(case: PagedBatch) -> int:

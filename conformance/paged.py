@@ -112,6 +112,7 @@ class Pages:
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
     num_blocks: int
+    shared_blocks: torch.Tensor  # ids of blocks in more than one sequence's table (a shared prompt's); empty if none
 
     def batch_fields(self, out_dim: int, poison: float) -> dict:
         """The PagedBatch fields of a fresh case, its output [T, Hq, out_dim] NaN-filled."""
@@ -209,6 +210,7 @@ def make_dense_inputs(spec: CaseSpec, device: torch.device | str, seed: int) -> 
     k = randn(n_total, h.num_kv_heads, h.head_dim)
     v = randn(n_total, h.num_kv_heads, h.head_dim)
     pages = draw_pages(spec, gen, device)
+    copy_shared_prefix(spec, pages["kv_start_loc"], k, v)
     # Sink logits spread from negligible to dominant: N(0, 2) against scores of about N(0, 1).
     sinks = 2 * torch.randn(h.num_q_heads, generator=gen, device=device) if spec.sinks else None
     k_scale, v_scale = (fp8_scale(x, spec) for x in (k, v))
@@ -249,6 +251,7 @@ def draw_pages(spec: CaseSpec, gen: torch.Generator, device: torch.device) -> di
     step_ok = (table[:, 1:] == table[:, :-1] + 1) | ~owned[:, 1:]
     contiguous = step_ok.all(1) & (nblk >= 2)
     table[contiguous, :2] = table[contiguous, :2].flip(1)
+    shared_blocks = _share_prefix_blocks(b, bs, table)
     table = table.to(torch.int32)
 
     # Token bookkeeping for the packed logical K/V.
@@ -261,7 +264,33 @@ def draw_pages(spec: CaseSpec, gen: torch.Generator, device: torch.device) -> di
     new_idx = torch.nonzero(is_new).flatten()
     ctx_idx = torch.nonzero(~is_new).flatten()
     return dict(kv_start_loc=kv_start, new_token_index=new_idx, context_index=ctx_idx,
-                context_slots=slots[ctx_idx], block_table=table, slot_mapping=slots[new_idx], num_blocks=num_blocks)
+                context_slots=slots[ctx_idx], block_table=table, slot_mapping=slots[new_idx], num_blocks=num_blocks,
+                shared_blocks=shared_blocks)
+
+
+def _share_prefix_blocks(b, bs: int, table: torch.Tensor) -> torch.Tensor:
+    """Point every member of a prompt group at its first member's blocks for the prompt's full
+    blocks (in place); the blocks they held there stay unused. Returns the shared block ids."""
+    shared = []
+    for first in range(0, b.batch_size if b.shared_prefix_lens else 0, b.group_size):
+        full = b.shared_prefix_lens[first // b.group_size] // bs
+        table[first + 1:first + b.group_size, :full] = table[first, :full]
+        shared.append(table[first, :full])
+    return torch.cat(shared) if shared else table.new_zeros(0)
+
+
+def copy_shared_prefix(spec: CaseSpec, kv_start_loc: torch.Tensor, *packed: torch.Tensor) -> None:
+    """Give every member of a prompt group its first member's prompt tokens: rows of the packed
+    per-token tensors (K and V, or latents), in place. The reference then attends the same prompt
+    that the shared blocks hold."""
+    b = spec.batch
+    for i in range(b.batch_size if b.shared_prefix_lens else 0):
+        first = i - i % b.group_size
+        if i != first:
+            p = b.shared_prefix_lens[first // b.group_size]
+            dst, src = int(kv_start_loc[i]), int(kv_start_loc[first])
+            for x in packed:
+                x[dst:dst + p] = x[src:src + p]
 
 
 def scatter_to_cache(case: Case) -> None:

@@ -34,6 +34,7 @@ class Category(str, Enum):
     WRONG_LSE = "wrong-lse"
     NONFINITE = "non-finite"  # NaN or Inf in the output or LSE
     WRONG_CACHE_WRITE = "wrong-cache-write"  # a slot differs from the expected write, or poison was touched
+    SHARED_BLOCK_WRITE = "shared-block-write"  # a write into a block that several sequences share (a prompt's)
     BAD_RETURN = "bad-return"  # not a tensor, or the wrong shape, dtype or device
     ADAPTER_RAISED = "adapter-raised"  # run(), write_cache() or a capability rule raised
     OUT_OF_MEMORY = "out-of-memory"  # the harness ran out of memory: the machine's limit
@@ -262,7 +263,7 @@ def _judge(backend: Backend, case, prep: _Prepared, out, lse, measured: dict) ->
     for name, got, writes in kind_of(case.spec).expected_caches(case, prep.inputs):
         wrong = _cache_mismatch(got, writes, prep.inputs, case.poison)
         if wrong:
-            problems.append((Category.WRONG_CACHE_WRITE, f"{name}: {wrong}"))
+            problems.append((wrong[0], f"{name}: {wrong[1]}"))
     if not problems:
         return PASSED
     categories = tuple(dict.fromkeys(category for category, _ in problems))
@@ -302,14 +303,15 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
     return x.view(_SAME_SIZE_INT[x.element_size()])
 
 
-def _cache_mismatch(got: torch.Tensor, writes: list, inputs, poison: float) -> str:
+def _cache_mismatch(got: torch.Tensor, writes: list, inputs, poison: float) -> tuple[Category, str] | None:
     """The cache as it must be after the run: the expected writes in their slots, poison everywhere
     else. Checked in place, slot by slot, without a second copy of the cache (wide GPU cases hold
-    gigabytes of it)."""
+    gigabytes of it). A wrong slot in a block that several sequences share is a failure of its own."""
     spec = inputs.spec
     want_shape = (inputs.num_blocks, spec.block_size, *writes[0][1].shape[1:])
     if got.dtype != spec.cache_dtype or tuple(got.shape) != want_shape:
-        return f"{tuple(got.shape)} {got.dtype} after the run; must stay {want_shape} {spec.cache_dtype}"
+        return Category.WRONG_CACHE_WRITE, (f"{tuple(got.shape)} {got.dtype} after the run; must stay {want_shape} "
+                                            f"{spec.cache_dtype}")
     bits = _bits(got)  # [num_blocks, block_size, ...], strided as the layout lies
     bs = got.shape[1]
     per_slot = tuple(range(2, bits.dim()))
@@ -320,9 +322,16 @@ def _cache_mismatch(got: torch.Tensor, writes: list, inputs, poison: float) -> s
         bad[at] = (bits[at] != _bits(want)).any(dim=tuple(range(1, bits.dim() - 1)))
     n = int(bad.sum())
     if not n:
-        return ""
+        return None
+    in_shared = bad[inputs.shared_blocks.long()]
+    if in_shared.any():
+        first = int(inputs.shared_blocks[torch.nonzero(in_shared.any(1))[0]])
+        return Category.SHARED_BLOCK_WRITE, (f"{int(in_shared.sum())} slots of shared blocks (a prompt that several "
+                                             f"sequences read) were overwritten (first: block {first}); {n} wrong slots "
+                                             f"in all")
     first = int(torch.nonzero(bad.flatten())[0])
-    return f"{n} slots differ from the expected write (first: block {first // bs}, offset {first % bs})"
+    return Category.WRONG_CACHE_WRITE, (f"{n} slots differ from the expected write (first: block {first // bs}, "
+                                        f"offset {first % bs})")
 
 
 def _describe(what: str, c: Comparison, case: PagedBatch) -> str:

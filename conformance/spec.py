@@ -47,9 +47,14 @@ class BatchSpec:
 
     seq_lens: tuple[int, ...]
     query_lens: tuple[int, ...]
+    # Prefix sharing (prefix caching, GRPO groups): P prompts, each shared by the G = B / P
+    # consecutive sequences of its group. Their first shared_prefix_lens[g] tokens are the same
+    # context; the prompt's full blocks are the same physical blocks in every member's block table,
+    # and a partly filled last prompt block is each member's own copy (copy-on-write already done).
+    shared_prefix_lens: tuple[int, ...] = ()
 
     def __post_init__(self):
-        for field in ("seq_lens", "query_lens"):
+        for field in ("seq_lens", "query_lens", "shared_prefix_lens"):
             value = getattr(self, field)
             _require(isinstance(value, (list, tuple)), f"BatchSpec.{field}", value, "must be a list or tuple of ints")
             object.__setattr__(self, field, tuple(value))
@@ -66,6 +71,24 @@ class BatchSpec:
                      f"must be >= 1 (every sequence brings a new token) unless the sequence is empty (seq_lens[{i}] "
                      f"= {s}, not 0)")
         _require(any(self.seq_lens), "BatchSpec.seq_lens", self.seq_lens, "a batch needs a non-empty sequence")
+        if self.shared_prefix_lens:
+            groups = len(self.shared_prefix_lens)
+            _require(self.batch_size % groups == 0, "BatchSpec.shared_prefix_lens", self.shared_prefix_lens,
+                     f"needs one entry per group of equal size: {groups} groups do not divide {self.batch_size} sequences")
+            for i, ctx in enumerate(self.context_lens):
+                p = self.shared_prefix_lens[i // self.group_size]
+                _require(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= ctx,
+                         f"BatchSpec.shared_prefix_lens[{i // self.group_size}]", p,
+                         f"must be an int from 1 to the context of each sequence of its group (sequence {i}: {ctx})")
+
+    def __repr__(self) -> str:  # the seeds of batches without sharing hash this text: it stays as it was
+        sharing = f", shared_prefix_lens={self.shared_prefix_lens!r}" if self.shared_prefix_lens else ""
+        return f"BatchSpec(seq_lens={self.seq_lens!r}, query_lens={self.query_lens!r}{sharing})"
+
+    @property
+    def group_size(self) -> int:
+        """Sequences per shared prompt (1 without sharing)."""
+        return self.batch_size // len(self.shared_prefix_lens) if self.shared_prefix_lens else 1
 
     @property
     def context_lens(self) -> tuple[int, ...]:

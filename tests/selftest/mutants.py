@@ -7,6 +7,7 @@ import math
 import torch
 
 from conformance import Backend, Capabilities, Case, scatter_to_cache
+from conformance.paged import quantize
 from conformance.registry import ALL_FEATURES, ALL_KV_LAYOUTS
 
 BUGS = {
@@ -31,6 +32,8 @@ BUGS = {
     "decode_rows_by_sequence": "a decode batch's query and output rows indexed by sequence number",
     "int32_offsets": "element offsets into the cache computed in 32 bits (wrap past 2^31 elements)",
     "lse_base2": "LSE returned in base 2 (FlashInfer's convention) instead of natural log",
+    "shared_block_written": "each new token's K/V written into its sequence's first block (a shared prompt's), "
+                            "at its own in-block offset",
 }
 # Bugs that only cases outside the cpu profile can show (its caches are megabytes): those cases.
 NEEDS = {"int32_offsets": "far_pages"}
@@ -47,7 +50,13 @@ class PagedTorch(Backend):
         self.name = f"mutant-{bug.replace('_', '-')}" if bug else "paged-torch"
 
     def write_cache(self, case: Case) -> None:
-        if self.bug != "new_tokens_not_written":
+        if self.bug == "shared_block_written":
+            bs = case.k_cache.shape[1]
+            seq = torch.repeat_interleave(torch.arange(case.seq_lens.numel()), case.query_start_loc.diff())
+            at = (case.block_table[seq, 0].long(), case.slot_mapping % bs)
+            case.k_cache[at] = quantize(case.k_new, case.k_scale, case.k_cache.dtype)
+            case.v_cache[at] = quantize(case.v_new, case.v_scale, case.v_cache.dtype)
+        elif self.bug != "new_tokens_not_written":
             scatter_to_cache(case)
 
     def run(self, case: Case):

@@ -67,3 +67,12 @@ def test_finite_poison_still_catches_out_of_bounds_reads(bug, record_property):
     results = [runner.run(mutant, spec) for spec in plain]
     assert any(r.status == Status.FAIL for r in results), f"{bug} passed {len(plain)} cases under finite poison"
     assert not any("NaN" in r.reason for r in results)  # the poison itself never shows: the numbers do
+
+
+def test_a_write_into_a_shared_block_is_its_own_failure(runner):
+    from conformance import Category
+
+    spec = next(c for c in CASES["mha"] if c.scenario == "shared_prefix_4x8" and c.is_plain)
+    result = runner.run(mutants.PagedTorch("shared_block_written"), spec)
+    assert Category.SHARED_BLOCK_WRITE in result.categories, result.reason
+    assert "slots of shared blocks" in result.reason

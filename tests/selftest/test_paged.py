@@ -240,3 +240,37 @@ def test_inputs_are_bit_identical_in_another_process_in_another_order():
     there = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout.split()
     assert len(here) == 8 and there == here
+
+
+@pytest.mark.parametrize("bs", [1, 16, 48])
+@pytest.mark.parametrize("kind", ["mha", "mla"])
+def test_a_shared_prompt_is_one_set_of_blocks_and_one_set_of_tokens(bs, kind):
+    """Prefix sharing: a group's members point at their first member's blocks for the prompt's full
+    blocks, hold their own copy of a partly filled last prompt block, and read the same prompt."""
+    from conformance import MLAHeads
+
+    heads = MLAHeads(2, kv_lora_rank=32, qk_rope_head_dim=16) if kind == "mla" else HeadConfig(4, 2, 16)
+    spec = CaseSpec("shared_prefix_4x8", SCENARIOS["shared_prefix_4x8"].cpu, heads, torch.float16, bs)
+    inputs = make_inputs(spec, "cpu", spec.seed())
+    b, table, start = spec.batch, inputs.block_table, inputs.kv_start_loc
+    packed = inputs.latent if kind == "mla" else inputs.k
+    shared = []
+    for i in range(b.batch_size):
+        first = i - i % b.group_size
+        p = b.shared_prefix_lens[first // b.group_size]
+        full, own = p // bs, -(-b.seq_lens[i] // bs)
+        assert torch.equal(table[i, :full], table[first, :full])
+        assert i == first or not set(table[i, full:own].tolist()) & set(table[first, :own].tolist())
+        assert torch.equal(packed[start[i]:start[i] + p], packed[start[first]:start[first] + p])
+        if i == first:
+            shared += table[i, :full].tolist()
+    assert sorted(inputs.shared_blocks.tolist()) == sorted(shared) and shared
+    case = inputs.materialize()
+    cache = case.latent_cache if kind == "mla" else case.k_cache
+    for i in range(b.batch_size):  # every member reads its prompt through the table
+        p = b.shared_prefix_lens[i // b.group_size]
+        pos = torch.arange(p)
+        got = cache[table[i, pos // bs].long(), pos % bs]
+        stored = inputs.stored(slice(start[i], start[i] + p)) if kind == "mla" else \
+            inputs.stored("k", slice(start[i], start[i] + p))
+        assert torch.equal(got, stored)

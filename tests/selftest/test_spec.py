@@ -104,9 +104,12 @@ def test_catalog_has_vllm_scenarios_at_full_size(name):
 def test_cpu_twin_keeps_the_structure(name):
     s = SCENARIOS[name]
     if s.cpu is None:
-        assert name in ("long_context", "wide_decode")
+        assert name in ("long_context", "wide_decode", "shared_prefix_1x64")
         return
-    assert s.cpu.batch_size == s.gpu.batch_size
+    if s.gpu.shared_prefix_lens:  # fewer prompts and samples, still groups sharing a prompt
+        assert s.cpu.shared_prefix_lens and s.cpu.group_size >= 2
+    else:
+        assert s.cpu.batch_size == s.gpu.batch_size
     assert s.cpu.is_decode == s.gpu.is_decode
     # Pure-prefill sequences stay pure prefill, decode stays decode.
     for (gs, gq), (cs, cq) in zip(zip(s.gpu.seq_lens, s.gpu.query_lens), zip(s.cpu.seq_lens, s.cpu.query_lens)):
