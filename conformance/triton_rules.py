@@ -33,15 +33,18 @@ def no_triton_here() -> str | None:
     return None
 
 
-# Under the interpreter, batches with more sequences or new tokens than these run plain only.
+# Under the interpreter, batches with more sequences or new tokens than these run plain only, and
+# variants run at this block size only (each case costs about a second of Python there).
 INTERPRETED_MAX_SEQUENCES = 16
 INTERPRETED_MAX_NEW_TOKENS = 128
+INTERPRETED_VARIANT_BLOCK_SIZE = 16
 
 
 def interpreter_refuses(spec, device) -> str | None:
     """Why Triton cannot run `spec` on `device` when the device is the CPU, or None: the
     interpreter must be on, bf16 is what it gets wrong, and it runs each program in Python (about
-    10 s for a case of 32-48 sequences or 256 new tokens), so big batches run plain only there."""
+    10 s for a case of 32-48 sequences or 256 new tokens, a second for a small one), so big batches
+    run plain only there, and the variants at one block size."""
     if device.type != "cpu":
         return None
     if not _interpreted():
@@ -54,4 +57,7 @@ def interpreter_refuses(spec, device) -> str | None:
         return (f"under Triton's interpreter a batch of more than {INTERPRETED_MAX_SEQUENCES} sequences or "
                 f"{INTERPRETED_MAX_NEW_TOKENS} new tokens runs plain only (about 10 s a case on a CPU); its variants "
                 "are covered on the GPU")
+    if spec.block_size != INTERPRETED_VARIANT_BLOCK_SIZE and not spec.is_plain:
+        return (f"under Triton's interpreter variants run at block size {INTERPRETED_VARIANT_BLOCK_SIZE} only (block "
+                f"size {spec.block_size} runs plain here: about a second a case on a CPU); all are covered on the GPU")
     return None

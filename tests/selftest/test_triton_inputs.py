@@ -44,6 +44,9 @@ def test_interpreter_rules_skip_with_their_reasons(monkeypatch):
     assert interpreter_refuses(cases[wide], cpu) is None and interpreter_refuses(cases[narrow + "-sw24"], cpu) is None
     assert "more than 16 sequences or 128 new tokens runs plain only" in interpreter_refuses(cases[wide + "-sw24"], cpu)
     assert "raw bits" in interpreter_refuses(cases[narrow.replace("fp16", "bf16")], cpu)
+    at48 = narrow.replace("-bs16-", "-bs48-")
+    assert interpreter_refuses(cases[at48], cpu) is None
+    assert "variants run at block size 16 only" in interpreter_refuses(cases[at48 + "-sw24"], cpu)
     assert interpreter_refuses(cases[wide + "-sw24"], torch.device("cuda")) is None
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "numpy" else object())
     assert "numpy is not installed" in no_triton_here()
