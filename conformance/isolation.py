@@ -6,9 +6,10 @@ case as in-process, and each Result is the one the in-process Runner would give.
 
 Protocol, one duplex pipe per worker: the worker answers "ready" (or "failed" and a traceback)
 once its imports are done; then, per case, the parent sends (backend name, its module, pickled
-backend or None for "import its module and take it from your registry", spec) and the worker answers ("result", Result), after
-("admitted", None) if the case waited for GPU memory (the timeout counts from there). No answer
-within `timeout`: the worker is killed, TIMEOUT. The pipe closes without an answer: CRASH.
+backend or None for "import its module and take it from your registry", spec) and the worker
+answers ("result", Result), after ("admitted", None) if the case waited for GPU memory (the
+timeout counts from there). No answer within `timeout`: the worker is killed, TIMEOUT. The pipe
+closes without an answer: CRASH.
 """
 from __future__ import annotations
 
