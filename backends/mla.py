@@ -45,7 +45,8 @@ class MLACommon(MLABackend):
         o_lat, lse = self.latent_attention(case, part, absorb_queries(case, case.q[part.rows]))
         return up_project(case, o_lat), lse
 
-    def latent_attention(self, case: MLACase, part: BatchPart, q_abs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def latent_attention(self, case: MLACase, part: BatchPart,
+                         q_abs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The decode kernel: absorbed queries [t, H, L + R] over the part's paged latents, causal
         (bottom-right). Returns o_lat [t, H, L] and lse [t, H] (natural log)."""
         raise NotImplementedError

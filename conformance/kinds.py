@@ -1,8 +1,9 @@
 """Case kinds: what differs between dense attention and MLA cases, one object each.
 
 A kind draws a case's inputs, computes its references, writes the new tokens into its caches by
-default and says what they must hold after a run; the runner, bench and the front ends look the kind up by `CaseSpec.kind` and call it, never
-branching on the kind themselves. Imports run one way: spec <- paged / reference <- mla <- kinds.
+default and says what they must hold after a run; the runner, bench and the front ends look the
+kind up by `CaseSpec.kind` and call it, never branching on the kind themselves. Imports run one
+way: spec <- paged / reference <- mla <- kinds.
 """
 from __future__ import annotations
 

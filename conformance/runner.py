@@ -326,9 +326,9 @@ def _cache_mismatch(got: torch.Tensor, writes: list, inputs, poison: float) -> t
     in_shared = bad[inputs.shared_blocks.long()]
     if in_shared.any():
         first = int(inputs.shared_blocks[torch.nonzero(in_shared.any(1))[0]])
-        return Category.SHARED_BLOCK_WRITE, (f"{int(in_shared.sum())} slots of shared blocks (a prompt that several "
-                                             f"sequences read) were overwritten (first: block {first}); {n} wrong slots "
-                                             f"in all")
+        return Category.SHARED_BLOCK_WRITE, (f"{int(in_shared.sum())} slots of shared blocks (a prompt that "
+                                             f"several sequences read) were overwritten (first: block {first}); "
+                                             f"{n} wrong slots in all")
     first = int(torch.nonzero(bad.flatten())[0])
     return Category.WRONG_CACHE_WRITE, (f"{n} slots differ from the expected write (first: block {first // bs}, "
                                         f"offset {first % bs})")

@@ -74,7 +74,8 @@ class BatchSpec:
         if self.shared_prefix_lens:
             groups = len(self.shared_prefix_lens)
             _require(self.batch_size % groups == 0, "BatchSpec.shared_prefix_lens", self.shared_prefix_lens,
-                     f"needs one entry per group of equal size: {groups} groups do not divide {self.batch_size} sequences")
+                     f"needs one entry per group of equal size: {groups} groups do not divide "
+                     f"{self.batch_size} sequences")
             for i, ctx in enumerate(self.context_lens):
                 p = self.shared_prefix_lens[i // self.group_size]
                 _require(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= ctx,
