@@ -102,7 +102,7 @@ def make_mla_inputs(spec: CaseSpec, device: torch.device | str, seed: int) -> ML
     w_uk = randn(h.kv_lora_rank, h.num_q_heads, h.qk_nope_head_dim, std=h.kv_lora_rank ** -0.5)
     w_uv = randn(h.kv_lora_rank, h.num_q_heads, h.v_head_dim, std=h.kv_lora_rank ** -0.5)
     pages = draw_pages(spec, gen, device)
-    copy_shared_prefix(spec, pages["kv_start_loc"], latent)
+    copy_shared_prefix(spec, latent)
     # Rounded to bf16 as well: FlashInfer's MLA kernels multiply the codes by the scale cast to
     # bf16, and a scale every implementation holds exactly keeps the comparison about the kernel.
     kv_scale = float(torch.tensor(fp8_scale(latent, spec)).to(torch.bfloat16))

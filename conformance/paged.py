@@ -210,7 +210,7 @@ def make_dense_inputs(spec: CaseSpec, device: torch.device | str, seed: int) -> 
     k = randn(n_total, h.num_kv_heads, h.head_dim)
     v = randn(n_total, h.num_kv_heads, h.head_dim)
     pages = draw_pages(spec, gen, device)
-    copy_shared_prefix(spec, pages["kv_start_loc"], k, v)
+    copy_shared_prefix(spec, k, v)
     # Sink logits spread from negligible to dominant: N(0, 2) against scores of about N(0, 1).
     sinks = 2 * torch.randn(h.num_q_heads, generator=gen, device=device) if spec.sinks else None
     k_scale, v_scale = (fp8_scale(x, spec) for x in (k, v))
@@ -279,18 +279,18 @@ def _share_prefix_blocks(b, bs: int, table: torch.Tensor) -> torch.Tensor:
     return torch.cat(shared) if shared else table.new_zeros(0)
 
 
-def copy_shared_prefix(spec: CaseSpec, kv_start_loc: torch.Tensor, *packed: torch.Tensor) -> None:
+def copy_shared_prefix(spec: CaseSpec, *packed: torch.Tensor) -> None:
     """Give every member of a prompt group its first member's prompt tokens: rows of the packed
     per-token tensors (K and V, or latents), in place. The reference then attends the same prompt
     that the shared blocks hold."""
     b = spec.batch
+    start = [0, *_cumsum(b.seq_lens)]  # in Python: no device round trip per sequence
     for i in range(b.batch_size if b.shared_prefix_lens else 0):
         first = i - i % b.group_size
         if i != first:
             p = b.shared_prefix_lens[first // b.group_size]
-            dst, src = int(kv_start_loc[i]), int(kv_start_loc[first])
             for x in packed:
-                x[dst:dst + p] = x[src:src + p]
+                x[start[i]:start[i] + p] = x[start[first]:start[first] + p]
 
 
 def scatter_to_cache(case: Case) -> None:
