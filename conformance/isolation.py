@@ -5,11 +5,11 @@ reason). The worker holds an ordinary Runner, so references are cached across th
 case as in-process, and each Result is the one the in-process Runner would give.
 
 Protocol, one duplex pipe per worker: the worker answers "ready" (or "failed" and a traceback)
-once its imports are done; then, per case, the parent sends (backend name, its module, pickled
-backend or None for "import its module and take it from your registry", spec) and the worker
-answers ("result", Result), after ("admitted", None) if the case waited for GPU memory (the
-timeout counts from there). No answer within `timeout`: the worker is killed, TIMEOUT. The pipe
-closes without an answer: CRASH.
+once its imports are done (`modules`, and those of the backends sent by name so far); then, per
+case, the parent sends (backend name, its module, pickled backend or None for "import its module
+and take it from your registry", spec) and the worker answers ("result", Result), after
+("admitted", None) if the case waited for GPU memory (the timeout counts from there). No answer
+within `timeout`: the worker is killed, TIMEOUT. The pipe closes without an answer: CRASH.
 """
 from __future__ import annotations
 
@@ -46,6 +46,9 @@ class IsolatedRunner:
         self.base_seed, self.timeout, self.start_timeout = base_seed, timeout, start_timeout
         self.finite_poison = finite_poison
         self.modules = tuple(modules)
+        # Modules of the backends sent by name so far: a fresh worker imports them while it starts,
+        # not inside a case's timeout (importing an adapter package can take seconds).
+        self._named_modules: dict[str, None] = {}
         self.results: list[Result] = []
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
@@ -69,6 +72,8 @@ class IsolatedRunner:
         try:  # by name where the worker's registry holds this very object (its module imported there), else pickled
             registered = load_backends(self.modules).get(backend.name) is backend and module != "__main__"
             payload = None if registered else pickle.dumps(backend)
+            if registered:
+                self._named_modules[module] = None
         except Exception as e:  # noqa: BLE001 - anything pickle (or importing `modules`) raises
             return Result.of(who, failed(Category.NOT_STARTED, f"{backend.name} could not be sent to the worker "
                                                                f"process: {type(e).__name__}: {e}"))
@@ -107,8 +112,8 @@ class IsolatedRunner:
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         conn, child = ctx.Pipe()
         proc = ctx.Process(target=_worker, name="conformance-worker", daemon=True,
-                           args=(child, str(self.device), self.base_seed, self.finite_poison, self.modules,
-                                 torch.get_num_threads(), self._stderr))
+                           args=(child, str(self.device), self.base_seed, self.finite_poison,
+                                 self.modules + tuple(self._named_modules), torch.get_num_threads(), self._stderr))
         try:
             proc.start()
         except Exception as e:  # noqa: BLE001 - no process (a main module without the __main__ guard, say)
