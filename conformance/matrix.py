@@ -21,6 +21,9 @@ class MLAProfile:
     long_scenarios: tuple[str, ...] = ()  # first heads and block size, every dtype, latents in the dtype
     # The scenarios that run every head config (None: all); the others run the first only.
     all_heads_scenarios: tuple[str, ...] | None = None
+    # In many calls (calls_cases), on the first heads and block size, latents in the dtype.
+    calls_scenarios: tuple[str, ...] = ()
+    calls_dtypes: tuple[torch.dtype, ...] | None = None  # None: every dtype
 
     def cases(self, scenarios: dict[str, Scenario], sizes: str) -> list[CaseSpec]:
         out = []
@@ -35,7 +38,22 @@ class MLAProfile:
                         for kv_dtype in ("auto", "fp8_e4m3")]
             if sc.name in self.long_scenarios:
                 out += [CaseSpec(sc.name, batch, self.heads[0], dtype, self.block_sizes[0]) for dtype in self.dtypes]
+            if sc.name in self.calls_scenarios:
+                out += [c for dtype in self.calls_dtypes or self.dtypes
+                        for c in calls_cases(CaseSpec(sc.name, batch, self.heads[0], dtype, self.block_sizes[0]))]
         return out
+
+
+def calls_cases(base: CaseSpec, window: int | None = None) -> list[CaseSpec]:
+    """`base` in many calls (CaseSpec.calls): its batch varied around each sequence, and where a
+    sequence brings more than one new token, the tokens in chunks (also with a sliding window, when
+    given) and one by one."""
+    out = [base.replace(calls="invariance")]
+    if base.causal and max(base.batch.query_lens) > 1:
+        out += [base.replace(calls="chunks"), base.replace(calls="tokens")]
+        if window:
+            out.append(base.replace(calls="chunks", sliding_window=window))
+    return out
 
 
 # Logits of std 2500 reach about 1e4 among a case's keys: exp() of that overflows even in float64
@@ -59,7 +77,8 @@ class Profile:
     block sizes with the cache in every non-default layout (plain cases). Adversarial: a few
     scenarios over the main heads, dtypes and block sizes with logits near 1e4, and (full size
     only: the caches take gigabytes) a few over the first head config with every page past 2^31
-    elements, cache in the dtype and in fp8. MLA: the latent-cache cases (MLAProfile).
+    elements, cache in the dtype and in fp8. Calls: a few scenarios on the first heads and block
+    size in many calls over one cache (calls_cases). MLA: the latent-cache cases (MLAProfile).
     """
 
     name: str
@@ -82,6 +101,9 @@ class Profile:
     long_heads: tuple[HeadConfig, ...] = ()
     # Only these scenarios of the catalog (None: all of them) in the main grid.
     scenarios: tuple[str, ...] | None = None
+    # In many calls (calls_cases), on the first heads and block size, plain.
+    calls_scenarios: tuple[str, ...] = ()
+    calls_dtypes: tuple[torch.dtype, ...] | None = None  # None: every dtype
     mla: MLAProfile | None = None
 
     def __post_init__(self):
@@ -134,6 +156,10 @@ class Profile:
                 out += [CaseSpec(sc.name, batch, self.heads[0], dtype, bs, causal=sc.causal, kv_dtype=kv_dtype,
                                  far_pages=True)
                         for dtype in self.dtypes for bs in self.block_sizes for kv_dtype in ("auto", "fp8_e4m3")]
+            if sc.name in self.calls_scenarios:
+                out += [c for dtype in self.calls_dtypes or self.dtypes
+                        for c in calls_cases(CaseSpec(sc.name, batch, self.heads[0], dtype, self.block_sizes[0],
+                                                      causal=sc.causal), self.sliding_window)]
         if self.mla:
             out += self.mla.cases(scenarios, self.sizes)
         return out
@@ -141,9 +167,11 @@ class Profile:
     def scenario_names(self) -> set[str]:
         """Every scenario the profile names (checked against the catalog)."""
         names = set(self.scenarios or ()) | set(self.sweep_scenarios + self.layout_scenarios + self.long_scenarios
-                                                 + self.extreme_logit_scenarios + self.far_page_scenarios)
+                                                 + self.extreme_logit_scenarios + self.far_page_scenarios
+                                                 + self.calls_scenarios)
         if self.mla:
-            names |= set(self.mla.scenarios + self.mla.long_scenarios + (self.mla.all_heads_scenarios or ()))
+            names |= set(self.mla.scenarios + self.mla.long_scenarios + (self.mla.all_heads_scenarios or ())
+                         + self.mla.calls_scenarios)
         return names
 
 

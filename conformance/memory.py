@@ -52,7 +52,8 @@ def case_bytes(spec: CaseSpec) -> int:
     paged cache, the logical inputs and both references, the reference's padded queries and
     accumulators (a ragged batch pads every sequence to the longest query) and chunked working set,
     an adapter's copies of the cache (a gather; K and V padded up to twice the slots), each
-    sequence's keys expanded to every query head, the cache check's masks, and a margin."""
+    sequence's keys expanded to every query head, the cache check's masks, a second cache for a
+    path's one-call twin, and a margin."""
     b, h = spec.batch, spec.heads
     cache_elem = torch.empty((), dtype=spec.cache_dtype).element_size()
     elem = torch.empty((), dtype=spec.dtype).element_size()
@@ -66,6 +67,8 @@ def case_bytes(spec: CaseSpec) -> int:
     reference_chunks = 8 * min(scores, SCORE_CHUNK_ELEMENTS) * 8
     adapter = 4 * cache + max(b.seq_lens) * h.num_q_heads * (h.head_dim + h.out_dim) * 4 * 2
     cache_check = 2 * spec.pool_blocks * spec.block_size * token
+    if spec.calls in ("chunks", "tokens"):
+        cache *= 2  # the one call over the whole batch runs on a cache of its own
     return cache + logical + references + padded + reference_chunks + adapter + cache_check + GiB // 4
 
 

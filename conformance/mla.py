@@ -20,6 +20,7 @@ computed the way kernels in the case's dtype do: a backend may take either path.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -33,6 +34,7 @@ class MLACase(PagedBatch):
     """What an MLA adapter gets (spec.kind "mla"). q [T, H, P + R]: q_nope then q_pe, as vLLM's
     MLA layer hands it over; out [T, H, V]."""
 
+    new_token_fields: ClassVar[tuple[str, ...]] = PagedBatch.new_token_fields + ("kv_c_new", "k_pe_new")
     kv_c_new: torch.Tensor  # [T, L], the new tokens' latents, to be written to the cache
     k_pe_new: torch.Tensor  # [T, R], their rope keys
     # [num_blocks, block_size, L + R] of spec.cache_dtype: kv_c then k_pe per token; context

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -49,6 +50,9 @@ class PagedBatch:
     caches and `out`. T new tokens (all sequences, packed in order), B sequences, H heads.
     """
 
+    # The fields with one row per new token (a call over some of the tokens takes those rows).
+    new_token_fields: ClassVar[tuple[str, ...]] = ("q", "slot_mapping")
+
     spec: CaseSpec
     q: torch.Tensor  # [T, Hq, D]
     block_table: torch.Tensor  # [B, max_blocks] int32; entries past a sequence's last block are garbage
@@ -74,6 +78,7 @@ class PagedBatch:
 class Case(PagedBatch):
     """A dense case (spec.kind "mha"): queries over K/V heads, D the head dim of q, K, V and out."""
 
+    new_token_fields: ClassVar[tuple[str, ...]] = PagedBatch.new_token_fields + ("k_new", "v_new")
     k_new: torch.Tensor  # [T, Hkv, D], the new tokens' keys, to be written to the cache
     v_new: torch.Tensor  # [T, Hkv, D]
     # The caches, always indexed [block, slot, head, dim] ([num_blocks, block_size, Hkv, D], of

@@ -26,6 +26,11 @@ ALL_FEATURES = frozenset({"causal", "non_causal", "sliding_window", "softcap", "
 # holding empty sequences) are opt-in, so an adapter written before them is not suddenly failing
 # cases it never claimed.
 DEFAULT_FEATURES = frozenset({"causal", "non_causal", "sliding_window", "softcap"})
+# What a backend may promise to give bit for bit the same output as one call over the whole batch
+# (CaseSpec.calls): the tokens brought in "chunks" or one by one ("tokens"), a sequence in another
+# "batch" (reordered, halved, padded), the same call again ("run_to_run"). Undeclared, the
+# difference is reported in ULPs and held to the case's tolerance.
+BIT_EXACT = frozenset({"chunks", "tokens", "batch", "run_to_run"})
 
 
 def _names(values) -> str:
@@ -53,6 +58,7 @@ class Capabilities:
     max_query_len: int | None = None  # new tokens of one sequence at most (1: a decode-only kernel); None: any
     features: frozenset[str] = DEFAULT_FEATURES
     returns_lse: bool = False
+    bit_exact: frozenset[str] = frozenset()  # of BIT_EXACT
     requires: tuple[str, ...] = ()  # importable modules; a missing one skips every case, naming it
 
     def unsupported(self, spec: CaseSpec, device: torch.device) -> str | None:
@@ -190,6 +196,10 @@ def _check_vocabulary(backend: Backend) -> None:
     MLA backend (a GQA ratio, say) would silently mean something else or nothing."""
     if backend.kind not in KINDS:
         raise RegistryError(f"{backend.name}.kind = {backend.kind!r}: must be one of {sorted(KINDS)}")
+    unknown = sorted(set(backend.capabilities.bit_exact) - BIT_EXACT)
+    if unknown:
+        raise RegistryError(f"{backend.name}: Capabilities.bit_exact = {sorted(backend.capabilities.bit_exact)}: "
+                            f"{unknown} unknown; must be some of {sorted(BIT_EXACT)}")
     own = KINDS[backend.kind].head_capabilities
     for kind in KINDS.values():
         for field in set(kind.head_capabilities) - set(own):

@@ -1,6 +1,8 @@
 """Run one backend on one case and judge it: the only place where a Result is made."""
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 import traceback
 from collections import OrderedDict
@@ -9,13 +11,14 @@ from enum import Enum
 
 import torch
 
+from .calls import call_spec, path, sub_case, token_rows, variants
 from .kinds import kind_of, make_inputs, reference_attention
 from .memory import SMALL_CASE, DeviceMemory, case_bytes, shrink_local_memory, too_big
 from .paged import Pages, PagedBatch
 from .reference import Reference
 from .registry import Backend, Unsupported
 from .spec import CaseSpec
-from .tolerance import DEFAULT_TOLERANCE, Comparison, compare
+from .tolerance import DEFAULT_TOLERANCE, Comparison, compare, ulp_difference
 
 
 class Status(str, Enum):
@@ -35,6 +38,10 @@ class Category(str, Enum):
     NONFINITE = "non-finite"  # NaN or Inf in the output or LSE
     WRONG_CACHE_WRITE = "wrong-cache-write"  # a slot differs from the expected write, or poison was touched
     SHARED_BLOCK_WRITE = "shared-block-write"  # a write into a block that several sequences share (a prompt's)
+    # Many calls (CaseSpec.calls), against the one call over the whole batch:
+    PATH_MISMATCH = "path-mismatch"  # the tokens in chunks or one by one give other numbers
+    BATCH_VARIANT = "batch-variant"  # a sequence's rows change with its neighbours
+    NONDETERMINISTIC = "nondeterministic"  # the same call again gives other bits (where declared bit-exact)
     BAD_RETURN = "bad-return"  # not a tensor, or the wrong shape, dtype or device
     ADAPTER_RAISED = "adapter-raised"  # run(), write_cache() or a capability rule raised
     OUT_OF_MEMORY = "out-of-memory"  # the harness ran out of memory: the machine's limit
@@ -50,9 +57,6 @@ class Verdict:
     status: Status
     reason: str = ""
     categories: tuple[Category, ...] = ()
-
-
-PASSED = Verdict(Status.PASS)
 
 
 def failed(category: Category, reason: str, status: Status = Status.ERROR) -> Verdict:
@@ -84,6 +88,9 @@ class Result:
     seed: int | None = None
     memory_estimate: int | None = None  # CUDA: bytes the case was admitted with (memory.case_bytes)
     memory_peak: int | None = None  # CUDA: the most bytes this process had allocated during the run
+    calls: str = "one"  # CaseSpec.calls
+    calls_ulp: int | None = None  # many calls: the largest difference from the one call's output (ulp_difference)
+    deterministic: bool | None = None  # "invariance": the same call twice gave the same bits
 
     @property
     def id(self) -> str:
@@ -173,13 +180,14 @@ class Runner:
         t0 = time.perf_counter()  # the harness's time starts once the case has its memory
         try:
             prep = self.prepared(spec)
-            case = prep.inputs.materialize(finite_poison=backend.finite_poison or self.finite_poison)
+            fresh = lambda: prep.inputs.materialize(finite_poison=backend.finite_poison or self.finite_poison)
+            case = fresh()
         except torch.OutOfMemoryError as e:  # the machine's limit, not the backend's fault: say so, go on
             self._prepared.clear()
             self._release()
             return Result.of(who, _out_of_memory(e), **measured)
         try:
-            verdict = self._run_case(backend, case, prep, measured, t0)
+            verdict = self._run_case(backend, case, prep, fresh, measured, t0)
         except torch.OutOfMemoryError as e:  # judging needs memory too (the backend's own OOM is its ERROR)
             verdict = _out_of_memory(e)
         del case  # the last reference to its cache: only then can _release give the memory back
@@ -188,26 +196,78 @@ class Runner:
         self._release()
         return Result.of(who, verdict, **measured)
 
-    def _run_case(self, backend: Backend, case, prep: _Prepared, measured: dict, t0: float) -> Verdict:
-        """Run the backend on `case` and judge it; its times and the judged numbers go into `measured`."""
+    def _run_case(self, backend: Backend, case, prep: _Prepared, fresh, measured: dict, t0: float) -> Verdict:
+        """Run the backend on `case` (in its calls) and judge it; its times and the judged numbers go
+        into `measured`."""
         self._sync()
         t_backend = time.perf_counter()
+        twins: list[_Twin] = []  # other calls' outputs that must match the judged ones
+        notes: list[str] = []  # what was not compared, and why
         try:
-            backend.write_cache(case)
-            returned = backend.run(case)
-            self._sync()
+            calls = case.spec.calls
+            if calls in ("chunks", "tokens"):
+                out, lse = self._path(backend, case)
+                twins, notes = self._one_call(backend, case, out, fresh)
+            else:
+                out, lse = self._call(backend, case)
+                if calls == "invariance":
+                    twins, notes = self._other_batches(backend, case, out)
         except Unsupported as e:
             return Verdict(Status.SKIP, f"refused at call time: {e}")
+        except _BadOutput as e:
+            return failed(Category.BAD_RETURN, str(e))
         except Exception as e:  # noqa: BLE001 - an adapter's exception is its result, not the run's end
             return failed(Category.ADAPTER_RAISED, _error(e))
         measured["backend_seconds"] = time.perf_counter() - t_backend
-        try:
-            out, lse = _unpack(returned, case, backend)
-        except _BadOutput as e:
-            return failed(Category.BAD_RETURN, str(e))
-        verdict = _judge(backend, case, prep, out, lse, measured)
+        verdict = _judge(backend, case, prep, out, lse, measured, twins, notes)
         measured["harness_seconds"] = time.perf_counter() - t0 - measured["backend_seconds"]
         return verdict
+
+    def _call(self, backend: Backend, case: PagedBatch):
+        """One call: the cache write and the attention, and what it returned, checked: (out, lse)."""
+        backend.write_cache(case)
+        returned = backend.run(case)
+        self._sync()
+        return _unpack(returned, case, backend)
+
+    def _path(self, backend: Backend, case: PagedBatch):
+        """The new tokens in chunks or one by one, each call over the same cache; the calls' rows
+        put together as one call over the whole batch would return them."""
+        out, lse = case.out, None
+        for picks in path(case.spec.batch, case.spec.calls):
+            part, part_lse = self._call(backend, sub_case(case, picks))
+            rows = token_rows(case, picks)
+            out[rows] = part
+            if part_lse is not None:
+                if lse is None:
+                    lse = torch.full(out.shape[:2], math.nan, dtype=torch.float32, device=out.device)
+                lse[rows] = part_lse.float()
+        return out, lse
+
+    def _one_call(self, backend: Backend, case: PagedBatch, out: torch.Tensor, fresh):
+        """The same tokens in one call over the whole batch, on a fresh cache: the twin of a path."""
+        one = case.spec.replace(calls="one")
+        why = backend.skip_reason(one, self.device)
+        if why:
+            return [], [f"not compared with one call over the whole batch, which {backend.name} does not take: {why}"]
+        twin = dataclasses.replace(fresh(), spec=one)
+        got, _ = self._call(backend, twin)
+        return [_Twin(f"{case.spec.calls} against one call", case.spec.calls, out, got)], []
+
+    def _other_batches(self, backend: Backend, case: PagedBatch, out: torch.Tensor):
+        """Each sequence in other batches over the same cache (their writes are the same as the
+        first call's), and the same call again: their rows against the first call's."""
+        twins, notes = [], []
+        for name, picks in variants(case.spec.batch).items():
+            why = backend.skip_reason(call_spec(case.spec, picks), self.device)
+            if why:
+                notes.append(f"{name} batch not run: {why}")
+                continue
+            got, _ = self._call(backend, sub_case(case, picks))
+            twins.append(_Twin(f"{name} batch", "batch", got, out[token_rows(case, picks)]))
+        again, _ = self._call(backend, dataclasses.replace(case, out=torch.full_like(case.out, math.nan)))
+        twins.append(_Twin("the same call again", "run_to_run", again, out))
+        return twins, notes
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -230,25 +290,54 @@ class Runner:
 def identify(backend: str, spec: CaseSpec, device: torch.device, base_seed: int) -> dict:
     """The fields of a Result that say which backend ran which case where (Result.of takes them)."""
     return dict(backend=backend, case=spec.id, scenario=spec.scenario, dtype=spec.dtype_name,
-                block_size=spec.block_size, heads=spec.heads.id, device=str(device), seed=spec.seed(base_seed))
+                block_size=spec.block_size, heads=spec.heads.id, device=str(device), seed=spec.seed(base_seed),
+                calls=spec.calls)
 
 
 def refusal(backend: Backend, spec: CaseSpec, device: torch.device) -> Verdict | None:
     """A SKIP (the backend cannot run the case here, with every reason) or an ERROR (its rules
     raised), decided without running anything; None when the case is to run."""
     try:
-        reason = backend.skip_reason(spec, device) or too_big(spec, device)
+        reason = _refused_call(backend, spec, device) or too_big(spec, device)
     except Exception as e:  # noqa: BLE001 - a broken capability rule is the adapter's error, not the run's end
         return failed(Category.ADAPTER_RAISED, f"{backend.name}.skip_reason raised {_error(e)}")
     return Verdict(Status.SKIP, reason) if reason else None
+
+
+def _refused_call(backend: Backend, spec: CaseSpec, device: torch.device) -> str | None:
+    """Why the backend does not take a call the case must make: the one call over the whole batch,
+    or one of the calls of a path (which a decode-only kernel takes, token by token)."""
+    if spec.calls not in ("chunks", "tokens"):
+        return backend.skip_reason(spec.replace(calls="one"), device)
+    calls = path(spec.batch, spec.calls)
+    for i, picks in enumerate(calls):
+        why = backend.skip_reason(call_spec(spec, picks), device)
+        if why:
+            return f"call {i + 1} of {len(calls)} ({spec.calls}): {why}"
+    return None
 
 
 def _out_of_memory(e: Exception) -> Verdict:
     return failed(Category.OUT_OF_MEMORY, f"the case does not fit in memory here: {_error(e)}")
 
 
-def _judge(backend: Backend, case, prep: _Prepared, out, lse, measured: dict) -> Verdict:
-    """Output, LSE and cache against the references; the numbers go into `measured`."""
+@dataclass
+class _Twin:
+    """Another call's output for the same rows as the judged one, which must match it."""
+
+    what: str  # for the reason: "padded batch", "tokens against one call" ...
+    claim: str  # the BIT_EXACT name a backend declares to promise the same bits
+    got: torch.Tensor
+    want: torch.Tensor
+
+
+_TWIN_CATEGORIES = {"chunks": Category.PATH_MISMATCH, "tokens": Category.PATH_MISMATCH,
+                    "batch": Category.BATCH_VARIANT, "run_to_run": Category.NONDETERMINISTIC}
+
+
+def _judge(backend: Backend, case, prep: _Prepared, out, lse, measured: dict, twins=(), notes=()) -> Verdict:
+    """Output, LSE and cache against the references, and the other calls against the judged one;
+    the numbers go into `measured`."""
     tolerance = backend.tolerance or DEFAULT_TOLERANCE
     c = compare(out, prep.ref.out, prep.ref_lowp.out, case.spec.dtype, tolerance)
     measured.update(err=c.err, ref_err=c.ref_err, tol=c.tol, ratio=c.ratio)
@@ -264,10 +353,33 @@ def _judge(backend: Backend, case, prep: _Prepared, out, lse, measured: dict) ->
         wrong = _cache_mismatch(got, writes, prep.inputs, case.poison)
         if wrong:
             problems.append((wrong[0], f"{name}: {wrong[1]}"))
+    problems += _twins_differ(backend, twins, c.tol, measured)
     if not problems:
-        return PASSED
+        return Verdict(Status.PASS, "; ".join(notes))
     categories = tuple(dict.fromkeys(category for category, _ in problems))
-    return Verdict(Status.FAIL, "; ".join(text for _, text in problems), categories)
+    return Verdict(Status.FAIL, "; ".join([text for _, text in problems] + list(notes)), categories)
+
+
+def _twins_differ(backend: Backend, twins: list[_Twin], tol: float, measured: dict) -> list[tuple[Category, str]]:
+    """Each other call against the judged one: bit for bit where the backend declares it, else within
+    the case's tolerance. The largest difference in ULPs goes into `measured` (and determinism)."""
+    problems = []
+    for t in twins:
+        finite = bool(torch.isfinite(t.got).all()) and bool(torch.isfinite(t.want).all())
+        ulps = ulp_difference(t.got, t.want) if finite else None
+        diff = float((t.got.double() - t.want.double()).abs().max()) if finite and t.got.numel() else 0.0
+        if t.claim == "run_to_run":
+            measured["deterministic"] = ulps == 0
+        if ulps is not None:
+            measured["calls_ulp"] = max(ulps, measured.get("calls_ulp") or 0)
+        exact = t.claim in backend.capabilities.bit_exact
+        if ulps is None:
+            problems.append((_TWIN_CATEGORIES[t.claim], f"{t.what}: NaN/Inf where the other call has numbers"))
+        elif (exact and ulps) or diff > tol:
+            rule = f"declared bit-exact ({t.claim})" if exact else f"> tol {tol:.3g}"
+            problems.append((_TWIN_CATEGORIES[t.claim], f"{t.what}: differs by {ulps} ULP (max |diff| {diff:.3g}), "
+                                                        f"{rule}"))
+    return problems
 
 
 def _error(e: Exception) -> str:

@@ -33,6 +33,12 @@ FP8_CACHE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn}
 # (vLLM's); "hnd": separate, [num_blocks, Hkv, block_size, D]; "combined_nhd" / "combined_hnd": one
 # [num_blocks, 2, ...] tensor holding each page's K then V (FlashInfer's single-tensor form).
 KV_LAYOUTS = ("nhd", "hnd", "combined_nhd", "combined_hnd")
+# How a case reaches the backend (conformance/calls.py): "one" call over the whole batch; its new
+# tokens appended and attended in "chunks" of 1, 7 and 64 tokens, or one by one ("tokens", a decode
+# replay), each a call over the same cache and compared with the one call; or "invariance": the
+# one call, then the batch reordered, halved and padded with empty sequences, and the same call
+# again, each sequence's rows compared with the one call's.
+CALLS = ("one", "chunks", "tokens", "invariance")
 
 
 @dataclass(frozen=True)
@@ -248,6 +254,7 @@ class CaseSpec:
     # 32-bit offset arithmetic wraps.
     logit_std: float = 1.0
     far_pages: bool = False
+    calls: str = "one"
 
     def __post_init__(self):
         _require(isinstance(self.batch, BatchSpec), "CaseSpec.batch", self.batch, "must be a BatchSpec")
@@ -272,6 +279,9 @@ class CaseSpec:
         _require(isinstance(self.logit_std, (int, float)) and self.logit_std > 0, "CaseSpec.logit_std", self.logit_std,
                  "must be a number > 0")
         _require(isinstance(self.far_pages, bool), "CaseSpec.far_pages", self.far_pages, "must be True or False")
+        _require(self.calls in CALLS, "CaseSpec.calls", self.calls, f"must be one of {CALLS}")
+        _require(self.calls in ("one", "invariance") or self.causal, "CaseSpec.calls", self.calls,
+                 "needs a causal case (a chunk's queries would see tokens not yet in the cache)")
         for field, plain in self.heads.fixed_case_fields.items():
             _require(getattr(self, field) == plain, f"CaseSpec.{field}", getattr(self, field),
                      f"must be {plain!r} in a case whose heads are {type(self.heads).__name__} ({self.kind})")
@@ -293,9 +303,9 @@ class CaseSpec:
     @property
     def is_plain(self) -> bool:
         """No variant: causal or not, and nothing else (no window, softcap, sinks, empty sequences,
-        fp8 cache, other layout, large logits or far pages)."""
+        fp8 cache, other layout, large logits or far pages), in one call."""
         return (len(self.features) == 1 and self.kv_dtype == "auto" and self.kv_layout == "nhd"
-                and self.logit_std == 1.0 and not self.far_pages)
+                and self.logit_std == 1.0 and not self.far_pages and self.calls == "one")
 
     @property
     def first_block(self) -> int:
@@ -344,6 +354,8 @@ class CaseSpec:
             parts.append(f"logits{self.logit_std:g}")
         if self.far_pages:
             parts.append("farpages")
+        if self.calls != "one":
+            parts.append(self.calls)
         return "-".join(parts)
 
     def seed(self, base_seed: int = 0) -> int:

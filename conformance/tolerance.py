@@ -9,6 +9,7 @@ row fails outright.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -86,3 +87,15 @@ def compare(out: torch.Tensor, ref: torch.Tensor, ref_lowp: torch.Tensor, dtype:
 
 def _tol(ref_err: float, dtype: torch.dtype, tolerance: Tolerance) -> float:
     return tolerance.k * ref_err + FLOORS[dtype] * tolerance.floor_scale
+
+
+def ulp_difference(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The largest difference between a and b (finite, one dtype) in units in the last place at
+    b's scale: the spacing of the dtype's floats at b's largest magnitude. 0 only when they are
+    equal, at least 1 otherwise. (Counting the floats between each pair instead would call rounding
+    noise on values near 0, where floats lie densely, thousands of ULPs.)"""
+    if torch.equal(a, b):
+        return 0
+    diff, scale = (a.double() - b.double()).abs().max(), b.double().abs().max()
+    ulp = 2.0 ** math.floor(math.log2(max(float(scale), torch.finfo(b.dtype).tiny))) * torch.finfo(b.dtype).eps
+    return max(1, math.ceil(float(diff) / ulp))

@@ -34,6 +34,13 @@ BUGS = {
     "lse_base2": "LSE returned in base 2 (FlashInfer's convention) instead of natural log",
     "shared_block_written": "each new token's K/V written into its sequence's first block (a shared prompt's), "
                             "at its own in-block offset",
+    "decode_scale": "decode calls (one new token per sequence) scale the logits 10% more than prefill calls",
+    "batch_dependent_split": "keys reduced in as many splits as the call has sequences, each split's partial "
+                             "output rounded to the dtype (it declares bit-exact batch invariance)",
+    "run_to_run_noise": "one output value of each call one ULP up, a different one each call (a reduction with "
+                        "atomics), while it declares bit-exact runs",
+    "chunks_forgotten": "a sequence attends the context it had when it first came, then only the new tokens of "
+                        "the current call: the earlier chunks are forgotten",
 }
 # Bugs that only cases outside the cpu profile can show (its caches are megabytes): those cases.
 NEEDS = {"int32_offsets": "far_pages"}
@@ -41,8 +48,10 @@ NEEDS = {"int32_offsets": "far_pages"}
 
 class PagedTorch(Backend):
     description = "plain torch, per sequence, keys read through the block table (self-test adapter)"
+    # Each sequence alone, in float64: the same bits in any batch and on every run.
     capabilities = Capabilities(kv_dtypes=frozenset({"auto", "fp8_e4m3"}), features=ALL_FEATURES,
-                                kv_layouts=ALL_KV_LAYOUTS, returns_lse=True)
+                                kv_layouts=ALL_KV_LAYOUTS, returns_lse=True,
+                                bit_exact=frozenset({"batch", "run_to_run"}))
 
     def __init__(self, bug: str | None = None):
         assert bug is None or bug in BUGS, bug
@@ -90,6 +99,8 @@ class PagedTorch(Backend):
                 q0, q1 = min(q0 + 1, case.q.shape[0] - (q1 - q0)), min(q1 + 1, case.q.shape[0])
             q = case.q[q0:q1].double()
             scale = 1.0 if bug == "scale_ignored" else spec.scale
+            if bug == "decode_scale" and case.max_query_len == 1:
+                scale *= 1.1
             logits = torch.einsum("qhd,khd->hqk", q, k) * scale
             if spec.softcap is not None and bug != "softcap_ignored":
                 logits = spec.softcap * torch.tanh(logits / spec.softcap)
@@ -101,6 +112,10 @@ class PagedTorch(Backend):
             if spec.sliding_window is not None:
                 visible &= (qpos - kpos <= spec.sliding_window) if bug == "window_off_by_one" \
                     else (qpos - kpos < spec.sliding_window)
+            if bug == "chunks_forgotten":  # the context at a sequence's first call, kept with the cache
+                first_seen = case.k_cache.__dict__.setdefault("first_context", {})
+                admitted = first_seen.setdefault(tuple(case.block_table[b].tolist()), ctx)
+                visible &= (kpos < admitted) | (kpos >= ctx)
             logits = logits.masked_fill(~visible, float("-inf"))
             if case.sinks is not None and bug != "sinks_ignored":  # one more logit, with a zero value row
                 logits = torch.cat([logits, case.sinks.double()[:, None, None].expand(-1, q1 - q0, 1)], -1)
@@ -111,10 +126,28 @@ class PagedTorch(Backend):
             else:
                 p = torch.softmax(logits, -1)
             out = torch.einsum("hqk,khd->qhd", p, v)
+            if bug == "batch_dependent_split":
+                out = _split_reduction(logits, v, len(qsl) - 1, case.out.dtype)
             rows = slice(qsl[b], qsl[b + 1] - (1 if bug == "rows_unwritten" else 0))
             case.out[rows] = out[: rows.stop - rows.start].to(case.out.dtype)
             lse[rows] = torch.logsumexp(logits, -1).T[: rows.stop - rows.start].float()
+        if bug == "run_to_run_noise":  # the next float up, at a place that moves with every call
+            self.calls = getattr(self, "calls", 0) + 1
+            bits = case.out.view({2: torch.int16, 4: torch.int32}[case.out.element_size()]).view(-1)
+            bits[self.calls % bits.numel()] += 1
         return case.out, lse / math.log(2) if bug == "lse_base2" else lse
+
+
+def _split_reduction(logits: torch.Tensor, v: torch.Tensor, splits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Softmax(logits) @ v over `splits` runs of keys, each run's output rounded to `dtype` and the
+    runs merged by their log-sum-exp: a split-KV kernel whose partials are stored in the output dtype."""
+    lse = torch.logsumexp(logits, -1)  # [H, q]
+    out = 0
+    for part_logits, part_v in zip(logits.chunk(splits, -1), v[:logits.shape[-1]].chunk(splits, 0)):
+        part_lse = torch.logsumexp(part_logits, -1)
+        part = torch.einsum("hqk,khd->qhd", torch.softmax(part_logits, -1), part_v).to(dtype).double()
+        out = out + torch.nan_to_num(part) * torch.exp(part_lse - lse).T[..., None]
+    return out
 
 
 def _read(cache: torch.Tensor, slots: torch.Tensor, bug: str | None) -> torch.Tensor:

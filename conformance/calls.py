@@ -1,0 +1,90 @@
+"""Many calls on one cache (CaseSpec.calls): the calls a case makes, each a PagedBatch over the
+same paged cache, and the bookkeeping that maps their output rows back to the whole batch.
+
+A call is a list of Picks: which sequence of the case, and which of its new tokens. A picked
+sequence sees its context and every new token before the picked ones, which earlier calls wrote
+into the cache (a chunked prefill, or a decode step, as an engine's scheduler makes them). An
+empty Pick is a padding slot: a sequence of no tokens, as CUDA-graph padding makes them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .paged import NULL_BLOCK, PagedBatch, _cumsum
+from .spec import BatchSpec, CaseSpec
+
+CHUNK_SIZES = (1, 7, 64)  # "chunks": sequence b's i-th chunk takes CHUNK_SIZES[(i + b) % 3] tokens
+
+
+@dataclass(frozen=True)
+class Pick:
+    seq: int | None  # a sequence of the case; None: an empty padding sequence
+    first: int = 0  # its first new token in this call (0: the first new token)
+    count: int = 0  # new tokens in this call
+
+
+def path(batch: BatchSpec, calls: str) -> list[list[Pick]]:
+    """The calls that bring every new token in: chunks of CHUNK_SIZES (each sequence starting at
+    a different size, so one call mixes decode steps and prefill chunks), or one token per call.
+    A sequence leaves the batch once its tokens are in."""
+    sizes = {"chunks": CHUNK_SIZES, "tokens": (1,)}[calls]
+    done, out = [0] * batch.batch_size, []
+    while any(d < q for d, q in zip(done, batch.query_lens)):
+        step = []
+        for b, q in enumerate(batch.query_lens):
+            if done[b] < q:
+                n = min(sizes[(len(out) + b) % len(sizes)], q - done[b])
+                step.append(Pick(b, done[b], n))
+                done[b] += n
+        out.append(step)
+    return out
+
+
+def variants(batch: BatchSpec) -> dict[str, list[Pick]]:
+    """The same sequences in other batches: reordered, every other one removed, and between empty
+    padding sequences (a sequence's rows must not change with its neighbours)."""
+    live = [b for b, q in enumerate(batch.query_lens) if q]
+    whole = [Pick(b, 0, batch.query_lens[b]) for b in live]
+    padded = [Pick(None)]
+    for p in whole:
+        padded += [p, Pick(None)]
+    return {"reordered": whole[::-1], "halved": whole[::2], "padded": padded}
+
+
+def call_spec(spec: CaseSpec, picks: list[Pick]) -> CaseSpec:
+    """The spec of one call: its own batch (what a backend's rules judge), in one call."""
+    b = spec.batch
+    seq_lens = [b.context_lens[p.seq] + p.first + p.count if p.seq is not None else 0 for p in picks]
+    return spec.replace(batch=BatchSpec(seq_lens, [p.count for p in picks]), calls="one")
+
+
+def sub_case(case: PagedBatch, picks: list[Pick]) -> PagedBatch:
+    """One call over `case`'s cache (the same tensors: what it writes, later calls read), with its
+    own queries, bookkeeping and a fresh NaN-filled output."""
+    spec = call_spec(case.spec, picks)
+    rows = token_rows(case, picks)
+    dev = case.device
+    table = torch.full((len(picks), case.block_table.shape[1]), NULL_BLOCK, dtype=case.block_table.dtype, device=dev)
+    live = [i for i, p in enumerate(picks) if p.seq is not None]
+    table[live] = case.block_table[[picks[i].seq for i in live]]
+    i32 = dict(dtype=torch.int32, device=dev)
+    batch = spec.batch
+    return dataclasses.replace(
+        case, spec=spec, **{f: getattr(case, f)[rows] for f in type(case).new_token_fields},
+        block_table=table,
+        seq_lens=torch.tensor(batch.seq_lens, **i32),
+        context_lens=torch.tensor(batch.context_lens, **i32),
+        query_start_loc=torch.tensor([0, *_cumsum(batch.query_lens)], **i32),
+        max_query_len=max(batch.query_lens), max_seq_len=max(batch.seq_lens),
+        out=torch.full((rows.numel(), *case.out.shape[1:]), math.nan, dtype=case.out.dtype, device=dev))
+
+
+def token_rows(case: PagedBatch, picks: list[Pick]) -> torch.Tensor:
+    """The whole batch's rows of the picked tokens, in the call's order."""
+    starts = _cumsum([0, *case.spec.batch.query_lens])
+    rows = [range(starts[p.seq] + p.first, starts[p.seq] + p.first + p.count) for p in picks if p.seq is not None]
+    return torch.tensor([r for span in rows for r in span], dtype=torch.int64, device=case.device)

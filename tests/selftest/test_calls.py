@@ -1,0 +1,98 @@
+"""Many calls on one cache (conformance/calls.py): the calls cover every new token once, in order;
+a call over part of a batch is the batch's own data; the specs and declarations are checked."""
+import pytest
+import torch
+
+from conformance import BatchSpec, CaseSpec, HeadConfig, SpecError, make_inputs
+from conformance.calls import CHUNK_SIZES, call_spec, path, sub_case, token_rows, variants
+from conformance.registry import Backend, Capabilities, RegistryError, register_backend
+from conformance.runner import Runner, Status
+from conformance.tolerance import ulp_difference
+
+BATCH = BatchSpec([40, 9, 70, 0, 5], [12, 9, 1, 0, 5])
+SPEC = CaseSpec("t", BATCH, HeadConfig(4, 2, 16), torch.float16, 8)
+
+
+@pytest.mark.parametrize("calls", ["chunks", "tokens"])
+def test_a_path_brings_every_new_token_once_in_order(calls):
+    seen = {b: [] for b in range(BATCH.batch_size)}
+    for step in path(BATCH, calls):
+        assert len({p.seq for p in step}) == len(step)  # a sequence at most once per call
+        for p in step:
+            assert p.first == len(seen[p.seq]) and p.count >= 1
+            # a chunk of one of the sizes, or the sequence's last tokens
+            assert p.count in (CHUNK_SIZES if calls == "chunks" else (1,)) or p.first + p.count == BATCH.query_lens[p.seq]
+            seen[p.seq] += range(p.first, p.first + p.count)
+    assert all(seen[b] == list(range(q)) for b, q in enumerate(BATCH.query_lens))
+
+
+def test_a_chunked_call_mixes_decode_steps_and_prefill_chunks():
+    first = path(BATCH, "chunks")[0]
+    assert {p.count for p in first} == {1, 7, 5}  # sizes start staggered: 1, 7, 64 (capped by the tokens left)
+
+
+def test_a_call_over_part_of_the_batch_is_that_part():
+    inputs = make_inputs(SPEC, "cpu", 0)
+    case = inputs.materialize()
+    picks = variants(BATCH)["padded"]
+    part = sub_case(case, picks)
+    assert part.spec.batch == call_spec(SPEC, picks).batch
+    assert part.spec.batch.seq_lens == (0, 40, 0, 9, 0, 70, 0, 5, 0)
+    rows = token_rows(case, picks)
+    assert torch.equal(part.q, case.q[rows]) and torch.equal(part.k_new, case.k_new[rows])
+    assert torch.equal(part.slot_mapping, case.slot_mapping[rows])
+    assert part.k_cache is case.k_cache  # the same cache: what one call writes, the next reads
+    assert torch.equal(part.block_table[1], case.block_table[0]) and not part.block_table[0].any()
+    assert part.out.isnan().all() and part.out.shape[0] == rows.numel()
+    mid = sub_case(case, path(BATCH, "tokens")[5])  # the sixth token of sequence 0 sees 28 + 5 earlier tokens
+    assert mid.spec.batch.seq_lens[0] == 28 + 6 and mid.spec.batch.query_lens[0] == 1
+
+
+def test_calls_need_a_causal_case_and_a_known_name():
+    with pytest.raises(SpecError, match="CaseSpec.calls = 'chunks': needs a causal case"):
+        SPEC.replace(causal=False, calls="chunks")
+    with pytest.raises(SpecError, match="CaseSpec.calls = 'twice': must be one of"):
+        SPEC.replace(calls="twice")
+    assert SPEC.replace(causal=False, calls="invariance").id.endswith("-invariance")
+
+
+def test_bit_exact_declarations_are_checked_at_registration():
+    class Loud(Backend):
+        name = "loud-bit-exact"
+        capabilities = Capabilities(bit_exact=frozenset({"batch", "always"}))
+
+        def run(self, case):
+            return case.out
+
+    with pytest.raises(RegistryError, match=r"bit_exact = \['always', 'batch'\]: \['always'\] unknown"):
+        register_backend(Loud)
+
+
+def test_ulp_difference_is_at_the_outputs_scale():
+    a = torch.tensor([1.0, 0.5, 1e-4], dtype=torch.float16)
+    assert ulp_difference(a, a.clone()) == 0
+    assert ulp_difference(a + torch.tensor([0, 0, 1e-6], dtype=torch.float16), a) == 1  # noise near 0: not 1000s
+    b = a.clone()
+    b[0] = 1.0 + 3 * 2.0 ** -10
+    assert ulp_difference(b, a) == 3
+
+
+def test_a_decode_only_backend_runs_a_prefill_token_by_token():
+    """Its max_query_len refuses one call over the batch, not the decode replay: that is judged
+    against the truth, and the comparison with one call is left out with the reason."""
+    import backends  # noqa: F401 - registers sdpa
+    from conformance import get_backend
+
+    class DecodeOnly(type(get_backend("sdpa"))):
+        pass
+
+    b = DecodeOnly("decode-only", None)
+    b.capabilities = Capabilities(max_query_len=1, features=frozenset({"causal", "empty_sequences"}))
+    runner = Runner("cpu")
+    spec = SPEC.replace(calls="tokens")
+    assert runner.run(b, SPEC).status == Status.SKIP
+    result = runner.run(b, spec)
+    assert result.status == Status.PASS, result.reason
+    assert "not compared with one call" in result.reason and result.calls_ulp is None
+    chunks = runner.run(b, SPEC.replace(calls="chunks"))
+    assert chunks.status == Status.SKIP and chunks.reason.startswith("call 1 of ")
