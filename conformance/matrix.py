@@ -101,8 +101,10 @@ class Profile:
     long_heads: tuple[HeadConfig, ...] = ()
     # Only these scenarios of the catalog (None: all of them) in the main grid.
     scenarios: tuple[str, ...] | None = None
-    # In many calls (calls_cases), on the first heads and block size, plain.
+    # In many calls (calls_cases), on the first heads and block size, plain; and as the prompts and
+    # samples of a tiny LM's rollout and rescore (CaseSpec.calls "rollout").
     calls_scenarios: tuple[str, ...] = ()
+    rollout_scenarios: tuple[str, ...] = ()
     calls_dtypes: tuple[torch.dtype, ...] | None = None  # None: every dtype
     mla: MLAProfile | None = None
 
@@ -160,6 +162,9 @@ class Profile:
                 out += [c for dtype in self.calls_dtypes or self.dtypes
                         for c in calls_cases(CaseSpec(sc.name, batch, self.heads[0], dtype, self.block_sizes[0],
                                                       causal=sc.causal), self.sliding_window)]
+            if sc.name in self.rollout_scenarios:
+                out += [CaseSpec(sc.name, batch, self.heads[0], dtype, self.block_sizes[0], calls="rollout")
+                        for dtype in self.calls_dtypes or self.dtypes]
         if self.mla:
             out += self.mla.cases(scenarios, self.sizes)
         return out
@@ -168,7 +173,7 @@ class Profile:
         """Every scenario the profile names (checked against the catalog)."""
         names = set(self.scenarios or ()) | set(self.sweep_scenarios + self.layout_scenarios + self.long_scenarios
                                                  + self.extreme_logit_scenarios + self.far_page_scenarios
-                                                 + self.calls_scenarios)
+                                                 + self.calls_scenarios + self.rollout_scenarios)
         if self.mla:
             names |= set(self.mla.scenarios + self.mla.long_scenarios + (self.mla.all_heads_scenarios or ())
                          + self.mla.calls_scenarios)

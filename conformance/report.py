@@ -48,6 +48,12 @@ def _cell(rs: list[Result]) -> str:
     text = f"{passed}/{len(ran)}"
     if ratios:
         text += f" r{max(ratios):.2f}"
+    ulps = [r.calls_ulp for r in ran if r.calls_ulp is not None]
+    if ulps:
+        text += f" u{max(ulps)}"
+    unsteady = sum(r.deterministic is False for r in ran)
+    if unsteady:
+        text += f" nd{unsteady}"
     if passed < len(ran):
         text = "FAIL " + text
     skipped = len(rs) - len(ran)
@@ -64,23 +70,38 @@ def read_json(path: str) -> tuple[dict, list[Result]]:
     return data, results
 
 
+CALLS_LEGEND = ("a row's cases in chunks or token by token, or in other batches and again; u = the largest "
+                "difference from one call over the whole batch, in ULPs at the output's scale; nd = cases whose "
+                "same call, made twice, gave other bits.")
+
+
 def format_table(results: list[Result], markdown: bool = False) -> str:
-    """Scenario x backend: passed/run, worst err/tol ratio (r), skipped count (s). The console
-    table leaves out backends that ran nothing (named below it; the skip reasons say why); the
-    Markdown support table keeps them, as columns of "skip"."""
+    """Scenario x backend: passed/run, worst err/tol ratio (r), skipped count (s); below it, the
+    cases in many calls (their rows read "scenario calls"). The console table leaves out backends
+    that ran nothing (named below it; the skip reasons say why); the Markdown support table keeps
+    them, as columns of "skip"."""
     backends = list(dict.fromkeys(r.backend for r in results))
     idle = [] if markdown else [b for b in backends if all(r.status == Status.SKIP for r in results if r.backend == b)]
     backends = [b for b in backends if b not in idle]
-    scenarios = list(dict.fromkeys(r.scenario for r in results))
     by = defaultdict(list)
     for r in results:
-        by[r.scenario, r.backend].append(r)
-    rows = [["scenario", *backends]] + [[s, *(_cell(by[s, b]) for b in backends)] for s in scenarios]
-    if markdown:
-        lines = ["| " + " | ".join(row) + " |" for row in rows]
-        lines.insert(1, "|" + " --- |" * len(rows[0]))
-        return "\n".join(lines)
-    return _text_table(rows) + (f"\nnothing run here (every case skipped): {', '.join(idle)}" if idle else "")
+        by[r.scenario if r.calls == "one" else f"{r.scenario} {r.calls}", r.backend].append(r)
+    rows = list(dict.fromkeys(row for row, _ in by))
+    tables = [[["scenario", *backends]] + [[s, *(_cell(by[s, b]) for b in backends)] for s in rows if " " not in s]]
+    calls = [[s, *(_cell(by[s, b]) for b in backends)] for s in rows if " " in s]
+    if calls:
+        tables.append([["many calls", *backends]] + calls)
+    texts = [_markdown_table(t) if markdown else _text_table(t) for t in tables]
+    if calls:
+        texts.insert(1, f"### Many calls on one cache\n\n{CALLS_LEGEND[0].upper()}{CALLS_LEGEND[1:]}" if markdown
+                     else f"Many calls on one cache: {CALLS_LEGEND}")
+    return "\n\n".join(texts) + (f"\nnothing run here (every case skipped): {', '.join(idle)}" if idle else "")
+
+
+def _markdown_table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    lines.insert(1, "|" + " --- |" * len(rows[0]))
+    return "\n".join(lines)
 
 
 def _text_table(rows: list[list[str]]) -> str:

@@ -17,6 +17,7 @@ from .memory import SMALL_CASE, DeviceMemory, case_bytes, shrink_local_memory, t
 from .paged import Pages, PagedBatch
 from .reference import Reference
 from .registry import Backend, Unsupported
+from .rollout import AMPLIFICATION, Rollout, roll_out
 from .spec import CaseSpec
 from .tolerance import DEFAULT_TOLERANCE, Comparison, compare, ulp_difference
 
@@ -42,6 +43,10 @@ class Category(str, Enum):
     PATH_MISMATCH = "path-mismatch"  # the tokens in chunks or one by one give other numbers
     BATCH_VARIANT = "batch-variant"  # a sequence's rows change with its neighbours
     NONDETERMINISTIC = "nondeterministic"  # the same call again gives other bits (where declared bit-exact)
+    # Rollout vs rescore (a tiny LM through the backend):
+    WRONG_LOGPROBS = "wrong-logprobs"  # the rollout's or the rescore's log-probs against the float64 model's
+    ROLLOUT_RESCORE = "rollout-rescore"  # the rescore does not reproduce the rollout's log-probs
+    TOKENS_DIVERGED = "tokens-diverged"  # a token the float64 model would not choose, and no near tie
     BAD_RETURN = "bad-return"  # not a tensor, or the wrong shape, dtype or device
     ADAPTER_RAISED = "adapter-raised"  # run(), write_cache() or a capability rule raised
     OUT_OF_MEMORY = "out-of-memory"  # the harness ran out of memory: the machine's limit
@@ -91,6 +96,7 @@ class Result:
     calls: str = "one"  # CaseSpec.calls
     calls_ulp: int | None = None  # many calls: the largest difference from the one call's output (ulp_difference)
     deterministic: bool | None = None  # "invariance": the same call twice gave the same bits
+    rescore_diff: float | None = None  # "rollout": max |rollout - rescore| of the generated tokens' log-probs
 
     @property
     def id(self) -> str:
@@ -179,49 +185,102 @@ class Runner:
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()  # the harness's time starts once the case has its memory
         try:
-            prep = self.prepared(spec)
-            fresh = lambda: prep.inputs.materialize(finite_poison=backend.finite_poison or self.finite_poison)
-            case = fresh()
+            run = self._roll_out if spec.calls == "rollout" else self._run_case
+            verdict = run(backend, spec, measured, t0)
         except torch.OutOfMemoryError as e:  # the machine's limit, not the backend's fault: say so, go on
-            self._prepared.clear()
-            self._release()
-            return Result.of(who, _out_of_memory(e), **measured)
-        try:
-            verdict = self._run_case(backend, case, prep, fresh, measured, t0)
-        except torch.OutOfMemoryError as e:  # judging needs memory too (the backend's own OOM is its ERROR)
+            self._prepared.clear()  # (the backend's own OOM is its ERROR)
             verdict = _out_of_memory(e)
-        del case  # the last reference to its cache: only then can _release give the memory back
         if self.memory:
             measured["memory_peak"] = torch.cuda.max_memory_allocated(self.device)
-        self._release()
+        self._release()  # the case's cache is gone with _run_case's frame: the memory can go back
         return Result.of(who, verdict, **measured)
 
-    def _run_case(self, backend: Backend, case, prep: _Prepared, fresh, measured: dict, t0: float) -> Verdict:
-        """Run the backend on `case` (in its calls) and judge it; its times and the judged numbers go
-        into `measured`."""
-        self._sync()
-        t_backend = time.perf_counter()
+    def _run_case(self, backend: Backend, spec: CaseSpec, measured: dict, t0: float) -> Verdict:
+        """Run the backend on the case (in its calls) and judge it; its times and the judged numbers
+        go into `measured`."""
+        prep = self.prepared(spec)
+        fresh = lambda: prep.inputs.materialize(finite_poison=backend.finite_poison or self.finite_poison)  # noqa: E731
+        case = fresh()
         twins: list[_Twin] = []  # other calls' outputs that must match the judged ones
         notes: list[str] = []  # what was not compared, and why
-        try:
-            calls = case.spec.calls
-            if calls in ("chunks", "tokens"):
+
+        def calls():
+            nonlocal twins, notes
+            if spec.calls in ("chunks", "tokens"):
                 out, lse = self._path(backend, case)
                 twins, notes = self._one_call(backend, case, out, fresh)
             else:
                 out, lse = self._call(backend, case)
-                if calls == "invariance":
+                if spec.calls == "invariance":
                     twins, notes = self._other_batches(backend, case, out)
-        except Unsupported as e:
-            return Verdict(Status.SKIP, f"refused at call time: {e}")
-        except _BadOutput as e:
-            return failed(Category.BAD_RETURN, str(e))
-        except Exception as e:  # noqa: BLE001 - an adapter's exception is its result, not the run's end
-            return failed(Category.ADAPTER_RAISED, _error(e))
-        measured["backend_seconds"] = time.perf_counter() - t_backend
-        verdict = _judge(backend, case, prep, out, lse, measured, twins, notes)
+            return out, lse
+
+        returned, refused = self._timed(calls, measured)
+        if refused:
+            return refused
+        verdict = _judge(backend, case, prep, *returned, measured, twins, notes)
         measured["harness_seconds"] = time.perf_counter() - t0 - measured["backend_seconds"]
         return verdict
+
+    def _roll_out(self, backend: Backend, spec: CaseSpec, measured: dict, t0: float) -> Verdict:
+        """The tiny LM's rollout and rescore through the backend, judged against the float64 model."""
+        got, refused = self._timed(lambda: roll_out(backend, spec, self.device, spec.seed(self.base_seed), self._call),
+                                   measured)
+        if refused:
+            return refused
+        rule = backend.tolerance or DEFAULT_TOLERANCE
+        tolerance = dataclasses.replace(rule, k=rule.k * AMPLIFICATION, reason=f"{rule.reason}; k x {AMPLIFICATION:g} "
+                                        "for a model's log-probs (rollout.NOISE_FORMS)")
+        problems = []
+        worst = None
+        for name, lp in (("rollout", got.rollout), ("rescore", got.rescore)):
+            # the noisier of the model's own forms in the dtype calibrates the rule
+            c = max((compare(lp, got.truth, lowp, spec.dtype, tolerance) for lowp in got.lowp), key=lambda c: c.tol)
+            worst = c if worst is None or c.ratio > worst.ratio else worst
+            if not c.passed:
+                problems.append((Category.NONFINITE if c.nonfinite else Category.WRONG_LOGPROBS,
+                                 f"{name} log-probs: {c.nonfinite} NaN/Inf" if c.nonfinite else
+                                 f"{name} log-probs: max err {c.err:.3g} > tol {c.tol:.3g} (ref_err {c.ref_err:.3g})"))
+        measured.update(err=worst.err, ref_err=worst.ref_err, tol=worst.tol, ratio=worst.ratio)
+        diff = float((got.rollout - got.rescore).abs().max())
+        measured["rescore_diff"] = diff
+        if not diff <= worst.tol:  # NaN too
+            problems.append((Category.ROLLOUT_RESCORE, f"the rescore's log-probs differ from the rollout's by {diff:.3g} "
+                                                       f"> tol {worst.tol:.3g}"))
+        notes = [f"{len(got.truth)} tokens; rollout vs rescore max |diff| {diff:.3g}"]
+        if got.divergence:
+            sample, step, margin = got.divergence
+            where = f"sample {sample} token {step} is not the float64 model's choice (its margin {margin:.3g}"
+            if margin > worst.tol:
+                problems.append((Category.TOKENS_DIVERGED, f"{where} > tol {worst.tol:.3g})"))
+            else:
+                notes.append(f"{where} <= tol {worst.tol:.3g}: a near tie)")
+        else:
+            notes.append("every token is the float64 model's choice")
+        if got.shared_overwritten:
+            problems.append((Category.SHARED_BLOCK_WRITE, f"{got.shared_overwritten} slots of shared prompt blocks "
+                                                          "were overwritten during the rollout"))
+        measured["harness_seconds"] = time.perf_counter() - t0 - measured["backend_seconds"]
+        if not problems:
+            return Verdict(Status.PASS, "; ".join(notes))
+        categories = tuple(dict.fromkeys(category for category, _ in problems))
+        return Verdict(Status.FAIL, "; ".join([text for _, text in problems] + notes), categories)
+
+    def _timed(self, calls, measured: dict):
+        """(what calls() returned, None), or (None, the verdict its exception means); the time the
+        calls took goes into `measured`."""
+        self._sync()
+        t = time.perf_counter()
+        try:
+            returned = calls()
+        except Unsupported as e:
+            return None, Verdict(Status.SKIP, f"refused at call time: {e}")
+        except _BadOutput as e:
+            return None, failed(Category.BAD_RETURN, str(e))
+        except Exception as e:  # noqa: BLE001 - an adapter's exception is its result, not the run's end
+            return None, failed(Category.ADAPTER_RAISED, _error(e))
+        measured["backend_seconds"] = time.perf_counter() - t
+        return returned, None
 
     def _call(self, backend: Backend, case: PagedBatch):
         """One call: the cache write and the attention, and what it returned, checked: (out, lse)."""
@@ -307,6 +366,12 @@ def refusal(backend: Backend, spec: CaseSpec, device: torch.device) -> Verdict |
 def _refused_call(backend: Backend, spec: CaseSpec, device: torch.device) -> str | None:
     """Why the backend does not take a call the case must make: the one call over the whole batch,
     or one of the calls of a path (which a decode-only kernel takes, token by token)."""
+    if spec.calls == "rollout":
+        for i, call in enumerate(Rollout.of(spec.batch).calls(spec)):
+            why = backend.skip_reason(call, device)
+            if why:
+                return f"the rollout's {('prompt prefill', 'decode steps', 'rescore prefill')[i]}: {why}"
+        return None
     if spec.calls not in ("chunks", "tokens"):
         return backend.skip_reason(spec.replace(calls="one"), device)
     calls = path(spec.batch, spec.calls)

@@ -37,8 +37,9 @@ KV_LAYOUTS = ("nhd", "hnd", "combined_nhd", "combined_hnd")
 # tokens appended and attended in "chunks" of 1, 7 and 64 tokens, or one by one ("tokens", a decode
 # replay), each a call over the same cache and compared with the one call; or "invariance": the
 # one call, then the batch reordered, halved and padded with empty sequences, and the same call
-# again, each sequence's rows compared with the one call's.
-CALLS = ("one", "chunks", "tokens", "invariance")
+# again, each sequence's rows compared with the one call's; or "rollout": a tiny LM generating
+# over the batch's prompts through the backend, then rescoring (conformance/rollout.py).
+CALLS = ("one", "chunks", "tokens", "invariance", "rollout")
 
 
 @dataclass(frozen=True)
@@ -282,6 +283,11 @@ class CaseSpec:
         _require(self.calls in CALLS, "CaseSpec.calls", self.calls, f"must be one of {CALLS}")
         _require(self.calls in ("one", "invariance") or self.causal, "CaseSpec.calls", self.calls,
                  "needs a causal case (a chunk's queries would see tokens not yet in the cache)")
+        plain_causal = (self.kind == "mha" and self.features == {"causal"} and self.kv_dtype == "auto"
+                        and self.kv_layout == "nhd" and self.logit_std == 1.0 and not self.far_pages)
+        _require(self.calls != "rollout" or plain_causal, "CaseSpec.calls", self.calls,
+                 "a rollout runs a dense model of plain causal attention (no window, softcap, sinks, empty "
+                 "sequences, fp8 cache, other layout or adversarial variant)")
         for field, plain in self.heads.fixed_case_fields.items():
             _require(getattr(self, field) == plain, f"CaseSpec.{field}", getattr(self, field),
                      f"must be {plain!r} in a case whose heads are {type(self.heads).__name__} ({self.kind})")

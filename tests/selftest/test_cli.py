@@ -100,3 +100,20 @@ def test_console_table_names_backends_that_ran_nothing_below_it():
     text = format_table(results)
     assert "absent" not in text.splitlines()[0] and text.endswith("nothing run here (every case skipped): absent")
     assert "| scenario | ran | absent |" in format_table(results, markdown=True)
+
+
+def test_cases_in_many_calls_have_their_own_table():
+    from conformance import Result, Status
+    from conformance.report import format_table
+
+    def result(calls, ulp=None, deterministic=None):
+        return Result(backend="b", case=f"c-{calls}", scenario="s", dtype="fp16", block_size=16, heads="h",
+                      device="cpu", status=Status.PASS, ratio=0.5, calls=calls, calls_ulp=ulp,
+                      deterministic=deterministic)
+
+    text = format_table([result("one"), result("tokens", 3), result("invariance", 0, False)])
+    main, legend, calls = text.split("\n\n")
+    assert [line.split()[0] for line in main.splitlines()[2:]] == ["s"]
+    assert legend.startswith("Many calls on one cache: ")
+    assert "s tokens      1/1 r0.50 u3" in calls and "s invariance  1/1 r0.50 u0 nd1" in calls
+    assert "### Many calls on one cache" in format_table([result("tokens", 3)], markdown=True)

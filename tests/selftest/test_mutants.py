@@ -83,11 +83,13 @@ def test_a_write_into_a_shared_block_is_its_own_failure(runner):
     ("chunks_forgotten", "chunks", "path-mismatch"),
     ("batch_dependent_split", "invariance", "batch-variant"),
     ("run_to_run_noise", "invariance", "nondeterministic"),
+    ("decode_scale", "rollout", "rollout-rescore"),
+    ("chunks_forgotten", "rollout", "rollout-rescore"),
+    ("shared_block_written", "rollout", "shared-block-write"),
 ])
 def test_many_calls_name_what_differs(bug, calls, category, runner):
     """A bug between calls is reported as such: the paths (or batches, or runs) differ, beside
     whatever the truth says of each."""
-    spec = next(c for c in CASES["mha"] if c.scenario == "chunked_context_prefill" and c.calls == calls)
+    spec = next(c for c in CASES["mha"] if c.calls == calls)
     result = runner.run(mutants.PagedTorch(bug), spec)
     assert category in [c.value for c in result.categories], result.reason
-    assert result.calls_ulp, result

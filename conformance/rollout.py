@@ -1,0 +1,300 @@
+"""Rollout vs rescore (CaseSpec.calls "rollout"): a tiny causal LM whose attention runs through a
+backend over a paged cache, as an RL framework uses an inference engine.
+
+The model: seeded weights (no downloads), a vocabulary of VOCAB tokens, LAYERS layers of RMSNorm,
+attention with rotary positions over the case's heads, and a residual; then RMSNorm and the
+unembedding. A case's batch gives the prompts and the samples: P prompts of shared_prefix_lens
+tokens (without sharing, each sequence's context is its own prompt) and, per sample, seq_len -
+prompt tokens to generate. Through the backend:
+
+- rollout: one prefill call per layer over the P prompts; each prompt's full blocks are then
+  shared by its G samples and its partial last block copied (copy-on-write); then decode calls, one
+  token per sample, each sample leaving the batch when its tokens are in. The tokens are the
+  argmax of the log-probabilities plus seeded Gumbel noise (sampling with a fixed draw: the G
+  samples of a prompt differ, and a run is reproducible); each token's log-probability is kept.
+- rescore: one prefill call per layer over every sample's prompt + generated tokens, on a fresh
+  cache, giving the same tokens' log-probabilities again.
+
+The truth is the same model in float64 with the reference's attention (explicit masks, logical
+K/V), teacher-forced on the generated tokens; the noise that calibrates the tolerance is the model
+in the case's dtype with the low-precision reference attention. Both log-probability sets are
+judged against the truth with the pass rule, and against each other: a rollout that the rescore
+does not reproduce is what breaks RL training (the policy ratio of importance sampling). The tokens
+are checked against the float64 model's own choices up to the first difference, which fails unless
+the float64 choice was a near tie (margin within the tolerance).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .paged import Case, _allocate_cache, poison_value
+from .reference import attend, precision_of
+from .spec import BatchSpec, CaseSpec
+
+VOCAB = 256
+LAYERS = 2
+D_MODEL = 256
+UNEMBED_GAIN = 4.0  # logits of std about 4: log-probabilities spread over a few units, some near ties
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """What a case's batch asks of the rollout: the prompts, and per sample its prompt and the
+    number of tokens it generates."""
+
+    prompt_lens: tuple[int, ...]
+    prompt_of: tuple[int, ...]  # per sample
+    generated: tuple[int, ...]  # per sample, >= 1
+
+    @classmethod
+    def of(cls, batch: BatchSpec) -> "Rollout":
+        live = [i for i, s in enumerate(batch.seq_lens) if s]
+        if batch.shared_prefix_lens:
+            prompts = batch.shared_prefix_lens
+            prompt_of = tuple(i // batch.group_size for i in live)
+        else:
+            prompts = tuple(batch.context_lens[i] or 1 for i in live)
+            prompt_of = tuple(range(len(live)))
+        generated = tuple(max(1, batch.seq_lens[i] - prompts[p]) for i, p in zip(live, prompt_of))
+        return cls(prompts, prompt_of, generated)
+
+    @property
+    def sample_lens(self) -> tuple[int, ...]:
+        """The tokens the model reads for each sample: its prompt and every generated token but the
+        last (the rescore's sequences)."""
+        return tuple(self.prompt_lens[p] + n - 1 for p, n in zip(self.prompt_of, self.generated))
+
+    def calls(self, spec: CaseSpec) -> list[CaseSpec]:
+        """The kinds of call the rollout makes (what a backend's rules must accept): the prompts'
+        prefill, the first decode step, and the rescore."""
+        decode = [self.prompt_lens[p] + 1 for p in self.prompt_of]
+        return [spec.replace(batch=BatchSpec(lens, q), calls="one") for lens, q in
+                ((self.prompt_lens, self.prompt_lens), (decode, [1] * len(decode)),
+                 (self.sample_lens, self.sample_lens))]
+
+
+class TinyLM:
+    """The model's weights, drawn in float64 from a seed; forward() runs it in a given precision."""
+
+    def __init__(self, spec: CaseSpec, device: torch.device, seed: int):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        h = spec.heads
+
+        def w(*shape, std):
+            return torch.randn(*shape, generator=gen, device=device, dtype=torch.float64) * std
+
+        self.spec = spec
+        self.embed = w(VOCAB, D_MODEL, std=1.0)
+        self.layers = [(w(D_MODEL, h.num_q_heads * h.head_dim, std=D_MODEL ** -0.5),
+                        w(D_MODEL, h.num_kv_heads * h.head_dim, std=D_MODEL ** -0.5),
+                        w(D_MODEL, h.num_kv_heads * h.head_dim, std=D_MODEL ** -0.5),
+                        w(h.num_q_heads * h.head_dim, D_MODEL, std=(h.num_q_heads * h.head_dim) ** -0.5))
+                       for _ in range(LAYERS)]
+        self.unembed = w(D_MODEL, VOCAB, std=UNEMBED_GAIN * D_MODEL ** -0.5)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attention, dtype: torch.dtype) -> torch.Tensor:
+        """Log-probabilities [T, VOCAB] (float64) of the next token after each of `tokens` (packed),
+        at `positions`. attention(layer, q, k, v) -> out [T, Hq, D] attends the new tokens' q over
+        their sequences (k, v: the new tokens' keys and values, to be kept for later calls)."""
+        h = self.spec.heads
+        x = self.embed.to(dtype)[tokens]
+        for layer, (wq, wk, wv, wo) in enumerate(self.layers):
+            xn = _rms_norm(x)
+            q = _rope(xn @ wq.to(dtype), positions, h.num_q_heads)
+            k = _rope(xn @ wk.to(dtype), positions, h.num_kv_heads)
+            v = (xn @ wv.to(dtype)).view(-1, h.num_kv_heads, h.head_dim)
+            out = attention(layer, q, k, v)
+            x = x + out.reshape(len(tokens), -1).to(dtype) @ wo.to(dtype)
+        logits = _rms_norm(x) @ self.unembed.to(dtype)
+        return torch.log_softmax(logits.double(), -1)
+
+
+def _rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype)
+
+
+def _rope(x: torch.Tensor, positions: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rotary positions (the half-split form, base 10000) on [T, heads * D] -> [T, heads, D]."""
+    x = x.view(x.shape[0], heads, -1)
+    half = x.shape[-1] // 2
+    freq = 10000.0 ** (-torch.arange(half, device=x.device, dtype=torch.float64) / half)
+    angle = positions.double()[:, None] * freq[None, :]
+    cos, sin = (f(angle).to(x.dtype)[:, None, :] for f in (torch.cos, torch.sin))
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+# The model's own noise in a dtype: the same model in the dtype with the reference attention in two
+# legitimate forms (as a kernel in the dtype computes it, and exact then rounded); the noisier one
+# calibrates the rule. Attention's last-bit differences grow through the layers and the vocabulary's
+# softmax, so legitimate forms land far apart: on the CPU profile's rollout in bf16, over 12 seeds, the
+# largest log-prob error of torch SDPA was up to 2.4x that of the noisier form (4.3x the other).
+# The rule's k is multiplied by AMPLIFICATION for the model's log-probs.
+NOISE_FORMS = ("lowp", "float64")
+AMPLIFICATION = 2.0
+
+
+def reference_logprobs(lm: TinyLM, seqs: list[torch.Tensor], dtype: torch.dtype, precision: str) -> torch.Tensor:
+    """The model in `dtype`, teacher-forced on whole sequences, attention by the reference
+    (explicit causal masks over the logical K/V) in `precision` ("float64" or "lowp", rounded to
+    the dtype). The model in float64 with float64 attention is the truth."""
+    spec = lm.spec
+    acc, rnd = precision_of(spec, precision)
+    lens = [len(s) for s in seqs]
+    one = spec.replace(batch=BatchSpec(lens, lens))
+    tokens = torch.cat(seqs)
+    starts = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=tokens.device)
+    positions = torch.cat([torch.arange(n, device=tokens.device) for n in lens])
+
+    def attention(layer, q, k, v):
+        keys = lambda rows: (rnd(k[rows].to(acc)), rnd(v[rows].to(acc)))  # noqa: E731
+        out, _ = attend(one, rnd(q.to(acc)), keys, starts, spec.heads.num_kv_heads, spec.heads.head_dim, rnd)
+        return out.to(dtype)
+
+    return lm.forward(tokens, positions, attention, dtype)
+
+
+class PagedModel:
+    """The model's caches and block tables for one backend: one paged K/V cache per layer, blocks
+    handed out from a shuffled pool (block 0 is the null block)."""
+
+    def __init__(self, backend, lm: TinyLM, num_blocks: int, device: torch.device, gen: torch.Generator):
+        spec = lm.spec
+        self.backend, self.lm, self.spec = backend, lm, spec
+        poison = poison_value(spec.cache_dtype, backend.finite_poison)
+        self.poison = poison
+        self.caches = [_allocate_cache(spec, num_blocks, poison, device)[:2] for _ in range(LAYERS)]
+        self.free = (torch.randperm(num_blocks - 1, generator=gen, device=device) + 1).tolist()
+
+    def blocks(self, n: int) -> list[int]:
+        return [self.free.pop() for _ in range(n)]
+
+    def step(self, tokens, positions, tables: list[list[int]], seq_lens: list[int], query_lens: list[int], call):
+        """One call per layer: the new tokens (packed) of sequences with these block tables and
+        lengths. call(backend, case) runs the backend (the runner's checked call)."""
+        spec, bs, dev = self.spec, self.spec.block_size, tokens.device
+        one = spec.replace(batch=BatchSpec(seq_lens, query_lens), calls="one")
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev)
+        seq = torch.repeat_interleave(torch.arange(len(tables), device=dev), torch.tensor(query_lens, device=dev))
+        slots = table[seq, positions // bs].to(torch.int64) * bs + positions % bs
+        i32 = dict(dtype=torch.int32, device=dev)
+        qsl = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], **i32)
+        h = spec.heads
+
+        def attention(layer, q, k, v):
+            k_cache, v_cache = self.caches[layer]
+            case = Case(spec=one, q=q.contiguous(), block_table=table, slot_mapping=slots,
+                        seq_lens=torch.tensor(seq_lens, **i32), context_lens=torch.tensor(one.batch.context_lens, **i32),
+                        query_start_loc=qsl, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+                        out=torch.full((len(tokens), h.num_q_heads, h.head_dim), math.nan, dtype=spec.dtype,
+                                       device=dev),
+                        poison=self.poison, k_new=k.contiguous(), v_new=v.contiguous(), k_cache=k_cache,
+                        v_cache=v_cache)
+            return call(self.backend, case)[0]
+
+        return self.lm.forward(tokens, positions, attention, spec.dtype)
+
+
+def gumbel(n_samples: int, steps: int, device, gen: torch.Generator) -> torch.Tensor:
+    u = torch.rand(n_samples, steps, VOCAB, generator=gen, device=device, dtype=torch.float64)
+    return -torch.log(-torch.log(u.clamp(1e-12, 1 - 1e-12)))
+
+
+@dataclass
+class RolloutOutcome:
+    """The generated tokens' log-probabilities (flat, sample after sample), four ways."""
+
+    rollout: torch.Tensor  # the backend, token by token as they were generated
+    rescore: torch.Tensor  # the backend, one prefill over the whole samples
+    truth: torch.Tensor  # float64 model and reference attention
+    lowp: list[torch.Tensor]  # the model in the dtype, with the reference attention in each of NOISE_FORMS
+    # The first generated token the float64 model would not have chosen: (sample, step, the float64
+    # margin of its own choice over the one made), or None.
+    divergence: tuple[int, int, float] | None
+    shared_overwritten: int  # slots of shared prompt blocks whose bits the rollout changed
+
+
+def roll_out(backend, spec: CaseSpec, device: torch.device, seed: int, call) -> RolloutOutcome:
+    """Generate through `backend`, rescore through it, and score the same tokens with the
+    reference model. call(backend, case) -> (out, lse) runs one checked call."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    lm = TinyLM(spec, device, seed)
+    r = Rollout.of(spec.batch)
+    bs = spec.block_size
+    prompts = [torch.randint(VOCAB, (n,), generator=gen, device=device) for n in r.prompt_lens]
+    noise = gumbel(len(r.prompt_of), max(r.generated), device, gen)
+
+    # The rollout: the prompts' prefill, their full blocks shared and the partial one copied, then decode.
+    own = [math.ceil((r.prompt_lens[p] % bs + n) / bs) for p, n in zip(r.prompt_of, r.generated)]
+    model = PagedModel(backend, lm, 1 + sum(math.ceil(n / bs) for n in r.prompt_lens) + sum(own), device, gen)
+    prompt_tables = [model.blocks(math.ceil(n / bs)) for n in r.prompt_lens]
+    lp = model.step(torch.cat(prompts), torch.cat([torch.arange(n, device=device) for n in r.prompt_lens]),
+                    prompt_tables, list(r.prompt_lens), list(r.prompt_lens), call)
+    last_rows = torch.tensor(r.prompt_lens, device=device).cumsum(0) - 1
+    shared = [b for p, t in enumerate(prompt_tables) for b in t[:r.prompt_lens[p] // bs]]
+    before = [(k[shared].clone(), v[shared].clone()) for k, v in model.caches]
+    tables = []
+    for s, p in enumerate(r.prompt_of):
+        full, blocks = r.prompt_lens[p] // bs, model.blocks(own[s])
+        if r.prompt_lens[p] % bs:  # copy-on-write of the prompt's partly filled last block
+            for k, v in model.caches:
+                k[blocks[0]], v[blocks[0]] = k[prompt_tables[p][full]], v[prompt_tables[p][full]]
+        tables.append(prompt_tables[p][:full] + blocks)
+    first = lp[last_rows[list(r.prompt_of)]]  # [S, V]: each sample's first token, from its prompt's last row
+    tokens = [[int(t)] for t in torch.argmax(first + noise[:, 0], -1)]
+    rollout = [[float(first[s, tokens[s][0]])] for s in range(len(tokens))]
+    for step in range(1, max(r.generated)):
+        live = [s for s, n in enumerate(r.generated) if n > step]
+        pos = [r.prompt_lens[r.prompt_of[s]] + step - 1 for s in live]  # where the last token goes
+        lp = model.step(torch.tensor([tokens[s][-1] for s in live], device=device), torch.tensor(pos, device=device),
+                        [tables[s] for s in live], [p + 1 for p in pos], [1] * len(live), call)
+        picks = torch.argmax(lp + noise[live, step], -1).tolist()
+        for i, s in enumerate(live):
+            tokens[s].append(picks[i])
+            rollout[s].append(float(lp[i, picks[i]]))
+    shared_overwritten = sum(int((_bits(now[shared]) != _bits(was)).reshape(len(shared), bs, -1).any(-1).sum())
+                             for layer, old in zip(model.caches, before) for now, was in zip(layer, old))
+    del model
+
+    # The rescore: every sample's prompt and generated tokens (but the last) in one prefill, on a fresh cache.
+    seqs = [torch.cat([prompts[p], torch.tensor(t[:-1], dtype=torch.int64, device=device)])
+            for p, t in zip(r.prompt_of, tokens)]
+    lens = [len(x) for x in seqs]
+    model = PagedModel(backend, lm, 1 + sum(math.ceil(n / bs) for n in lens), device, gen)
+    lp = model.step(torch.cat(seqs), torch.cat([torch.arange(n, device=device) for n in lens]),
+                    [model.blocks(math.ceil(n / bs)) for n in lens], lens, lens, call)
+    del model
+    # Row of each generated token's prediction: its sample's prompt's last position on.
+    starts = [0, *torch.tensor(lens).cumsum(0).tolist()]
+    rows = torch.tensor([starts[s] + r.prompt_lens[p] - 1 + i for s, (p, t) in enumerate(zip(r.prompt_of, tokens))
+                         for i in range(len(t))], device=device)
+    chosen = torch.tensor([x for t in tokens for x in t], device=device)
+    truth_all = reference_logprobs(lm, seqs, torch.float64, "float64")[rows]
+    divergence = _first_divergence(truth_all, chosen, noise, r.generated)
+    return RolloutOutcome(rollout=torch.tensor([x for lps in rollout for x in lps], dtype=torch.float64, device=device),
+                          rescore=lp[rows, chosen], truth=truth_all[torch.arange(len(rows)), chosen],
+                          lowp=[reference_logprobs(lm, seqs, spec.dtype, form)[rows, chosen] for form in NOISE_FORMS],
+                          divergence=divergence,
+                          shared_overwritten=shared_overwritten)
+
+
+def _first_divergence(truth: torch.Tensor, chosen: torch.Tensor, noise: torch.Tensor, generated) -> tuple | None:
+    """The first generated token (sample by sample, step by step) that the float64 model, on the same
+    prefix and noise, would not have chosen; later tokens of that sample follow from it."""
+    row = 0
+    for s, n in enumerate(generated):
+        perturbed = truth[row:row + n] + noise[s, :n]  # [n, V]
+        best = perturbed.argmax(-1)
+        for i in range(n):
+            if int(best[i]) != int(chosen[row + i]):
+                return s, i, float(perturbed[i, best[i]] - perturbed[i, chosen[row + i]])
+        row += n
+    return None
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[x.element_size()])
