@@ -357,13 +357,13 @@ def refusal(backend: Backend, spec: CaseSpec, device: torch.device) -> Verdict |
     """A SKIP (the backend cannot run the case here, with every reason) or an ERROR (its rules
     raised), decided without running anything; None when the case is to run."""
     try:
-        reason = _refused_call(backend, spec, device) or too_big(spec, device)
+        reason = refused_call(backend, spec, device) or too_big(spec, device)
     except Exception as e:  # noqa: BLE001 - a broken capability rule is the adapter's error, not the run's end
         return failed(Category.ADAPTER_RAISED, f"{backend.name}.skip_reason raised {_error(e)}")
     return Verdict(Status.SKIP, reason) if reason else None
 
 
-def _refused_call(backend: Backend, spec: CaseSpec, device: torch.device) -> str | None:
+def refused_call(backend: Backend, spec: CaseSpec, device: torch.device) -> str | None:
     """Why the backend does not take a call the case must make: the one call over the whole batch,
     or one of the calls of a path (which a decode-only kernel takes, token by token)."""
     if spec.calls == "rollout":
