@@ -170,10 +170,14 @@ class IsolatedRunner:
 
 
 def _tail(path: str, lines: int = 15) -> str:
+    """The last lines of a worker's stderr, and the first line of a fatal error's report (which a
+    deep stack of frames would push out of them)."""
     with open(path, "rb") as f:
         f.seek(max(0, os.path.getsize(path) - 65536))
         text = f.read().decode(errors="replace")
-    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+    kept = [line for line in text.splitlines() if line.strip()]
+    fatal = [line for line in kept[:-lines] if line.startswith("Fatal Python error")][-1:]
+    return "\n".join(fatal + kept[-lines:])
 
 
 def _cuda_lost(device: torch.device) -> str:
