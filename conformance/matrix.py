@@ -74,7 +74,8 @@ class Profile:
     scenarios over more head dims and block sizes (plain cases only), so odd shapes are covered
     without multiplying the whole grid; spot heads (more GQA groups where a compile per shape makes
     the sweep dear) on the first sweep scenario and block size. Layouts: a few scenarios over the main heads, dtypes and
-    block sizes with the cache in every non-default layout (plain cases). Adversarial: a few
+    block sizes with the cache in every non-default layout (plain cases), and (first heads) with
+    interleaved pages. Adversarial: a few
     scenarios over the main heads, dtypes and block sizes with logits near 1e4, and (full size
     only: the caches take gigabytes) a few over the first head config with every page past 2^31
     elements, cache in the dtype and in fp8. Calls: a few scenarios on the first heads and block
@@ -150,6 +151,8 @@ class Profile:
                 out += [CaseSpec(sc.name, batch, heads, dtype, bs, causal=sc.causal, kv_layout=layout)
                         for heads in self.heads for dtype in self.dtypes for bs in self.block_sizes
                         for layout in KV_LAYOUTS if layout != "nhd"]
+                out += [CaseSpec(sc.name, batch, self.heads[0], dtype, bs, causal=sc.causal, page_order="interleaved")
+                        for dtype in self.dtypes for bs in self.block_sizes]
             if sc.name in self.extreme_logit_scenarios:
                 out += [CaseSpec(sc.name, batch, heads, dtype, bs, causal=sc.causal, logit_std=EXTREME_LOGIT_STD)
                         for heads in self.heads for dtype in self.dtypes if dtype != torch.float32

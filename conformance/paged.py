@@ -242,6 +242,8 @@ def draw_pages(spec: CaseSpec, gen: torch.Generator, device: torch.device) -> di
     needed = sum(blocks_per_seq)
     first, num_blocks = spec.first_block, spec.pool_blocks  # blocks below the pool stay poisoned and unused
     perm = torch.randperm(2 * needed, generator=gen, device=device) + first
+    if spec.page_order == "interleaved":  # the batch's blocks are one run of ids, the rest of the pool unused
+        perm = torch.cat([torch.arange(first + needed - 1, first - 1, -1, device=device), perm[perm >= first + needed]])
     used, unused = perm[:needed], perm[needed:]
     width = max(blocks_per_seq) + 1  # one spare column: even the longest sequence has garbage after it
     # Garbage past each sequence's last block: ids of unused (poisoned) blocks, so a read past the
@@ -250,12 +252,16 @@ def draw_pages(spec: CaseSpec, gen: torch.Generator, device: torch.device) -> di
     col = torch.arange(width, device=device)
     nblk = torch.tensor(blocks_per_seq, device=device)
     owned = col[None, :] < nblk[:, None]
-    table[owned] = used  # row-major fill: sequence 0 takes the first blocks of the permutation, ...
-    # A random pick can still come out as consecutive ids; swap the first two blocks of any such
-    # sequence, so an adapter that assumes contiguous pages always reads the wrong ones.
-    step_ok = (table[:, 1:] == table[:, :-1] + 1) | ~owned[:, 1:]
-    contiguous = step_ok.all(1) & (nblk >= 2)
-    table[contiguous, :2] = table[contiguous, :2].flip(1)
+    if spec.page_order == "interleaved":  # dealt column by column over the sequences, ids decreasing
+        cols, rows = torch.nonzero(owned.T, as_tuple=True)
+        table[rows, cols] = used
+    else:
+        table[owned] = used  # row-major fill: sequence 0 takes the first blocks of the permutation, ...
+        # A random pick can still come out as consecutive ids; swap the first two blocks of any such
+        # sequence, so an adapter that assumes contiguous pages always reads the wrong ones.
+        step_ok = (table[:, 1:] == table[:, :-1] + 1) | ~owned[:, 1:]
+        contiguous = step_ok.all(1) & (nblk >= 2)
+        table[contiguous, :2] = table[contiguous, :2].flip(1)
     shared_blocks = _share_prefix_blocks(b, bs, table)
     table = table.to(torch.int32)
 

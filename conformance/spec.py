@@ -40,6 +40,10 @@ KV_LAYOUTS = ("nhd", "hnd", "combined_nhd", "combined_hnd")
 # again, each sequence's rows compared with the one call's; or "rollout": a tiny LM generating
 # over the batch's prompts through the backend, then rescoring (conformance/rollout.py).
 CALLS = ("one", "chunks", "tokens", "invariance", "rollout")
+# Which blocks a sequence gets: a random pick from the pool ("shuffled"), or, as schedulers hand
+# them out under churn, "interleaved": block ids alternating between the batch's sequences, each
+# sequence's in decreasing order (so its new tokens' slots decrease across blocks).
+PAGE_ORDERS = ("shuffled", "interleaved")
 
 
 @dataclass(frozen=True)
@@ -255,6 +259,7 @@ class CaseSpec:
     # 32-bit offset arithmetic wraps.
     logit_std: float = 1.0
     far_pages: bool = False
+    page_order: str = "shuffled"
     calls: str = "one"
 
     def __post_init__(self):
@@ -280,6 +285,7 @@ class CaseSpec:
         _require(isinstance(self.logit_std, (int, float)) and self.logit_std > 0, "CaseSpec.logit_std", self.logit_std,
                  "must be a number > 0")
         _require(isinstance(self.far_pages, bool), "CaseSpec.far_pages", self.far_pages, "must be True or False")
+        _require(self.page_order in PAGE_ORDERS, "CaseSpec.page_order", self.page_order, f"must be one of {PAGE_ORDERS}")
         _require(self.calls in CALLS, "CaseSpec.calls", self.calls, f"must be one of {CALLS}")
         _require(self.calls in ("one", "invariance") or self.causal, "CaseSpec.calls", self.calls,
                  "needs a causal case (a chunk's queries would see tokens not yet in the cache)")
@@ -309,9 +315,10 @@ class CaseSpec:
     @property
     def is_plain(self) -> bool:
         """No variant: causal or not, and nothing else (no window, softcap, sinks, empty sequences,
-        fp8 cache, other layout, large logits or far pages), in one call."""
+        fp8 cache, other layout, large logits, far or interleaved pages), in one call."""
         return (len(self.features) == 1 and self.kv_dtype == "auto" and self.kv_layout == "nhd"
-                and self.logit_std == 1.0 and not self.far_pages and self.calls == "one")
+                and self.logit_std == 1.0 and not self.far_pages and self.page_order == "shuffled"
+                and self.calls == "one")
 
     @property
     def first_block(self) -> int:
@@ -360,6 +367,8 @@ class CaseSpec:
             parts.append(f"logits{self.logit_std:g}")
         if self.far_pages:
             parts.append("farpages")
+        if self.page_order != "shuffled":
+            parts.append(self.page_order)
         if self.calls != "one":
             parts.append(self.calls)
         return "-".join(parts)

@@ -274,3 +274,19 @@ def test_a_shared_prompt_is_one_set_of_blocks_and_one_set_of_tokens(bs, kind):
         stored = inputs.stored(slice(start[i], start[i] + p)) if kind == "mla" else \
             inputs.stored("k", slice(start[i], start[i] + p))
         assert torch.equal(got, stored)
+
+
+def test_interleaved_pages_alternate_between_sequences_and_decrease():
+    from conformance import BatchSpec, CaseSpec, HeadConfig, make_inputs
+
+    spec = CaseSpec("t", BatchSpec([40, 33, 0, 17], [5, 1, 0, 17]), HeadConfig(4, 2, 16), torch.float16, 8,
+                    page_order="interleaved")
+    inputs = make_inputs(spec, "cpu", 0)
+    table, lens = inputs.block_table.tolist(), [5, 5, 0, 3]
+    owned = [row[:n] for row, n in zip(table, lens)]
+    assert owned[0][:3] == [13, 10, 7] and owned[1][:3] == [12, 9, 6] and owned[3] == [11, 8, 5]
+    assert all(row == sorted(row, reverse=True) for row in owned)
+    mine = {b for row in owned for b in row}
+    garbage = {b for row, n in zip(table, lens) for b in row[n:]}
+    assert not mine & garbage and 0 not in mine  # past a sequence's end: unused blocks only
+    assert spec.id.endswith("-interleaved") and not spec.is_plain
