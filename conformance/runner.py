@@ -201,70 +201,32 @@ class Runner:
         prep = self.prepared(spec)
         fresh = lambda: prep.inputs.materialize(finite_poison=backend.finite_poison or self.finite_poison)  # noqa: E731
         case = fresh()
-        twins: list[_Twin] = []  # other calls' outputs that must match the judged ones
-        notes: list[str] = []  # what was not compared, and why
 
-        def calls():
-            nonlocal twins, notes
+        def calls():  # (out, lse, other calls' outputs that must match them, what was not compared and why)
             if spec.calls in ("chunks", "tokens"):
                 out, lse = self._path(backend, case)
-                twins, notes = self._one_call(backend, case, out, fresh)
-            else:
-                out, lse = self._call(backend, case)
-                if spec.calls == "invariance":
-                    twins, notes = self._other_batches(backend, case, out)
-            return out, lse
+                return (out, lse, *self._one_call(backend, case, out, fresh))
+            out, lse = self._call(backend, case)
+            return (out, lse, *(self._other_batches(backend, case, out) if spec.calls == "invariance" else ([], [])))
 
         returned, refused = self._timed(calls, measured)
         if refused:
             return refused
-        verdict = _judge(backend, case, prep, *returned, measured, twins, notes)
+        out, lse, twins, notes = returned
+        verdict = _judge(backend, case, prep, out, lse, measured, twins, notes)
         measured["harness_seconds"] = time.perf_counter() - t0 - measured["backend_seconds"]
         return verdict
 
     def _roll_out(self, backend: Backend, spec: CaseSpec, measured: dict, t0: float) -> Verdict:
-        """The tiny LM's rollout and rescore through the backend, judged against the float64 model."""
+        """The tiny LM's rollout and rescore through the backend, judged against the float64 model
+        (the reference model's time counts as the backend's)."""
         got, refused = self._timed(lambda: roll_out(backend, spec, self.device, spec.seed(self.base_seed), self._call),
                                    measured)
         if refused:
             return refused
-        rule = backend.tolerance or DEFAULT_TOLERANCE
-        tolerance = dataclasses.replace(rule, k=rule.k * AMPLIFICATION, reason=f"{rule.reason}; k x {AMPLIFICATION:g} "
-                                        "for a model's log-probs (rollout.NOISE_FORMS)")
-        problems = []
-        worst = None
-        for name, lp in (("rollout", got.rollout), ("rescore", got.rescore)):
-            # the noisier of the model's own forms in the dtype calibrates the rule
-            c = max((compare(lp, got.truth, lowp, spec.dtype, tolerance) for lowp in got.lowp), key=lambda c: c.tol)
-            worst = c if worst is None or c.ratio > worst.ratio else worst
-            if not c.passed:
-                problems.append((Category.NONFINITE if c.nonfinite else Category.WRONG_LOGPROBS,
-                                 f"{name} log-probs: {c.nonfinite} NaN/Inf" if c.nonfinite else
-                                 f"{name} log-probs: max err {c.err:.3g} > tol {c.tol:.3g} (ref_err {c.ref_err:.3g})"))
-        measured.update(err=worst.err, ref_err=worst.ref_err, tol=worst.tol, ratio=worst.ratio)
-        diff = float((got.rollout - got.rescore).abs().max())
-        measured["rescore_diff"] = diff
-        if not diff <= worst.tol:  # NaN too
-            problems.append((Category.ROLLOUT_RESCORE, f"the rescore's log-probs differ from the rollout's by {diff:.3g} "
-                                                       f"> tol {worst.tol:.3g}"))
-        notes = [f"{len(got.truth)} tokens; rollout vs rescore max |diff| {diff:.3g}"]
-        if got.divergence:
-            sample, step, margin = got.divergence
-            where = f"sample {sample} token {step} is not the float64 model's choice (its margin {margin:.3g}"
-            if margin > worst.tol:
-                problems.append((Category.TOKENS_DIVERGED, f"{where} > tol {worst.tol:.3g})"))
-            else:
-                notes.append(f"{where} <= tol {worst.tol:.3g}: a near tie)")
-        else:
-            notes.append("every token is the float64 model's choice")
-        if got.shared_overwritten:
-            problems.append((Category.SHARED_BLOCK_WRITE, f"{got.shared_overwritten} slots of shared prompt blocks "
-                                                          "were overwritten during the rollout"))
+        verdict = _judge_rollout(backend, spec, got, measured)
         measured["harness_seconds"] = time.perf_counter() - t0 - measured["backend_seconds"]
-        if not problems:
-            return Verdict(Status.PASS, "; ".join(notes))
-        categories = tuple(dict.fromkeys(category for category, _ in problems))
-        return Verdict(Status.FAIL, "; ".join([text for _, text in problems] + notes), categories)
+        return verdict
 
     def _timed(self, calls, measured: dict):
         """(what calls() returned, None), or (None, the verdict its exception means); the time the
@@ -419,10 +381,7 @@ def _judge(backend: Backend, case, prep: _Prepared, out, lse, measured: dict, tw
         if wrong:
             problems.append((wrong[0], f"{name}: {wrong[1]}"))
     problems += _twins_differ(backend, twins, c.tol, measured)
-    if not problems:
-        return Verdict(Status.PASS, "; ".join(notes))
-    categories = tuple(dict.fromkeys(category for category, _ in problems))
-    return Verdict(Status.FAIL, "; ".join([text for _, text in problems] + list(notes)), categories)
+    return _verdict(problems, notes)
 
 
 def _twins_differ(backend: Backend, twins: list[_Twin], tol: float, measured: dict) -> list[tuple[Category, str]]:
@@ -445,6 +404,52 @@ def _twins_differ(backend: Backend, twins: list[_Twin], tol: float, measured: di
             problems.append((_TWIN_CATEGORIES[t.claim], f"{t.what}: differs by {ulps} ULP (max |diff| {diff:.3g}), "
                                                         f"{rule}"))
     return problems
+
+
+def _judge_rollout(backend: Backend, spec: CaseSpec, got, measured: dict) -> Verdict:
+    """A rollout's and its rescore's log-probs against the float64 model's and each other, its tokens
+    against the float64 model's choices, its shared prompt blocks untouched (rollout.py)."""
+    rule = backend.tolerance or DEFAULT_TOLERANCE
+    tolerance = dataclasses.replace(rule, k=rule.k * AMPLIFICATION, reason=f"{rule.reason}; k x {AMPLIFICATION:g} "
+                                    "for a model's log-probs (rollout.NOISE_FORMS)")
+    problems, worst = [], None
+    for name, lp in (("rollout", got.rollout), ("rescore", got.rescore)):
+        # the noisier of the model's own forms in the dtype calibrates the rule
+        c = max((compare(lp, got.truth, lowp, spec.dtype, tolerance) for lowp in got.lowp), key=lambda c: c.tol)
+        worst = c if worst is None or c.ratio > worst.ratio else worst
+        if c.nonfinite:
+            problems.append((Category.NONFINITE, f"{name} log-probs: {c.nonfinite} NaN/Inf"))
+        elif not c.passed:
+            problems.append((Category.WRONG_LOGPROBS, f"{name} log-probs: max err {c.err:.3g} > tol {c.tol:.3g} "
+                                                      f"(ref_err {c.ref_err:.3g})"))
+    tol = worst.tol
+    measured.update(err=worst.err, ref_err=worst.ref_err, tol=tol, ratio=worst.ratio)
+    diff = measured["rescore_diff"] = float((got.rollout - got.rescore).abs().max())
+    if not diff <= tol:  # NaN too
+        problems.append((Category.ROLLOUT_RESCORE, f"the rescore's log-probs differ from the rollout's by {diff:.3g} "
+                                                   f"> tol {tol:.3g}"))
+    notes = [f"{len(got.truth)} tokens; rollout vs rescore max |diff| {diff:.3g}"]
+    if got.divergence:
+        sample, step, margin = got.divergence
+        where = f"sample {sample} token {step} is not the float64 model's choice (its margin {margin:.3g}"
+        if margin > tol:
+            problems.append((Category.TOKENS_DIVERGED, f"{where} > tol {tol:.3g})"))
+        else:
+            notes.append(f"{where} <= tol {tol:.3g}: a near tie)")
+    else:
+        notes.append("every token is the float64 model's choice")
+    if got.shared_overwritten:
+        problems.append((Category.SHARED_BLOCK_WRITE, f"{got.shared_overwritten} slots of shared prompt blocks were "
+                                                      "overwritten during the rollout"))
+    return _verdict(problems, notes)
+
+
+def _verdict(problems: list[tuple[Category, str]], notes) -> Verdict:
+    """PASS with the notes, or FAIL with every problem's category and text (then the notes)."""
+    if not problems:
+        return Verdict(Status.PASS, "; ".join(notes))
+    categories = tuple(dict.fromkeys(category for category, _ in problems))
+    return Verdict(Status.FAIL, "; ".join([text for _, text in problems] + list(notes)), categories)
 
 
 def _error(e: Exception) -> str:
