@@ -121,6 +121,12 @@ class Profile:
             batch = sc.batch(self.sizes)
             if batch is None:
                 continue
+            first = [CaseSpec(sc.name, batch, self.heads[0], dtype, self.block_sizes[0], causal=sc.causal)
+                     for dtype in self.calls_dtypes or self.dtypes]  # (whatever the main grid holds)
+            if sc.name in self.calls_scenarios:
+                out += [c for base in first for c in calls_cases(base, self.sliding_window)]
+            if sc.name in self.rollout_scenarios:
+                out += [base.replace(calls="rollout") for base in first]
             if sc.name in self.long_scenarios:
                 out += [CaseSpec(sc.name, batch, heads, dtype, self.block_sizes[0], causal=sc.causal,
                                  sliding_window=window)
@@ -161,13 +167,6 @@ class Profile:
                 out += [CaseSpec(sc.name, batch, self.heads[0], dtype, bs, causal=sc.causal, kv_dtype=kv_dtype,
                                  far_pages=True)
                         for dtype in self.dtypes for bs in self.block_sizes for kv_dtype in ("auto", "fp8_e4m3")]
-            if sc.name in self.calls_scenarios:
-                out += [c for dtype in self.calls_dtypes or self.dtypes
-                        for c in calls_cases(CaseSpec(sc.name, batch, self.heads[0], dtype, self.block_sizes[0],
-                                                      causal=sc.causal), self.sliding_window)]
-            if sc.name in self.rollout_scenarios:
-                out += [CaseSpec(sc.name, batch, self.heads[0], dtype, self.block_sizes[0], calls="rollout")
-                        for dtype in self.calls_dtypes or self.dtypes]
         if self.mla:
             out += self.mla.cases(scenarios, self.sizes)
         return out

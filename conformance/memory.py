@@ -37,6 +37,7 @@ import torch
 
 from .kinds import kind_of
 from .reference import SCORE_CHUNK_ELEMENTS
+from .rollout import LAYERS, Rollout
 from .spec import CaseSpec
 
 GiB = 1 << 30
@@ -53,12 +54,14 @@ def case_bytes(spec: CaseSpec) -> int:
     accumulators (a ragged batch pads every sequence to the longest query) and chunked working set,
     an adapter's copies of the cache (a gather; K and V padded up to twice the slots), each
     sequence's keys expanded to every query head, the cache check's masks, a second cache for a
-    path's one-call twin, and a margin."""
+    path's one-call twin, and a margin. A rollout: its largest call, and a cache per layer."""
+    if spec.calls == "rollout":  # the largest call (the rescore's prefill, judged one layer at a time), every layer's cache
+        rescore = Rollout.of(spec.batch).calls(spec)[-1]
+        return case_bytes(rescore) + (LAYERS - 1) * _cache_bytes(rescore)
     b, h = spec.batch, spec.heads
-    cache_elem = torch.empty((), dtype=spec.cache_dtype).element_size()
     elem = torch.empty((), dtype=spec.dtype).element_size()
     token = h.cache_elements_per_token
-    cache = spec.pool_blocks * spec.block_size * token * cache_elem
+    cache = _cache_bytes(spec)
     logical = sum(b.seq_lens) * token * elem + b.num_query_tokens * h.num_q_heads * h.head_dim * elem
     references = b.num_query_tokens * h.num_q_heads * (h.out_dim * (8 + elem + 3 * 8) + 4 * 8)
     qk, v = kind_of(spec).reference_widths(h)
@@ -70,6 +73,10 @@ def case_bytes(spec: CaseSpec) -> int:
     if spec.calls in ("chunks", "tokens"):
         cache *= 2  # the one call over the whole batch runs on a cache of its own
     return cache + logical + references + padded + reference_chunks + adapter + cache_check + GiB // 4
+
+
+def _cache_bytes(spec: CaseSpec) -> int:
+    return spec.pool_blocks * spec.block_size * spec.heads.cache_elements_per_token * spec.cache_dtype.itemsize
 
 
 def gib(n: int) -> str:
