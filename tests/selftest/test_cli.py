@@ -11,7 +11,7 @@ def test_run_writes_a_report_that_report_turns_into_a_table(tmp_path, capsys):
     assert "small_decode" in out and "PASS 66  SKIP 36" in out and "feature softcap not supported (12 cases)" in out
     meta, results = read_json(path)
     assert meta["environment"]["torch"] and meta["environment"]["reference_dtype"] == "float64"
-    assert len(results) == 96 and {r.backend for r in results} == {"sdpa"}
+    assert len(results) == 102 and {r.backend for r in results} == {"sdpa"}
     assert main(["report", path]) == 0
     md = capsys.readouterr().out
     assert "| scenario | sdpa |" in md and "| small_decode | 60/60 r" in md
