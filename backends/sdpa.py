@@ -40,6 +40,9 @@ class SdpaBackend(Backend):
         kernel_name = kernel.name.lower() if kernel else "default dispatch"
         self.description = f"torch SDPA ({kernel_name}) per sequence over K/V gathered through the block table"
         caps = dict(devices=frozenset(devices), features=NO_SOFTCAP, kv_layouts=ALL_KV_LAYOUTS)
+        if kernel != SDPBackend.CUDNN_ATTENTION:  # cuDNN gave other bits on the same call twice (H200)
+            # One SDPA call per sequence, on that sequence's tensors alone: its neighbours cannot change it.
+            caps["bit_exact"] = frozenset({"batch", "run_to_run"})
         if dtypes:
             caps["dtypes"] = frozenset(dtypes)
         self.capabilities = Capabilities(**caps)

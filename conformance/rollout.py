@@ -205,22 +205,35 @@ def gumbel(n_samples: int, steps: int, device, gen: torch.Generator) -> torch.Te
 
 
 @dataclass
-class RolloutOutcome:
-    """The generated tokens' log-probabilities (flat, sample after sample), four ways."""
+class Generated:
+    """What the backend produced: the samples' tokens and their log-probabilities (flat, sample
+    after sample) as generated and as rescored, and what the reference model needs to score them."""
 
-    rollout: torch.Tensor  # the backend, token by token as they were generated
-    rescore: torch.Tensor  # the backend, one prefill over the whole samples
-    truth: torch.Tensor  # float64 model and reference attention
-    lowp: list[torch.Tensor]  # the model in the dtype, with the reference attention in each of NOISE_FORMS
-    # The first generated token the float64 model would not have chosen: (sample, step, the float64
-    # margin of its own choice over the one made), or None.
-    divergence: tuple[int, int, float] | None
+    lm: TinyLM
+    rollout: Rollout
+    seqs: list[torch.Tensor]  # per sample, the tokens the model read (prompt, generated but the last)
+    rows: torch.Tensor  # the row of each generated token's prediction in the packed seqs
+    chosen: torch.Tensor  # the generated tokens
+    noise: torch.Tensor  # [samples, steps, VOCAB] the Gumbel draws
+    logprobs: torch.Tensor  # as generated, token by token
+    rescored: torch.Tensor  # by one prefill over the whole samples
     shared_overwritten: int  # slots of shared prompt blocks whose bits the rollout changed
 
 
-def roll_out(backend, spec: CaseSpec, device: torch.device, seed: int, call) -> RolloutOutcome:
-    """Generate through `backend`, rescore through it, and score the same tokens with the
-    reference model. call(backend, case) -> (out, lse) runs one checked call."""
+@dataclass
+class Scores:
+    """The same tokens scored by the reference model."""
+
+    truth: torch.Tensor  # float64 model and attention
+    noise_forms: list[torch.Tensor]  # the model in the dtype, with the reference attention in each of NOISE_FORMS
+    # The first generated token the float64 model would not have chosen: (sample, step, the float64
+    # margin of its own choice over the one made), or None.
+    divergence: tuple[int, int, float] | None
+
+
+def roll_out(backend, spec: CaseSpec, device: torch.device, seed: int, call) -> Generated:
+    """Generate through `backend` and rescore through it. call(backend, case) -> (out, lse) runs
+    one checked call."""
     gen = torch.Generator(device=device).manual_seed(seed)
     lm = TinyLM(spec, device, seed)
     r = Rollout.of(spec.batch)
@@ -273,13 +286,18 @@ def roll_out(backend, spec: CaseSpec, device: torch.device, seed: int, call) -> 
     rows = torch.tensor([starts[s] + r.prompt_lens[p] - 1 + i for s, (p, t) in enumerate(zip(r.prompt_of, tokens))
                          for i in range(len(t))], device=device)
     chosen = torch.tensor([x for t in tokens for x in t], device=device)
-    truth_all = reference_logprobs(lm, seqs, torch.float64, "float64")[rows]
-    divergence = _first_divergence(truth_all, chosen, noise, r.generated)
-    return RolloutOutcome(rollout=torch.tensor([x for lps in rollout for x in lps], dtype=torch.float64, device=device),
-                          rescore=lp[rows, chosen], truth=truth_all[torch.arange(len(rows)), chosen],
-                          lowp=[reference_logprobs(lm, seqs, spec.dtype, form)[rows, chosen] for form in NOISE_FORMS],
-                          divergence=divergence,
-                          shared_overwritten=shared_overwritten)
+    return Generated(lm=lm, rollout=r, seqs=seqs, rows=rows, chosen=chosen, noise=noise,
+                     logprobs=torch.tensor([x for lps in rollout for x in lps], dtype=torch.float64, device=device),
+                     rescored=lp[rows, chosen], shared_overwritten=shared_overwritten)
+
+
+def score(g: Generated) -> Scores:
+    """The generated tokens' log-probabilities by the reference model, and its own choices."""
+    every = reference_logprobs(g.lm, g.seqs, torch.float64, "float64")[g.rows]
+    picked = (torch.arange(len(g.rows), device=g.rows.device), g.chosen)
+    forms = [reference_logprobs(g.lm, g.seqs, g.lm.spec.dtype, form)[g.rows][picked] for form in NOISE_FORMS]
+    return Scores(truth=every[picked], noise_forms=forms,
+                  divergence=_first_divergence(every, g.chosen, g.noise, g.rollout.generated))
 
 
 def _first_divergence(truth: torch.Tensor, chosen: torch.Tensor, noise: torch.Tensor, generated) -> tuple | None:

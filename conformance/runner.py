@@ -17,7 +17,7 @@ from .memory import SMALL_CASE, DeviceMemory, case_bytes, shrink_local_memory, t
 from .paged import Pages, PagedBatch
 from .reference import Reference
 from .registry import Backend, Unsupported
-from .rollout import AMPLIFICATION, Rollout, roll_out
+from .rollout import AMPLIFICATION, Generated, Rollout, Scores, roll_out, score
 from .spec import CaseSpec
 from .tolerance import DEFAULT_TOLERANCE, Comparison, compare, ulp_difference
 
@@ -218,13 +218,12 @@ class Runner:
         return verdict
 
     def _roll_out(self, backend: Backend, spec: CaseSpec, measured: dict, t0: float) -> Verdict:
-        """The tiny LM's rollout and rescore through the backend, judged against the float64 model
-        (the reference model's time counts as the backend's)."""
+        """The tiny LM's rollout and rescore through the backend, judged against the float64 model."""
         got, refused = self._timed(lambda: roll_out(backend, spec, self.device, spec.seed(self.base_seed), self._call),
                                    measured)
         if refused:
             return refused
-        verdict = _judge_rollout(backend, spec, got, measured)
+        verdict = _judge_rollout(backend, spec, got, score(got), measured)
         measured["harness_seconds"] = time.perf_counter() - t0 - measured["backend_seconds"]
         return verdict
 
@@ -406,16 +405,16 @@ def _twins_differ(backend: Backend, twins: list[_Twin], tol: float, measured: di
     return problems
 
 
-def _judge_rollout(backend: Backend, spec: CaseSpec, got, measured: dict) -> Verdict:
+def _judge_rollout(backend: Backend, spec: CaseSpec, got: Generated, ref: Scores, measured: dict) -> Verdict:
     """A rollout's and its rescore's log-probs against the float64 model's and each other, its tokens
     against the float64 model's choices, its shared prompt blocks untouched (rollout.py)."""
     rule = backend.tolerance or DEFAULT_TOLERANCE
     tolerance = dataclasses.replace(rule, k=rule.k * AMPLIFICATION, reason=f"{rule.reason}; k x {AMPLIFICATION:g} "
                                     "for a model's log-probs (rollout.NOISE_FORMS)")
     problems, worst = [], None
-    for name, lp in (("rollout", got.rollout), ("rescore", got.rescore)):
+    for name, lp in (("rollout", got.logprobs), ("rescore", got.rescored)):
         # the noisier of the model's own forms in the dtype calibrates the rule
-        c = max((compare(lp, got.truth, lowp, spec.dtype, tolerance) for lowp in got.lowp), key=lambda c: c.tol)
+        c = max((compare(lp, ref.truth, form, spec.dtype, tolerance) for form in ref.noise_forms), key=lambda c: c.tol)
         worst = c if worst is None or c.ratio > worst.ratio else worst
         if c.nonfinite:
             problems.append((Category.NONFINITE, f"{name} log-probs: {c.nonfinite} NaN/Inf"))
@@ -424,13 +423,13 @@ def _judge_rollout(backend: Backend, spec: CaseSpec, got, measured: dict) -> Ver
                                                       f"(ref_err {c.ref_err:.3g})"))
     tol = worst.tol
     measured.update(err=worst.err, ref_err=worst.ref_err, tol=tol, ratio=worst.ratio)
-    diff = measured["rescore_diff"] = float((got.rollout - got.rescore).abs().max())
+    diff = measured["rescore_diff"] = float((got.logprobs - got.rescored).abs().max())
     if not diff <= tol:  # NaN too
         problems.append((Category.ROLLOUT_RESCORE, f"the rescore's log-probs differ from the rollout's by {diff:.3g} "
                                                    f"> tol {tol:.3g}"))
-    notes = [f"{len(got.truth)} tokens; rollout vs rescore max |diff| {diff:.3g}"]
-    if got.divergence:
-        sample, step, margin = got.divergence
+    notes = [f"{len(got.chosen)} tokens; rollout vs rescore max |diff| {diff:.3g}"]
+    if ref.divergence:
+        sample, step, margin = ref.divergence
         where = f"sample {sample} token {step} is not the float64 model's choice (its margin {margin:.3g}"
         if margin > tol:
             problems.append((Category.TOKENS_DIVERGED, f"{where} > tol {tol:.3g})"))
