@@ -87,14 +87,13 @@ def format_table(results: list[Result], markdown: bool = False) -> str:
     for r in results:
         by[r.scenario if r.calls == "one" else f"{r.scenario} {r.calls}", r.backend].append(r)
     rows = list(dict.fromkeys(row for row, _ in by))
-    tables = [[["scenario", *backends]] + [[s, *(_cell(by[s, b]) for b in backends)] for s in rows if " " not in s]]
+    one = [[s, *(_cell(by[s, b]) for b in backends)] for s in rows if " " not in s]
     calls = [[s, *(_cell(by[s, b]) for b in backends)] for s in rows if " " in s]
+    texts = [_markdown_table(t) if markdown else _text_table(t) for t in ([["scenario", *backends]] + one,) if one]
     if calls:
-        tables.append([["many calls", *backends]] + calls)
-    texts = [_markdown_table(t) if markdown else _text_table(t) for t in tables]
-    if calls:
-        texts.insert(1, f"### Many calls on one cache\n\n{CALLS_LEGEND[0].upper()}{CALLS_LEGEND[1:]}" if markdown
+        texts.append(f"### Many calls on one cache\n\n{CALLS_LEGEND[0].upper()}{CALLS_LEGEND[1:]}" if markdown
                      else f"Many calls on one cache: {CALLS_LEGEND}")
+        texts.append((_markdown_table if markdown else _text_table)([["many calls", *backends]] + calls))
     return "\n\n".join(texts) + (f"\nnothing run here (every case skipped): {', '.join(idle)}" if idle else "")
 
 
