@@ -122,7 +122,7 @@ class Profile:
             if batch is None:
                 continue
             first = [CaseSpec(sc.name, batch, self.heads[0], dtype, self.block_sizes[0], causal=sc.causal)
-                     for dtype in self.calls_dtypes or self.dtypes]  # (whatever the main grid holds)
+                     for dtype in self.calls_dtypes or self.dtypes]  # whether the main grid holds the scenario or not
             if sc.name in self.calls_scenarios:
                 out += [c for base in first for c in calls_cases(base, self.sliding_window)]
             if sc.name in self.rollout_scenarios:

@@ -55,7 +55,7 @@ def case_bytes(spec: CaseSpec) -> int:
     an adapter's copies of the cache (a gather; K and V padded up to twice the slots), each
     sequence's keys expanded to every query head, the cache check's masks, a second cache for a
     path's one-call twin, and a margin. A rollout: its largest call, and a cache per layer."""
-    if spec.calls == "rollout":  # the largest call (the rescore's prefill, judged one layer at a time), every layer's cache
+    if spec.calls == "rollout":  # its largest call (the rescore's prefill, one layer at a time), every layer's cache
         rescore = Rollout.of(spec.batch).calls(spec)[-1]
         return case_bytes(rescore) + (LAYERS - 1) * _cache_bytes(rescore)
     b, h = spec.batch, spec.heads

@@ -164,9 +164,8 @@ class PagedModel:
     def __init__(self, backend, lm: TinyLM, num_blocks: int, device: torch.device, gen: torch.Generator):
         spec = lm.spec
         self.backend, self.lm, self.spec = backend, lm, spec
-        poison = poison_value(spec.cache_dtype, backend.finite_poison)
-        self.poison = poison
-        self.caches = [_allocate_cache(spec, num_blocks, poison, device)[:2] for _ in range(LAYERS)]
+        self.poison = poison_value(spec.cache_dtype, backend.finite_poison)
+        self.caches = [_allocate_cache(spec, num_blocks, self.poison, device)[:2] for _ in range(LAYERS)]
         self.free = (torch.randperm(num_blocks - 1, generator=gen, device=device) + 1).tolist()
 
     def blocks(self, n: int) -> list[int]:
@@ -188,7 +187,8 @@ class PagedModel:
         def attention(layer, q, k, v):
             k_cache, v_cache = self.caches[layer]
             case = Case(spec=one, q=q.contiguous(), block_table=table, slot_mapping=slots,
-                        seq_lens=torch.tensor(seq_lens, **i32), context_lens=torch.tensor(one.batch.context_lens, **i32),
+                        seq_lens=torch.tensor(seq_lens, **i32),
+                        context_lens=torch.tensor(one.batch.context_lens, **i32),
                         query_start_loc=qsl, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
                         out=torch.full((len(tokens), h.num_q_heads, h.head_dim), math.nan, dtype=spec.dtype,
                                        device=dev),

@@ -285,7 +285,8 @@ class CaseSpec:
         _require(isinstance(self.logit_std, (int, float)) and self.logit_std > 0, "CaseSpec.logit_std", self.logit_std,
                  "must be a number > 0")
         _require(isinstance(self.far_pages, bool), "CaseSpec.far_pages", self.far_pages, "must be True or False")
-        _require(self.page_order in PAGE_ORDERS, "CaseSpec.page_order", self.page_order, f"must be one of {PAGE_ORDERS}")
+        _require(self.page_order in PAGE_ORDERS, "CaseSpec.page_order", self.page_order,
+                 f"must be one of {PAGE_ORDERS}")
         _require(self.calls in CALLS, "CaseSpec.calls", self.calls, f"must be one of {CALLS}")
         _require(self.calls in ("one", "invariance") or self.causal, "CaseSpec.calls", self.calls,
                  "needs a causal case (a chunk's queries would see tokens not yet in the cache)")
