@@ -121,12 +121,14 @@ class Profile:
             batch = sc.batch(self.sizes)
             if batch is None:
                 continue
-            first = [CaseSpec(sc.name, batch, self.heads[0], dtype, self.block_sizes[0], causal=sc.causal)
-                     for dtype in self.calls_dtypes or self.dtypes]  # whether the main grid holds the scenario or not
-            if sc.name in self.calls_scenarios:
-                out += [c for base in first for c in calls_cases(base, self.sliding_window)]
-            if sc.name in self.rollout_scenarios:
-                out += [base.replace(calls="rollout") for base in first]
+            # Many calls and rollouts, whether the main grid holds the scenario or not.
+            if sc.name in self.calls_scenarios + self.rollout_scenarios:
+                first = [CaseSpec(sc.name, batch, self.heads[0], dtype, self.block_sizes[0], causal=sc.causal)
+                         for dtype in self.calls_dtypes or self.dtypes]
+                if sc.name in self.calls_scenarios:
+                    out += [c for base in first for c in calls_cases(base, self.sliding_window)]
+                if sc.name in self.rollout_scenarios:
+                    out += [base.replace(calls="rollout") for base in first]
             if sc.name in self.long_scenarios:
                 out += [CaseSpec(sc.name, batch, heads, dtype, self.block_sizes[0], causal=sc.causal,
                                  sliding_window=window)

@@ -30,6 +30,14 @@ def quantize(x: torch.Tensor, scale: float, cache_dtype: torch.dtype) -> torch.T
     return (x.double() / scale).float().to(cache_dtype)
 
 
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    """Bits, not values: fp8 codes must match exactly, and untouched poison stays the same NaN."""
+    return x.view(_SAME_SIZE_INT[x.element_size()])
+
+
 def dequantize(stored: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """Cache contents as the values they stand for (code * scale), in `dtype`."""
     if stored.dtype in FP8_CACHE_DTYPES.values():

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .paged import Case, _allocate_cache, poison_value
+from .paged import Case, _allocate_cache, bits, poison_value
 from .reference import attend, precision_of
 from .spec import BatchSpec, CaseSpec
 
@@ -94,21 +94,30 @@ class TinyLM:
                         w(h.num_q_heads * h.head_dim, D_MODEL, std=(h.num_q_heads * h.head_dim) ** -0.5))
                        for _ in range(LAYERS)]
         self.unembed = w(D_MODEL, VOCAB, std=UNEMBED_GAIN * D_MODEL ** -0.5)
+        self._cast: dict[torch.dtype, tuple] = {}
+
+    def _weights(self, dtype: torch.dtype) -> tuple:
+        """(embed, layers, unembed) in `dtype`, cast once (a rollout runs the model every decode step)."""
+        if dtype not in self._cast:
+            self._cast[dtype] = (self.embed.to(dtype), [tuple(w.to(dtype) for w in ws) for ws in self.layers],
+                                 self.unembed.to(dtype))
+        return self._cast[dtype]
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attention, dtype: torch.dtype) -> torch.Tensor:
         """Log-probabilities [T, VOCAB] (float64) of the next token after each of `tokens` (packed),
         at `positions`. attention(layer, q, k, v) -> out [T, Hq, D] attends the new tokens' q over
         their sequences (k, v: the new tokens' keys and values, to be kept for later calls)."""
         h = self.spec.heads
-        x = self.embed.to(dtype)[tokens]
-        for layer, (wq, wk, wv, wo) in enumerate(self.layers):
+        embed, layers, unembed = self._weights(dtype)
+        x = embed[tokens]
+        for layer, (wq, wk, wv, wo) in enumerate(layers):
             xn = _rms_norm(x)
-            q = _rope(xn @ wq.to(dtype), positions, h.num_q_heads)
-            k = _rope(xn @ wk.to(dtype), positions, h.num_kv_heads)
-            v = (xn @ wv.to(dtype)).view(-1, h.num_kv_heads, h.head_dim)
+            q = _rope(xn @ wq, positions, h.num_q_heads)
+            k = _rope(xn @ wk, positions, h.num_kv_heads)
+            v = (xn @ wv).view(-1, h.num_kv_heads, h.head_dim)
             out = attention(layer, q, k, v)
-            x = x + out.reshape(len(tokens), -1).to(dtype) @ wo.to(dtype)
-        logits = _rms_norm(x) @ self.unembed.to(dtype)
+            x = x + out.reshape(len(tokens), -1).to(dtype) @ wo
+        logits = _rms_norm(x) @ unembed
         return torch.log_softmax(logits.double(), -1)
 
 
@@ -269,7 +278,7 @@ def roll_out(backend, spec: CaseSpec, device: torch.device, seed: int, call) -> 
         for i, s in enumerate(live):
             tokens[s].append(picks[i])
             rollout[s].append(float(lp[i, picks[i]]))
-    shared_overwritten = sum(int((_bits(now[shared]) != _bits(was)).reshape(len(shared), bs, -1).any(-1).sum())
+    shared_overwritten = sum(int((bits(now[shared]) != bits(was)).reshape(len(shared), bs, -1).any(-1).sum())
                              for layer, old in zip(model.caches, before) for now, was in zip(layer, old))
     del model
 
@@ -312,7 +321,3 @@ def _first_divergence(truth: torch.Tensor, chosen: torch.Tensor, noise: torch.Te
                 return s, i, float(perturbed[i, best[i]] - perturbed[i, chosen[row + i]])
         row += n
     return None
-
-
-def _bits(x: torch.Tensor) -> torch.Tensor:
-    return x.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[x.element_size()])

@@ -14,7 +14,7 @@ import torch
 from .calls import call_spec, path, sub_case, token_rows, variants
 from .kinds import kind_of, make_inputs, reference_attention
 from .memory import SMALL_CASE, DeviceMemory, case_bytes, shrink_local_memory, too_big
-from .paged import Pages, PagedBatch
+from .paged import Pages, PagedBatch, bits
 from .reference import Reference
 from .registry import Backend, Unsupported
 from .rollout import AMPLIFICATION, Generated, Rollout, Scores, roll_out, score
@@ -326,20 +326,20 @@ def refusal(backend: Backend, spec: CaseSpec, device: torch.device) -> Verdict |
 
 def refused_call(backend: Backend, spec: CaseSpec, device: torch.device) -> str | None:
     """Why the backend does not take a call the case must make: the one call over the whole batch,
-    or one of the calls of a path (which a decode-only kernel takes, token by token)."""
+    one of the calls of a path (which a decode-only kernel takes, token by token), or of a rollout."""
     if spec.calls == "rollout":
-        for i, call in enumerate(Rollout.of(spec.batch).calls(spec)):
-            why = backend.skip_reason(call, device)
-            if why:
-                return f"the rollout's {('prompt prefill', 'decode steps', 'rescore prefill')[i]}: {why}"
-        return None
-    if spec.calls not in ("chunks", "tokens"):
+        calls = zip(("the rollout's prompt prefill", "the rollout's decode steps", "the rollout's rescore prefill"),
+                    Rollout.of(spec.batch).calls(spec))
+    elif spec.calls in ("chunks", "tokens"):
+        steps = path(spec.batch, spec.calls)
+        calls = ((f"call {i + 1} of {len(steps)} ({spec.calls})", call_spec(spec, picks))
+                 for i, picks in enumerate(steps))
+    else:
         return backend.skip_reason(spec.replace(calls="one"), device)
-    calls = path(spec.batch, spec.calls)
-    for i, picks in enumerate(calls):
-        why = backend.skip_reason(call_spec(spec, picks), device)
+    for which, call in calls:
+        why = backend.skip_reason(call, device)
         if why:
-            return f"call {i + 1} of {len(calls)} ({spec.calls}): {why}"
+            return f"{which}: {why}"
     return None
 
 
@@ -476,14 +476,6 @@ def _unpack(returned, case: PagedBatch, backend: Backend):
     return out, lse
 
 
-_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bits(x: torch.Tensor) -> torch.Tensor:
-    """Bits, not values: fp8 codes must match exactly, and untouched poison stays the same NaN."""
-    return x.view(_SAME_SIZE_INT[x.element_size()])
-
-
 def _cache_mismatch(got: torch.Tensor, writes: list, inputs, poison: float) -> tuple[Category, str] | None:
     """The cache as it must be after the run: the expected writes in their slots, poison everywhere
     else. Checked in place, slot by slot, without a second copy of the cache (wide GPU cases hold
@@ -493,14 +485,14 @@ def _cache_mismatch(got: torch.Tensor, writes: list, inputs, poison: float) -> t
     if got.dtype != spec.cache_dtype or tuple(got.shape) != want_shape:
         return Category.WRONG_CACHE_WRITE, (f"{tuple(got.shape)} {got.dtype} after the run; must stay {want_shape} "
                                             f"{spec.cache_dtype}")
-    bits = _bits(got)  # [num_blocks, block_size, ...], strided as the layout lies
+    held = bits(got)  # [num_blocks, block_size, ...], strided as the layout lies
     bs = got.shape[1]
-    per_slot = tuple(range(2, bits.dim()))
-    poison_bits = _bits(torch.tensor([poison], dtype=got.dtype, device=got.device))
-    bad = (bits != poison_bits).any(dim=per_slot)  # [num_blocks, block_size]: anything but poison, until proven expected
+    per_slot = tuple(range(2, held.dim()))
+    poison_bits = bits(torch.tensor([poison], dtype=got.dtype, device=got.device))
+    bad = (held != poison_bits).any(dim=per_slot)  # [num_blocks, block_size]: anything but poison, until proven expected
     for slots, want in writes:
         at = (slots // bs, slots % bs)
-        bad[at] = (bits[at] != _bits(want)).any(dim=tuple(range(1, bits.dim() - 1)))
+        bad[at] = (held[at] != bits(want)).any(dim=tuple(range(1, held.dim() - 1)))
     n = int(bad.sum())
     if not n:
         return None
