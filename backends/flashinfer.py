@@ -81,6 +81,7 @@ class FlashInferBackend(Backend):
             # The CUDA-core decode kernels dispatch these GQA group sizes only ("Unsupported group_size: 7").
             gqa_ratios=frozenset({1, 2, 3, 4, 6, 8, 16}) if wrapper == "decode" else None,
             returns_lse=True,
+            cuda_graphs=wrapper != "prefill",  # the decode wrapper's use_cuda_graph mode (prepare_graph)
             requires=("flashinfer",),
         )
 
@@ -97,6 +98,9 @@ class FlashInferBackend(Backend):
                 return "decode wrapper: the same number of new tokens in every sequence (q_len_per_req)"
             if not spec.causal:
                 return "decode wrapper: causal only (its mask is derived from q_len_per_req)"
+            if spec.calls == "graph" and max(spec.batch.query_lens) > 1:
+                return ("graph replay with q_len_per_req > 1: a padding request (no pages) breaks the plan's rule "
+                        "kv_len >= q_len_per_req")
         return None
 
     def compile_key(self, spec):
@@ -117,32 +121,52 @@ class FlashInferBackend(Backend):
         flashinfer.append_paged_kv_cache(k, v, batch_indices, positions, case.stored_cache(), indices, indptr,
                                          last_page_len, kv_layout=_layout(case))
 
+    @staticmethod
+    def _plan_args(case: Case) -> tuple[tuple, dict]:
+        """What plan() takes after the page lists, positional (the head dim's name differs between
+        the wrappers) and by name."""
+        spec, h = case.spec, case.spec.heads
+        return (h.num_q_heads, h.num_kv_heads, h.head_dim, case.k_cache.shape[1]), dict(
+            window_left=spec.sliding_window - 1 if spec.sliding_window else -1, logits_soft_cap=spec.softcap or 0.0,
+            sm_scale=case.scale, q_data_type=spec.dtype, kv_data_type=case.k_cache.dtype)
+
     def prepare(self, case: Case):
         import flashinfer
 
-        spec = case.spec
-        hq, hkv, d = spec.heads.num_q_heads, spec.heads.num_kv_heads, spec.heads.head_dim
-        page_size = case.k_cache.shape[1]
-        common = dict(
-            window_left=spec.sliding_window - 1 if spec.sliding_window else -1,
-            logits_soft_cap=spec.softcap or 0.0, sm_scale=case.scale,
-            q_data_type=spec.dtype, kv_data_type=case.k_cache.dtype,
-        )
         ws = _workspace(case.device)
+        shape, args = self._plan_args(case)
         if self.wrapper == "prefill":
             wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, _layout(case), backend=self.kernels)
-            wrapper.plan(case.query_start_loc, *_pages(case), hq, hkv, d, page_size,
-                         causal=spec.causal, **common)
+            wrapper.plan(case.query_start_loc, *_pages(case), *shape, causal=case.spec.causal, **args)
         else:
             # One query row per request: an empty sequence (no rows) is no request here.
             live = case.seq_lens > 0
-            indptr, indices, last_page_len = _csr_pages(case.block_table[live], case.seq_lens[live], page_size)
-            tc = self.wrapper == "decode_tc"
+            pages = _csr_pages(case.block_table[live], case.seq_lens[live], case.k_cache.shape[1])
             wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                ws, _layout(case), use_tensor_cores=tc, backend=self.kernels or "auto")
-            wrapper.plan(indptr, indices, last_page_len, hq, hkv, d, page_size,
-                         q_len_per_req=case.max_query_len, **common)
-        scales = dict(k_scale=case.k_scale, v_scale=case.v_scale) if spec.kv_dtype != "auto" else {}
+                ws, _layout(case), use_tensor_cores=self.wrapper == "decode_tc", backend=self.kernels or "auto")
+            wrapper.plan(*pages, *shape, q_len_per_req=case.max_query_len, **args)
+        return self._call(wrapper, case)
+
+    def prepare_graph(self, case: Case):
+        """The decode wrapper in CUDA-graph mode: its page lists in buffers of the captured batch size
+        that every plan() rewrites. A padding slot (an empty sequence) is a request of no pages whose
+        query row is a padding row."""
+        import flashinfer
+
+        i32 = dict(dtype=torch.int32, device=case.device)
+        batch = case.seq_lens.numel()
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            _workspace(case.device), _layout(case), use_cuda_graph=True, use_tensor_cores=self.wrapper == "decode_tc",
+            paged_kv_indptr_buffer=torch.empty(batch + 1, **i32),
+            paged_kv_indices_buffer=torch.empty(case.block_table.numel(), **i32),
+            paged_kv_last_page_len_buffer=torch.empty(batch, **i32), backend=self.kernels or "auto")
+        shape, args = self._plan_args(case)
+        return self._call(wrapper, case), lambda: wrapper.plan(*_pages(case), *shape, q_len_per_req=case.max_query_len,
+                                                               **args)
+
+    @staticmethod
+    def _call(wrapper, case: Case):
+        scales = dict(k_scale=case.k_scale, v_scale=case.v_scale) if case.spec.kv_dtype != "auto" else {}
         kv = case.stored_cache()
 
         def call():

@@ -59,6 +59,9 @@ class Capabilities:
     features: frozenset[str] = DEFAULT_FEATURES
     returns_lse: bool = False
     bit_exact: frozenset[str] = frozenset()  # of BIT_EXACT
+    # prepare_graph()'s call may be captured in a CUDA graph once and replayed on other batches of
+    # the same shape (CaseSpec.calls "graph"); replays pad with empty sequences, so it needs those.
+    cuda_graphs: bool = False
     requires: tuple[str, ...] = ()  # importable modules; a missing one skips every case, naming it
 
     def unsupported(self, spec: CaseSpec, device: torch.device) -> str | None:
@@ -87,6 +90,8 @@ class Capabilities:
         longest = max(spec.batch.query_lens)
         if self.max_query_len is not None and longest > self.max_query_len:
             unmet.append(f"{longest} new tokens in a sequence; at most {self.max_query_len} (max_query_len)")
+        if spec.calls == "graph" and not self.cuda_graphs:
+            unmet.append("no CUDA-graph replay (Capabilities.cuda_graphs)")
         missing = sorted(spec.features - self.features)
         if missing:
             unmet.append(f"feature {', '.join(missing)} not supported")
@@ -155,6 +160,15 @@ class Backend:
             raise NotImplementedError(f"{type(self).__name__} must implement run() or prepare()")
         return lambda: self.run(case)
 
+    def prepare_graph(self, case: Case):
+        """For CUDA-graph replay (Capabilities.cuda_graphs): (call, plan). The harness runs plan(),
+        captures call() once on `case`, and before each replay writes the next batch into the case's
+        tensors in place (graphs.load) and runs plan() again. So call() must read the batch from
+        the tensors (a Python value of the case is the captured batch's, a bound of every replay),
+        and plan() does the per-batch host work into buffers that call() reads. Token rows past
+        query_start_loc[-1] are padding: their output is never read. Default: prepare(case), no plan."""
+        return self.prepare(case), lambda: None
+
     def __repr__(self) -> str:
         return f"<backend {self.name}>"
 
@@ -192,14 +206,19 @@ def register_backend(backend):
 
 
 def _check_vocabulary(backend: Backend) -> None:
-    """A backend's kind exists, and its head rules are in that kind's vocabulary: a dense rule on an
-    MLA backend (a GQA ratio, say) would silently mean something else or nothing."""
+    """A backend's declarations hold together: its kind exists, its bit_exact names are known, CUDA
+    graphs come with empty sequences, and its head rules are in its kind's vocabulary (a dense rule
+    on an MLA backend, a GQA ratio say, would silently mean something else or nothing)."""
     if backend.kind not in KINDS:
         raise RegistryError(f"{backend.name}.kind = {backend.kind!r}: must be one of {sorted(KINDS)}")
     unknown = sorted(set(backend.capabilities.bit_exact) - BIT_EXACT)
     if unknown:
         raise RegistryError(f"{backend.name}: Capabilities.bit_exact = {sorted(backend.capabilities.bit_exact)}: "
                             f"{unknown} unknown; must be some of {sorted(BIT_EXACT)}")
+    caps = backend.capabilities
+    if caps.cuda_graphs and "empty_sequences" not in caps.features:
+        raise RegistryError(f"{backend.name}: Capabilities.cuda_graphs needs 'empty_sequences' in features (a graph "
+                            f"is replayed on batches padded with empty sequences); features = {sorted(caps.features)}")
     own = KINDS[backend.kind].head_capabilities
     for kind in KINDS.values():
         for field in set(kind.head_capabilities) - set(own):

@@ -12,6 +12,7 @@ from enum import Enum
 import torch
 
 from .calls import call_spec, path, sub_case, token_rows, variants
+from .graphs import Captured, load, replays
 from .kinds import kind_of, make_inputs, reference_attention
 from .memory import SMALL_CASE, DeviceMemory, case_bytes, shrink_local_memory, too_big
 from .paged import Pages, PagedBatch, bits
@@ -185,7 +186,7 @@ class Runner:
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()  # the harness's time starts once the case has its memory
         try:
-            run = self._roll_out if spec.calls == "rollout" else self._run_case
+            run = {"rollout": self._roll_out, "graph": self._replay}.get(spec.calls, self._run_case)
             verdict = run(backend, spec, measured, t0)
         except torch.OutOfMemoryError as e:  # the machine's limit, not the backend's fault: say so, go on
             self._prepared.clear()  # (the backend's own OOM is its ERROR)
@@ -226,6 +227,47 @@ class Runner:
         verdict = _judge_rollout(backend, spec, got, score(got), measured)
         measured["harness_seconds"] = time.perf_counter() - t0 - measured["backend_seconds"]
         return verdict
+
+    def _replay(self, backend: Backend, spec: CaseSpec, measured: dict, t0: float) -> Verdict:
+        """The call captured on the case's batch, replayed on other batches of its shape (graphs.py);
+        each replay judged against its own batch's truth before the next one overwrites it, the
+        worst one's numbers in `measured`."""
+        poison = backend.finite_poison or self.finite_poison
+        static = self.prepared(spec).inputs.materialize(finite_poison=poison)
+        preps = {name: self.prepared(spec.replace(batch=batch, calls="one")) for name, batch in replays(spec.batch).items()}
+
+        def capture():
+            backend.write_cache(static)
+            return Captured(backend, static)
+
+        def replay(case):
+            backend.write_cache(case)
+            returned = graph.replay()
+            self._sync()
+            return _unpack(returned, static, backend)
+
+        timed = {}
+        graph, refused = self._timed(capture, timed)
+        if refused:
+            return refused
+        seconds, problems, worst = timed["backend_seconds"], [], {}
+        for name, prep in preps.items():
+            case = load(static, prep.inputs.materialize(finite_poison=poison))
+            returned, refused = self._timed(lambda: replay(case), timed)  # noqa: B023 - called at once
+            if refused:
+                return refused
+            seconds += timed["backend_seconds"]
+            rows = slice(0, case.out.shape[0])  # past them: padding rows
+            out, lse = returned[0][rows], None if returned[1] is None else returned[1][rows]
+            numbers = {}
+            problems += [(category, f"replay on the {name} batch: {text}")
+                         for category, text in _problems(backend, case, prep, out, lse, numbers)]
+            if numbers["ratio"] >= worst.get("ratio", -1):
+                worst = numbers
+        measured.update(worst, backend_seconds=seconds)
+        measured["harness_seconds"] = time.perf_counter() - t0 - seconds
+        how = "captured in a CUDA graph" if self.device.type == "cuda" else "no CUDA graph on a CPU: the prepared call"
+        return _verdict(problems, [f"{how}, replayed on the {' and '.join(preps)} batches"])
 
     def _timed(self, calls, measured: dict):
         """(what calls() returned, None), or (None, the verdict its exception means); the time the
@@ -327,7 +369,10 @@ def refusal(backend: Backend, spec: CaseSpec, device: torch.device) -> Verdict |
 def refused_call(backend: Backend, spec: CaseSpec, device: torch.device) -> str | None:
     """Why the backend does not take a call the case must make: the one call over the whole batch,
     one of the calls of a path (which a decode-only kernel takes, token by token), or of a rollout."""
-    if spec.calls == "rollout":
+    if spec.calls == "graph":  # each batch the graph meets, as it reaches the backend (padding included)
+        calls = [("the captured batch", spec)] + [(f"the {name} replay", spec.replace(batch=batch))
+                                                  for name, batch in replays(spec.batch).items()]
+    elif spec.calls == "rollout":
         calls = zip(("the rollout's prompt prefill", "the rollout's decode steps", "the rollout's rescore prefill"),
                     Rollout.of(spec.batch).calls(spec))
     elif spec.calls in ("chunks", "tokens"):
@@ -364,6 +409,14 @@ _TWIN_CATEGORIES = {"chunks": Category.PATH_MISMATCH, "tokens": Category.PATH_MI
 def _judge(backend: Backend, case, prep: _Prepared, out, lse, measured: dict, twins=(), notes=()) -> Verdict:
     """Output, LSE and cache against the references, and the other calls against the judged one;
     the numbers go into `measured`."""
+    problems = _problems(backend, case, prep, out, lse, measured)
+    problems += _twins_differ(backend, twins, measured["tol"], measured)
+    return _verdict(problems, notes)
+
+
+def _problems(backend: Backend, case, prep: _Prepared, out, lse, measured: dict) -> list[tuple[Category, str]]:
+    """What is wrong with one call's output, LSE and cache against the references; the numbers go
+    into `measured`."""
     tolerance = backend.tolerance or DEFAULT_TOLERANCE
     c = compare(out, prep.ref.out, prep.ref_lowp.out, case.spec.dtype, tolerance)
     measured.update(err=c.err, ref_err=c.ref_err, tol=c.tol, ratio=c.ratio)
@@ -379,8 +432,7 @@ def _judge(backend: Backend, case, prep: _Prepared, out, lse, measured: dict, tw
         wrong = _cache_mismatch(got, writes, prep.inputs, case.poison)
         if wrong:
             problems.append((wrong[0], f"{name}: {wrong[1]}"))
-    problems += _twins_differ(backend, twins, c.tol, measured)
-    return _verdict(problems, notes)
+    return problems
 
 
 def _twins_differ(backend: Backend, twins: list[_Twin], tol: float, measured: dict) -> list[tuple[Category, str]]:

@@ -38,8 +38,10 @@ KV_LAYOUTS = ("nhd", "hnd", "combined_nhd", "combined_hnd")
 # replay), each a call over the same cache and compared with the one call; or "invariance": the
 # one call, then the batch reordered, halved and padded with empty sequences, and the same call
 # again, each sequence's rows compared with the one call's; or "rollout": a tiny LM generating
-# over the batch's prompts through the backend, then rescoring (conformance/rollout.py).
-CALLS = ("one", "chunks", "tokens", "invariance", "rollout")
+# over the batch's prompts through the backend, then rescoring (conformance/rollout.py); or "graph":
+# the call captured in a CUDA graph on the batch, then replayed on other batches of its shape
+# (conformance/graphs.py).
+CALLS = ("one", "chunks", "tokens", "invariance", "rollout", "graph")
 # Which blocks a sequence gets: a random pick from the pool ("shuffled"), or, as schedulers hand
 # them out under churn, "interleaved": block ids alternating between the batch's sequences, each
 # sequence's in decreasing order (so its new tokens' slots decrease across blocks).
@@ -295,6 +297,13 @@ class CaseSpec:
         _require(self.calls != "rollout" or plain_causal, "CaseSpec.calls", self.calls,
                  "a rollout runs a dense model of plain causal attention (no window, softcap, sinks, empty "
                  "sequences, fp8 cache, other layout or adversarial variant)")
+        if self.calls == "graph":
+            _require(self.kv_dtype == "auto", "CaseSpec.kv_dtype", self.kv_dtype,
+                     "must be 'auto' in a graph case (an fp8 scale is drawn per batch, and a replayed batch "
+                     "would need the captured one's)")
+            _require(not self.batch.shared_prefix_lens and self.batch.batch_size >= 2, "CaseSpec.batch", self.batch,
+                     "a graph case's batch needs 2 sequences or more and no shared prompts (its replays reverse "
+                     "and halve it)")
         for field, plain in self.heads.fixed_case_fields.items():
             _require(getattr(self, field) == plain, f"CaseSpec.{field}", getattr(self, field),
                      f"must be {plain!r} in a case whose heads are {type(self.heads).__name__} ({self.kind})")

@@ -24,7 +24,9 @@ BUGS = {
 
 class LatentTorch(MLABackend):
     description = "plain torch MLA, per sequence, both forms (self-test adapter)"
-    capabilities = Capabilities(features=frozenset({"causal"}), kv_dtypes=frozenset({"auto", "fp8_e4m3"}))
+    # Graph replays on the CPU only (the prepared call called again: graphs.py), with their padding.
+    capabilities = Capabilities(features=frozenset({"causal", "empty_sequences"}),
+                                kv_dtypes=frozenset({"auto", "fp8_e4m3"}), cuda_graphs=True)
 
     def __init__(self, bug: str | None = None):
         assert bug is None or bug in BUGS, bug

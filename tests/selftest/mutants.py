@@ -2,6 +2,7 @@
 each switches on one real bug class. The self-tests assert the suite catches every mutant."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -41,6 +42,7 @@ BUGS = {
                         "atomics), while it declares bit-exact runs",
     "chunks_forgotten": "a sequence attends the context it had when it first came, then only the new tokens of "
                         "the current call: the earlier chunks are forgotten",
+    "graph_keeps_seq_lens": "the prepared (captured) call keeps a copy of the first batch's sequence lengths",
 }
 # Bugs that only cases outside the cpu profile can show (its caches are megabytes): those cases.
 NEEDS = {"int32_offsets": "far_pages"}
@@ -48,10 +50,11 @@ NEEDS = {"int32_offsets": "far_pages"}
 
 class PagedTorch(Backend):
     description = "plain torch, per sequence, keys read through the block table (self-test adapter)"
-    # Each sequence alone, in float64: the same bits in any batch and on every run.
+    # Each sequence alone, in float64: the same bits in any batch and on every run. Its graph
+    # replays run on the CPU only (the prepared call called again: graphs.py).
     capabilities = Capabilities(kv_dtypes=frozenset({"auto", "fp8_e4m3"}), features=ALL_FEATURES,
                                 kv_layouts=ALL_KV_LAYOUTS, returns_lse=True,
-                                bit_exact=frozenset({"batch", "run_to_run"}))
+                                bit_exact=frozenset({"batch", "run_to_run"}), cuda_graphs=True)
 
     def __init__(self, bug: str | None = None):
         assert bug is None or bug in BUGS, bug
@@ -67,6 +70,12 @@ class PagedTorch(Backend):
             case.v_cache[at] = quantize(case.v_new, case.v_scale, case.v_cache.dtype)
         elif self.bug != "new_tokens_not_written":
             scatter_to_cache(case)
+
+    def prepare(self, case: Case):
+        if self.bug == "graph_keeps_seq_lens":
+            kept = dataclasses.replace(case, seq_lens=case.seq_lens.clone(), context_lens=case.context_lens.clone())
+            return lambda: self.run(kept)
+        return super().prepare(case)
 
     def run(self, case: Case):
         spec, bug = case.spec, self.bug

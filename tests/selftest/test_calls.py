@@ -1,10 +1,13 @@
-"""Many calls on one cache (conformance/calls.py): the calls cover every new token once, in order;
-a call over part of a batch is the batch's own data; the specs and declarations are checked."""
+"""Many calls on one cache (conformance/calls.py, graphs.py): the calls cover every new token once,
+in order; a call over part of a batch is the batch's own data; a graph's replays are loaded into the
+captured tensors, padded; the specs and declarations are checked."""
 import pytest
 import torch
 
 from conformance import BatchSpec, CaseSpec, HeadConfig, SpecError, make_inputs
 from conformance.calls import CHUNK_SIZES, call_spec, path, sub_case, token_rows, variants
+from conformance.graphs import PAD_SLOT, load, replays
+from conformance.paged import bits
 from conformance.registry import Backend, Capabilities, RegistryError, register_backend
 from conformance.runner import Runner, Status
 from conformance.tolerance import ulp_difference
@@ -96,3 +99,49 @@ def test_a_decode_only_backend_runs_a_prefill_token_by_token():
     assert "not compared with one call" in result.reason and result.calls_ulp is None
     chunks = runner.run(b, SPEC.replace(calls="chunks"))
     assert chunks.status == Status.SKIP and chunks.reason.startswith("call 1 of ")
+
+
+def test_a_graph_is_replayed_on_new_lengths_and_on_a_padded_batch():
+    got = replays(BATCH)
+    assert got["reversed"].seq_lens == (5, 0, 70, 9, 40)  # every slot a new length
+    assert got["padded"] == BatchSpec([40, 9, 70, 0, 0], [12, 9, 1, 0, 0])  # the tail: padding slots
+
+
+def test_a_replay_is_loaded_into_the_captured_tensors_padded():
+    """Its data in the leading part of each captured tensor, and past it: poison token rows, a NaN
+    output, no slot, the null block, length 0, poisoned blocks."""
+    static = make_inputs(SPEC.replace(calls="graph"), "cpu", 0).materialize()
+    padded = CaseSpec("t", replays(BATCH)["padded"], SPEC.heads, SPEC.dtype, 8)
+    replay = make_inputs(padded, "cpu", 1).materialize()
+    view = load(static, replay)
+    t, blocks = replay.q.shape[0], padded.pool_blocks
+    assert view.q.data_ptr() == static.q.data_ptr() and torch.equal(view.q, replay.q)
+    assert static.q[t:].isnan().all() and static.out.isnan().all()
+    assert (static.slot_mapping[t:] == PAD_SLOT).all()
+    assert torch.equal(static.seq_lens, replay.seq_lens) and torch.equal(static.query_start_loc, replay.query_start_loc)
+    assert (static.block_table[:, replay.block_table.shape[1]:] == 0).all()
+    assert torch.equal(bits(view.k_cache), bits(replay.k_cache)) and static.k_cache[blocks:].isnan().all()
+    with pytest.raises(SpecError, match=r"graph replay: q \(27, 4, 16\) does not fit the captured \(22, 4, 16\)"):
+        load(replay, static)  # the whole batch into the half one's tensors
+
+
+def test_graph_cases_and_declarations_are_checked():
+    with pytest.raises(SpecError, match="CaseSpec.kv_dtype = 'fp8_e4m3': must be 'auto' in a graph case"):
+        SPEC.replace(calls="graph", kv_dtype="fp8_e4m3")
+    with pytest.raises(SpecError, match="a graph case's batch needs 2 sequences or more"):
+        SPEC.replace(calls="graph", batch=BatchSpec([9], [1]))
+
+    class Captures(Backend):
+        name = "captures-without-padding"
+        capabilities = Capabilities(cuda_graphs=True)
+
+        def run(self, case):
+            return case.out
+
+    with pytest.raises(RegistryError, match="cuda_graphs needs 'empty_sequences' in features"):
+        register_backend(Captures)
+    import backends  # noqa: F401 - registers sdpa
+    from conformance import get_backend
+
+    result = Runner("cpu").run(get_backend("sdpa"), SPEC.replace(calls="graph"))
+    assert result.status == Status.SKIP and "no CUDA-graph replay (Capabilities.cuda_graphs)" in result.reason
