@@ -8,8 +8,9 @@ Protocol, one duplex pipe per worker: the worker answers "ready" (or "failed" an
 once its imports are done (`modules`, and those of the backends sent by name so far); then, per
 case, the parent sends (backend name, its module, pickled backend or None for "import its module
 and take it from your registry", spec) and the worker answers ("result", Result), after
-("admitted", None) if the case waited for GPU memory (the timeout counts from there). No answer
-within `timeout`: the worker is killed, TIMEOUT. The pipe closes without an answer: CRASH.
+("waiting", None) and ("admitted", None) if the case had to wait for GPU memory: no timeout runs
+while it waits (it waits only while other processes run big cases, which end or time out), the
+case's starts when it is admitted. No answer within `timeout`: the worker is killed, TIMEOUT. The pipe closes without an answer: CRASH.
 """
 from __future__ import annotations
 
@@ -85,8 +86,8 @@ class IsolatedRunner:
         except OSError:
             pass  # it died since its last case: the wait below sees that
         kind = "admitted"
-        while kind == "admitted":  # the time spent waiting for GPU memory is not the case's
-            if not wait([self._conn, self._proc.sentinel], self.timeout):
+        while kind in ("waiting", "admitted"):  # the time spent waiting for GPU memory is not the case's
+            if not wait([self._conn, self._proc.sentinel], None if kind == "waiting" else self.timeout):
                 _, tail = self._retire(kill=True)
                 return Result.of(who, failed(Category.TIMEOUT, f"no result within {self.timeout:g}s: the worker was "
                                                                f"killed; later cases run in a fresh worker{tail}",
@@ -205,6 +206,7 @@ def _worker(conn: Connection, device: str, base_seed: int, finite_poison: bool, 
         torch.set_num_threads(threads)  # as the parent: CPU reductions, and so the numbers, depend on it
         load_backends(modules)
         runner = Runner(device, base_seed, finite_poison=finite_poison)
+        runner.on_waiting = lambda: conn.send(("waiting", None))  # no timeout while it waits for memory
         runner.on_admitted = lambda: conn.send(("admitted", None))  # the case's timeout starts now
         if runner.device.type == "cuda":
             torch.ones(1, device=runner.device).sum().item()  # the context, before "ready"

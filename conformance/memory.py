@@ -114,11 +114,11 @@ class DeviceMemory:
         return cls(Path(tempfile.gettempdir()) / f"attention-conformance-gpu-{gpu}.ledger",
                    int(BUDGET_FRACTION * props.total_memory), lambda: torch.cuda.mem_get_info(device)[0])
 
-    def admit(self, need: int) -> bool:
+    def admit(self, need: int, on_wait=lambda: None) -> bool:
         """Claim `need` bytes for the case about to run, waiting while the big cases other processes
         are running leave no room, in the budget or in what the GPU has free (where their claims
         count in full: some of it they may not have allocated yet). A small case runs under the idle
-        claim without waiting. True when it waited."""
+        claim without waiting. on_wait() is called once, when it starts to wait. True when it waited."""
         if need <= IDLE_CLAIM:
             self._set((IDLE_CLAIM, False))
             return False
@@ -131,6 +131,8 @@ class DeviceMemory:
                 if fits or not running:
                     claims[self.pid] = self.claim = (need, True)
                     return waited
+            if not waited:
+                on_wait()
             waited = True
             time.sleep(POLL_SECONDS)
 

@@ -70,7 +70,8 @@ def read_json(path: str) -> tuple[dict, list[Result]]:
     return data, results
 
 
-CALLS_LEGEND = ("a row's cases in chunks or token by token, or in other batches and again; u = the largest "
+CALLS_LEGEND = ("a row's cases in chunks or token by token, in other batches and again, as a rollout, or "
+                "captured in a CUDA graph and replayed on other batches; u = the largest "
                 "difference from one call over the whole batch, in ULPs at the output's scale; nd = cases whose "
                 "same call, made twice, gave other bits.")
 

@@ -147,7 +147,8 @@ class Runner:
         self._keep = keep
         self._prepared: OrderedDict[tuple, _Prepared] = OrderedDict()
         self.memory = DeviceMemory.of(self.device) if self.device.type == "cuda" else None
-        self.on_admitted = lambda: None  # called when a case got its GPU memory after waiting for it
+        self.on_waiting = lambda: None  # called when a case starts to wait for GPU memory ...
+        self.on_admitted = lambda: None  # ... and when it got it
 
     def prepared(self, spec: CaseSpec) -> _Prepared:
         key = (spec, self.base_seed)
@@ -181,7 +182,7 @@ class Runner:
         measured = {}
         if self.memory:
             measured["memory_estimate"] = case_bytes(spec)
-            if self.memory.admit(measured["memory_estimate"]):  # waits for room on the GPU
+            if self.memory.admit(measured["memory_estimate"], self.on_waiting):  # waits for room on the GPU
                 self.on_admitted()
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()  # the harness's time starts once the case has its memory

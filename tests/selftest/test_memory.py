@@ -21,10 +21,11 @@ def test_a_big_case_waits_while_another_runs_one_and_not_for_idle_claims(tmp_pat
     path, a, b = _two(tmp_path)
     a.admit(7 * GiB)  # a runs a big case
     b.admit(GiB)  # a small case never waits
-    waiter = threading.Thread(target=b.admit, args=(5 * GiB,))
+    waits = []
+    waiter = threading.Thread(target=b.admit, args=(5 * GiB, lambda: waits.append(1)))
     waiter.start()
     time.sleep(1.0)
-    assert waiter.is_alive()  # 7 + 5 GiB > 10 while a's case runs
+    assert waiter.is_alive() and waits == [1]  # 7 + 5 GiB > 10 while a's case runs; it said so, once
     a.settle(4 * GiB)  # a's case ended; it still holds 4 GiB of prepared inputs, but runs nothing
     waiter.join(5)
     assert not waiter.is_alive()
