@@ -1,0 +1,169 @@
+"""The contract of a KV-cache manager (managers.py), as a hypothesis rule-based state machine.
+
+Random interleavings of admit, append, fork, finish, abort and exhaustion run against a manager and
+a model of what the engine wrote where: each written token gets an id, stored in a simulated cache
+at the slot the manager's block table gives it (block copies the manager asks for are made first).
+After every step:
+
+- every request's table holds ceil(tokens / block_size) distinct blocks, in range;
+- a block's reference count equals the requests that hold it; free + held = all blocks;
+- every token of every request reads back what was written for it, through its table (a block
+  handed out twice, freed too early or written while shared shows here, as attention would see it);
+- a write goes only into a block its request holds alone (a shared partial block is copied first);
+- an allocation that raises OutOfBlocks changed nothing;
+- and when every request has ended (a step of its own), every block is free.
+
+Runs are derandomized (the same examples on every run), and hypothesis shrinks a failure to a short
+sequence of steps that it prints as a script (`state = ...; state.admit(n=5) ...`) to replay it.
+How many runs and steps: the "ci" or "nightly" settings profile (PROFILES; pytest
+--hypothesis-profile=nightly).
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+from hypothesis import Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, multiple, rule
+
+from .managers import KVCacheManager, OutOfBlocks
+
+NUM_BLOCKS, BLOCK_SIZE = 12, 4  # a pool of 48 slots: exhaustion comes within a few steps
+_PHASES = (Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink)  # no "explain": slow, and the steps say it
+PROFILES = {
+    "conformance": settings(max_examples=300, stateful_step_count=50, deadline=None, derandomize=True, phases=_PHASES),
+    "conformance-nightly": settings(max_examples=5000, stateful_step_count=100, deadline=None, derandomize=True,
+                                    phases=_PHASES),
+}
+
+
+def contract(manager: type[KVCacheManager], num_blocks: int = NUM_BLOCKS, block_size: int = BLOCK_SIZE):
+    """The state machine (a RuleBasedStateMachine subclass) that holds `manager` to the contract;
+    run it with hypothesis.stateful.run_state_machine_as_test."""
+    bs = block_size
+
+    class ManagerContract(RuleBasedStateMachine):
+        requests = Bundle("requests")
+
+        def __init__(self):
+            super().__init__()
+            self.manager = manager(num_blocks, block_size)
+            self.tokens: dict[int, list[int]] = {}  # request -> the ids of the tokens it holds, in order
+            self.cache: dict[tuple[int, int], int] = {}  # (block, slot) -> the token id last written there
+            self.ids = iter(range(10**9))
+
+        @rule(target=requests, n=st.integers(1, 3 * bs))
+        def admit(self, n):
+            request = next(self.ids)
+            return request if self._write(request, n) else multiple()
+
+        # A request that ended (in end_all) may still be drawn: then the step does nothing.
+        @rule(request=requests, n=st.integers(1, 2 * bs))
+        def append(self, request, n):
+            if request in self.tokens:
+                self._write(request, n)
+
+        @rule(target=requests, parent=requests)
+        def fork(self, parent):
+            if parent not in self.tokens:
+                return multiple()
+            child = next(self.ids)
+            self.manager.fork(parent, child)
+            self.tokens[child] = list(self.tokens[parent])
+            return child
+
+        @rule(request=consumes(requests))
+        def finish(self, request):
+            if request in self.tokens:
+                self._free(request)
+
+        @rule(request=consumes(requests), n=st.integers(1, 2 * bs))
+        def abort(self, request, n):
+            """Freed in the middle of a step: its new blocks allocated, nothing written yet."""
+            if request in self.tokens:
+                self._allocate(request, n)
+                self._free(request)
+
+        @rule()
+        def end_all(self):
+            """Every request ends: every block must be free again."""
+            for r in list(self.tokens):
+                self._free(r)
+            free = self.manager.num_free_blocks()
+            assert free == num_blocks, f"every request freed, but {free} of {num_blocks} blocks are free"
+
+        @invariant()
+        def every_block_is_accounted_for(self):
+            tables = {r: self.manager.block_table(r) for r in self.tokens}
+            holders = Counter(b for t in tables.values() for b in t)
+            for r, t in tables.items():
+                want = -(-len(self.tokens[r]) // bs)
+                assert len(t) == want, f"request {r}: {len(t)} blocks for {len(self.tokens[r])} tokens (must be {want})"
+                assert len(set(t)) == len(t), f"request {r}'s block table holds a block twice: {t}"
+                assert all(0 <= b < num_blocks for b in t), f"request {r}'s block table {t}: ids must be 0..{num_blocks - 1}"
+            for b in range(num_blocks):
+                refs = self.manager.ref_count(b)
+                assert refs == holders[b], f"block {b}: ref_count {refs}, but {holders[b]} requests hold it"
+            free = self.manager.num_free_blocks()
+            assert free + len(holders) == num_blocks, f"{free} free + {len(holders)} held blocks != {num_blocks}"
+
+        @invariant()
+        def every_token_reads_back(self):
+            for r, held in self.tokens.items():
+                table = self.manager.block_table(r)
+                for p, token in enumerate(held):
+                    at = (table[p // bs], p % bs)
+                    got = self.cache.get(at)
+                    assert got == token, (f"request {r} token {p} reads token {got} from block {at[0]} slot {at[1]}, "
+                                          f"not its own ({token})")
+
+        def _allocate(self, request: int, n: int) -> list[tuple[int, int]] | None:
+            """The manager's allocate, its copies made in the cache; None when it ran out of blocks
+            (and then nothing may have changed)."""
+            before = self._state()
+            try:
+                copies = self.manager.allocate(request, n)
+            except OutOfBlocks:
+                after = self._state()
+                assert after == before, f"allocate({request}, {n}) raised OutOfBlocks but changed the manager: " \
+                                        f"{_changes(before, after)}"
+                return None
+            for src, dst in copies:
+                for slot in range(bs):
+                    if (src, slot) in self.cache:
+                        self.cache[dst, slot] = self.cache[src, slot]
+            return copies
+
+        def _write(self, request: int, n: int) -> bool:
+            """Room for n more tokens, then their ids into the slots the table gives them."""
+            if self._allocate(request, n) is None:
+                return False
+            held = self.tokens.setdefault(request, [])
+            table = self.manager.block_table(request)
+            assert len(table) * bs >= len(held) + n, f"allocate({request}, {n}): {len(table)} blocks for " \
+                                                     f"{len(held) + n} tokens"
+            for p in range(len(held), len(held) + n):
+                block = table[p // bs]
+                refs = self.manager.ref_count(block)
+                assert refs == 1, (f"request {request} writes token {p} into block {block}, which {refs} requests "
+                                   "hold: a shared block must be copied before a write")
+                token = next(self.ids)
+                self.cache[block, p % bs] = token
+                held.append(token)
+            return True
+
+        def _free(self, request: int) -> None:
+            self.manager.free(request)
+            self.tokens.pop(request, None)
+
+        def _state(self):
+            return (self.manager.num_free_blocks(), {r: self.manager.block_table(r) for r in self.tokens},
+                    [self.manager.ref_count(b) for b in range(num_blocks)])
+
+    ManagerContract.__name__ = f"Contract_{manager.name.replace('-', '_')}"
+    return ManagerContract
+
+
+def _changes(before, after) -> str:
+    names = ("free blocks", "block tables", "reference counts")
+    return "; ".join(f"{n}: {b} -> {a}" for n, b, a in zip(names, before, after) if a != b)

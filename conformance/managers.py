@@ -1,0 +1,98 @@
+"""KV-cache managers: the half of a paged KV backend that hands out the blocks.
+
+A manager adapter wraps an engine's block manager behind one small protocol, what vLLM's v1
+KVCacheManager / BlockPool, SGLang's token-to-KV allocator and a GRPO rollout's block manager have in
+common: room for a request's next tokens (admitting it on its first call), a fork that shares a
+request's blocks with a new one, freeing a request, its block table, the free blocks and a block's
+reference count. Blocks are ids 0..num_blocks-1 of `block_size` token slots each; token p of a
+request lives in slot p % block_size of block block_table[p // block_size].
+
+Adapters register like attention backends: the built-in ones in `backends/kv_managers.py` (the
+`backends` package imports it), other packages' through the entry-point group below. `conformance.manager_checks` tests them.
+"""
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+
+ENTRY_POINT_GROUP = "attention_conformance.managers"
+
+
+class OutOfBlocks(Exception):
+    """Raised by allocate() when the free blocks do not cover the request: nothing may have changed."""
+
+
+class KVCacheManager:
+    """Base class of manager adapters. Subclasses set `name` and implement every method below.
+    A manager is made fresh for each test, `cls(num_blocks, block_size)`; request ids are ints."""
+
+    name: str = ""
+    description: str = ""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_blocks, self.block_size = num_blocks, block_size
+
+    def allocate(self, request: int, num_tokens: int) -> list[tuple[int, int]]:
+        """Room for `num_tokens` (>= 1) more tokens of `request`, admitting it if new. Returns the
+        block copies (src, dst) the engine must make before it writes them: a block that other
+        requests share (a forked prompt's partial last block) is never written, it is copied first
+        (copy-on-write) and the request's table then holds the copy. Raises OutOfBlocks, changing
+        nothing, if the free blocks do not cover the new blocks and copies."""
+        raise NotImplementedError
+
+    def fork(self, parent: int, child: int) -> None:
+        """A new request `child` holding `parent`'s tokens: the same blocks, shared (reference
+        counts up), until one of them writes into a shared one (allocate copies it then)."""
+        raise NotImplementedError
+
+    def free(self, request: int) -> None:
+        """The request is done (finished or aborted): each of its blocks loses a reference, and a
+        block nobody references any more is free again."""
+        raise NotImplementedError
+
+    def block_table(self, request: int) -> list[int]:
+        """The request's blocks in token order: ceil(tokens / block_size) of them."""
+        raise NotImplementedError
+
+    def num_free_blocks(self) -> int:
+        raise NotImplementedError
+
+    def ref_count(self, block: int) -> int:
+        """How many requests hold `block` (0: free)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<manager {self.name}>"
+
+
+_MANAGERS: dict[str, type[KVCacheManager]] = {}
+_loaded = False
+
+
+def register_manager(cls: type[KVCacheManager]) -> type[KVCacheManager]:
+    """Register a KVCacheManager subclass (usable as a class decorator). Returns it unchanged."""
+    if not (isinstance(cls, type) and issubclass(cls, KVCacheManager)):
+        raise ValueError(f"register_manager({cls!r}): must be a KVCacheManager subclass")
+    if not cls.name or not all(c.isalnum() or c in "-_" for c in cls.name):
+        raise ValueError(f"manager name = {cls.name!r}: must be non-empty, letters, digits, '-' and '_' only")
+    other = _MANAGERS.get(cls.name)
+    if other is not None and other.__qualname__ != cls.__qualname__:
+        raise ValueError(f"manager name = {cls.name!r}: already registered by {other.__qualname__}")
+    _MANAGERS[cls.name] = cls
+    return cls
+
+
+def load_managers(modules: tuple[str, ...] = ()) -> dict[str, type[KVCacheManager]]:
+    """The registered managers, after those of installed packages (entry points) and `modules`
+    (the built-in ones register when the `backends` package is imported). A plugin that fails to
+    load raises: a manager test must not silently shrink."""
+    global _loaded
+    if not _loaded:
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            obj = ep.load()
+            if isinstance(obj, type) and issubclass(obj, KVCacheManager):
+                register_manager(obj)
+        _loaded = True
+    for module in modules:
+        importlib.import_module(module)
+    return dict(_MANAGERS)

@@ -1,0 +1,61 @@
+"""Broken copies of the reference KV-cache manager (backends/kv_managers.py), one bug class each.
+The self-tests assert the manager contract (conformance/manager_checks.py) catches every one."""
+from __future__ import annotations
+
+from backends.kv_managers import RefCountedBlocks
+from conformance import OutOfBlocks
+
+BUGS = {
+    "double_free": "free() releases the request's last block twice",
+    "fork_without_reference": "fork shares the parent's blocks without counting the new references",
+    "no_copy_on_write": "a write into a shared partial block goes into the shared block itself",
+    "free_loses_new_blocks": "free() does not return the blocks of the request's latest allocation (an abort "
+                             "mid-step loses them)",
+    "half_allocated_on_exhaustion": "allocate that runs out of blocks raises only after taking every free one",
+}
+
+
+class BrokenBlocks(RefCountedBlocks):
+    bug = ""
+
+    def allocate(self, request, num_tokens):
+        if self.bug == "half_allocated_on_exhaustion":
+            try:
+                return super().allocate(request, num_tokens)
+            except OutOfBlocks:  # ... after taking what was left
+                self._tokens.setdefault(request, 0)
+                self._tables.setdefault(request, []).extend(self._take() for _ in range(len(self._free)))
+                raise
+        before = len(self._tables.get(request, []))
+        copies = super().allocate(request, num_tokens)
+        if self.bug == "no_copy_on_write":  # undo the copy: the shared block stays in the table
+            for src, dst in copies:
+                table = self._tables[request]
+                table[table.index(dst)] = src
+                self._refs[src] += 1
+                self._release(dst)
+            copies = []
+        self._latest = getattr(self, "_latest", {})
+        self._latest[request] = self._tables[request][before:]
+        return copies
+
+    def fork(self, parent, child):
+        super().fork(parent, child)
+        if self.bug == "fork_without_reference":
+            for block in self._tables[child]:
+                self._refs[block] -= 1
+
+    def free(self, request):
+        table = self._tables[request]
+        if self.bug == "free_loses_new_blocks":
+            kept = getattr(self, "_latest", {}).get(request, [])
+            self._tables[request] = [b for b in table if b not in kept]
+        elif self.bug == "double_free":
+            self._release(table[-1])
+        super().free(request)
+
+
+def mutant(bug: str) -> type[RefCountedBlocks]:
+    assert bug in BUGS, bug
+    return type(f"Broken_{bug}", (BrokenBlocks,), {"bug": bug, "name": f"mutant-{bug.replace('_', '-')}",
+                                                 "description": BUGS[bug]})

@@ -1,0 +1,21 @@
+"""Every rule of the manager contract catches the bug it exists for: each broken manager fails it,
+and the failure comes with the shrunk steps as a script to replay."""
+import pytest
+
+hypothesis = pytest.importorskip("hypothesis", reason="the manager contract runs on hypothesis (pip install hypothesis)")
+
+import manager_mutants  # noqa: E402
+from hypothesis.stateful import run_state_machine_as_test  # noqa: E402
+
+from conformance.manager_checks import contract  # noqa: E402
+
+
+@pytest.mark.parametrize("bug", manager_mutants.BUGS)
+def test_manager_mutant_is_caught(bug, record_property):
+    broken = manager_mutants.mutant(bug)
+    record_property("mutant", broken.name)
+    with pytest.raises(Exception) as failure:
+        run_state_machine_as_test(contract(broken))
+    found = getattr(failure.value, "exceptions", [failure.value])  # hypothesis may find several distinct failures
+    script = "\n".join(note for e in found for note in getattr(e, "__notes__", []))
+    assert "state = " in script and "state.teardown()" in script, script  # the steps, replayable
