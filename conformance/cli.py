@@ -1,5 +1,5 @@
 """`python -m conformance run`: every registered backend over a profile on this machine's device.
-`python -m conformance list`: backends (with availability) and scenarios.
+`python -m conformance list`: backends (with availability), KV-cache managers and scenarios.
 `python -m conformance report A.json [B.json.xz ...]`: several JSON reports as one Markdown table.
 `python -m conformance bench --scenario large_decode --backend triton,flashinfer-decode-fa2`: latency and GB/s.
 `python -m conformance warm-up --backend flashinfer-prefill-fa2 -j 8`: only build JIT-compiled kernels.
@@ -16,6 +16,7 @@ from fixtures import CATALOG
 
 from .bench import bench, format_bench
 from .config import RunConfig, add_run_options, add_selection_options
+from .managers import load_managers
 from .matrix import default_device, default_profile, split_names
 from .registry import RegistryError, load_backends, select_backends
 from .report import BAD, environment, flake_summary, format_table, read_json, summarize, write_json
@@ -60,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="backend(s) the 'vs' column compares with: the first that passed on a case")
     b.add_argument("--json", default="", help="also write the rows as JSON here")
     b.add_argument("--load", action="append", default=[], help="also import this adapter module")
-    lst = sub.add_parser("list", help="list registered backends and scenarios")
+    lst = sub.add_parser("list", help="list registered backends, KV-cache managers and scenarios")
     lst.add_argument("--load", action="append", default=[], help="also import this adapter module")
     return p
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         return _flakes(args.reports) if args.flakes else _report(args.reports, args.json)
     if args.command == "list":
-        return _list(load_backends(tuple(args.load)))
+        return _list(load_backends(tuple(args.load)), load_managers())
     if args.command == "bench":
         return _bench(args)
     try:
@@ -168,12 +169,15 @@ def _report(paths: list[str], merged_path: str = "") -> int:
     return 1 if any(r.status in BAD for r in results) else 0
 
 
-def _list(backends) -> int:
+def _list(backends, managers) -> int:
     device = default_device()
     for name, b in sorted(backends.items()):
         wrong_device = device.type not in b.capabilities.devices
         why = b.unavailable() or (f"needs {sorted(b.capabilities.devices)}" if wrong_device else None)
         print(f"{name:16} {'ok' if not why else 'unavailable: ' + why:40} {b.description}")
+    print()
+    for name, m in sorted(managers.items()):
+        print(f"{name:16} {'KV-cache manager':40} {m.description}")
     print()
     for s in CATALOG.scenarios.values():
         cpu = "cpu+gpu" if s.cpu else "gpu only"

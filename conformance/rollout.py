@@ -7,13 +7,17 @@ unembedding. A case's batch gives the prompts and the samples: P prompts of shar
 tokens (without sharing, each sequence's context is its own prompt) and, per sample, seq_len -
 prompt tokens to generate. Through the backend:
 
-- rollout: one prefill call per layer over the P prompts; each prompt's full blocks are then
-  shared by its G samples and its partial last block copied (copy-on-write); then decode calls, one
-  token per sample, each sample leaving the batch when its tokens are in. The tokens are the
-  argmax of the log-probabilities plus seeded Gumbel noise (sampling with a fixed draw: the G
-  samples of a prompt differ, and a run is reproducible); each token's log-probability is kept.
-- rescore: one prefill call per layer over every sample's prompt + generated tokens, on a fresh
-  cache, giving the same tokens' log-probabilities again.
+- rollout: one prefill call per layer over the P prompts; each prompt is then forked into its G
+  samples, which share its blocks (a partly filled last one is copied when a sample first writes
+  into it: copy-on-write); then decode calls, one token per sample, each sample leaving the batch
+  (and freeing its blocks) when its tokens are in. The tokens are the argmax of the
+  log-probabilities plus seeded Gumbel noise (sampling with a fixed draw: the G samples of a
+  prompt differ, and a run is reproducible); each token's log-probability is kept.
+- rescore: one prefill call per layer over every sample's prompt + generated tokens, as new
+  requests in the blocks the rollout freed, giving the same tokens' log-probabilities again.
+
+A KV-cache manager (managers.py; the suite's own unless the runner is given another) hands out
+every block, so a manager runs end to end here: a manager bug shows as wrong log-probabilities.
 
 The truth is the same model in float64 with the reference's attention (explicit masks, logical
 K/V), teacher-forced on the generated tokens; the noise that calibrates the tolerance is the model
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .managers import RefCountedBlocks
 from .paged import Case, _allocate_cache, bits, poison_value
 from .reference import attend, precision_of
 from .spec import BatchSpec, CaseSpec
@@ -167,24 +172,32 @@ def reference_logprobs(lm: TinyLM, seqs: list[torch.Tensor], dtype: torch.dtype,
 
 
 class PagedModel:
-    """The model's caches and block tables for one backend: one paged K/V cache per layer, blocks
-    handed out from a shuffled pool (block 0 is the null block)."""
+    """The model's caches for one backend, one paged K/V cache per layer, whose blocks a KV-cache
+    manager (managers.py) hands out: its block b is cache block pages[b], a shuffled pick past the
+    null block 0, so tables are never contiguous whatever order the manager takes blocks in."""
 
-    def __init__(self, backend, lm: TinyLM, num_blocks: int, device: torch.device, gen: torch.Generator):
+    def __init__(self, backend, lm: TinyLM, manager, device: torch.device, gen: torch.Generator):
         spec = lm.spec
-        self.backend, self.lm, self.spec = backend, lm, spec
+        self.backend, self.lm, self.spec, self.manager = backend, lm, spec, manager
         self.poison = poison_value(spec.cache_dtype, backend.finite_poison)
-        self.caches = [_allocate_cache(spec, num_blocks, self.poison, device)[:2] for _ in range(LAYERS)]
-        self.free = (torch.randperm(num_blocks - 1, generator=gen, device=device) + 1).tolist()
+        self.caches = [_allocate_cache(spec, 1 + manager.num_blocks, self.poison, device)[:2] for _ in range(LAYERS)]
+        self.pages = (torch.randperm(manager.num_blocks, generator=gen, device=device) + 1).tolist()
 
-    def blocks(self, n: int) -> list[int]:
-        return [self.free.pop() for _ in range(n)]
+    def allocate(self, request: int, n: int) -> None:
+        """Room for n more tokens of the request; the block copies the manager asks for, made."""
+        for src, dst in self.manager.allocate(request, n):
+            for k, v in self.caches:
+                k[self.pages[dst]], v[self.pages[dst]] = k[self.pages[src]], v[self.pages[src]]
 
-    def step(self, tokens, positions, tables: list[list[int]], seq_lens: list[int], query_lens: list[int], call):
-        """One call per layer: the new tokens (packed) of sequences with these block tables and
-        lengths. call(backend, case) runs the backend (the runner's checked call)."""
+    def table(self, request: int) -> list[int]:
+        return [self.pages[b] for b in self.manager.block_table(request)]
+
+    def step(self, tokens, positions, requests: list[int], seq_lens: list[int], query_lens: list[int], call):
+        """One call per layer: the new tokens (packed) of these requests, whose tables and lengths the
+        manager holds. call(backend, case) runs the backend (the runner's checked call)."""
         spec, bs, dev = self.spec, self.spec.block_size, tokens.device
         one = spec.replace(batch=BatchSpec(seq_lens, query_lens), calls="one")
+        tables = [self.table(r) for r in requests]
         width = max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev)
         seq = torch.repeat_interleave(torch.arange(len(tables), device=dev), torch.tensor(query_lens, device=dev))
@@ -240,58 +253,72 @@ class Scores:
     divergence: tuple[int, int, float] | None
 
 
-def roll_out(backend, spec: CaseSpec, device: torch.device, seed: int, call) -> Generated:
-    """Generate through `backend` and rescore through it. call(backend, case) -> (out, lse) runs
-    one checked call."""
+def roll_out(backend, spec: CaseSpec, device: torch.device, seed: int, call, manager=RefCountedBlocks) -> Generated:
+    """Generate through `backend` and rescore through it, the blocks handed out by a `manager` (a
+    KVCacheManager class). call(backend, case) -> (out, lse) runs one checked call."""
     gen = torch.Generator(device=device).manual_seed(seed)
     lm = TinyLM(spec, device, seed)
     r = Rollout.of(spec.batch)
     bs = spec.block_size
     prompts = [torch.randint(VOCAB, (n,), generator=gen, device=device) for n in r.prompt_lens]
     noise = gumbel(len(r.prompt_of), max(r.generated), device, gen)
-
-    # The rollout: the prompts' prefill, their full blocks shared and the partial one copied, then decode.
+    seq_lens = [r.prompt_lens[p] + n - 1 for p, n in zip(r.prompt_of, r.generated)]  # what the rescore reads
+    # Requests: the prompts 0..P-1, the samples P.., the rescore's P + S..
+    prompt_ids, sample_ids = range(len(prompts)), range(len(prompts), len(prompts) + len(r.prompt_of))
+    rescore_ids = [len(prompts) + len(r.prompt_of) + s for s in range(len(r.prompt_of))]
+    # The most blocks held at once: the prompts and each sample's own (its copy of a partial prompt
+    # block, its new tokens) during the rollout, or every sample whole in the rescore.
     own = [math.ceil((r.prompt_lens[p] % bs + n) / bs) for p, n in zip(r.prompt_of, r.generated)]
-    model = PagedModel(backend, lm, 1 + sum(math.ceil(n / bs) for n in r.prompt_lens) + sum(own), device, gen)
-    prompt_tables = [model.blocks(math.ceil(n / bs)) for n in r.prompt_lens]
+    need = max(sum(math.ceil(n / bs) for n in r.prompt_lens) + sum(own), sum(math.ceil(n / bs) for n in seq_lens))
+    model = PagedModel(backend, lm, manager(need, bs), device, gen)
+
+    # The rollout: the prompts' prefill; each prompt forked into its samples (its blocks shared, a
+    # partly filled last one copied at a sample's first write) and ended; then decode, each sample
+    # ending when its tokens are in.
+    for p, n in zip(prompt_ids, r.prompt_lens):
+        model.allocate(p, n)
     lp = model.step(torch.cat(prompts), torch.cat([torch.arange(n, device=device) for n in r.prompt_lens]),
-                    prompt_tables, list(r.prompt_lens), list(r.prompt_lens), call)
+                    list(prompt_ids), list(r.prompt_lens), list(r.prompt_lens), call)
     last_rows = torch.tensor(r.prompt_lens, device=device).cumsum(0) - 1
-    shared = [b for p, t in enumerate(prompt_tables) for b in t[:r.prompt_lens[p] // bs]]
+    shared = [b for p in prompt_ids for b in model.table(p)[:r.prompt_lens[p] // bs]]
     before = [(k[shared].clone(), v[shared].clone()) for k, v in model.caches]
-    tables = []
-    for s, p in enumerate(r.prompt_of):
-        full, blocks = r.prompt_lens[p] // bs, model.blocks(own[s])
-        if r.prompt_lens[p] % bs:  # copy-on-write of the prompt's partly filled last block
-            for k, v in model.caches:
-                k[blocks[0]], v[blocks[0]] = k[prompt_tables[p][full]], v[prompt_tables[p][full]]
-        tables.append(prompt_tables[p][:full] + blocks)
+    for s, p in zip(sample_ids, r.prompt_of):
+        model.manager.fork(p, s)
+    for p in prompt_ids:
+        model.manager.free(p)
     first = lp[last_rows[list(r.prompt_of)]]  # [S, V]: each sample's first token, from its prompt's last row
     tokens = [[int(t)] for t in torch.argmax(first + noise[:, 0], -1)]
     rollout = [[float(first[s, tokens[s][0]])] for s in range(len(tokens))]
-    for step in range(1, max(r.generated)):
+    for step in range(1, max(r.generated) + 1):
+        for s, n in enumerate(r.generated):
+            if n == step:  # its last token is chosen: it leaves, and its blocks go back
+                model.manager.free(sample_ids[s])
         live = [s for s, n in enumerate(r.generated) if n > step]
+        if not live:
+            break
         pos = [r.prompt_lens[r.prompt_of[s]] + step - 1 for s in live]  # where the last token goes
+        for s in live:
+            model.allocate(sample_ids[s], 1)
         lp = model.step(torch.tensor([tokens[s][-1] for s in live], device=device), torch.tensor(pos, device=device),
-                        [tables[s] for s in live], [p + 1 for p in pos], [1] * len(live), call)
+                        [sample_ids[s] for s in live], [p + 1 for p in pos], [1] * len(live), call)
         picks = torch.argmax(lp + noise[live, step], -1).tolist()
         for i, s in enumerate(live):
             tokens[s].append(picks[i])
             rollout[s].append(float(lp[i, picks[i]]))
     shared_overwritten = sum(int((bits(now[shared]) != bits(was)).reshape(len(shared), bs, -1).any(-1).sum())
                              for layer, old in zip(model.caches, before) for now, was in zip(layer, old))
-    del model
 
-    # The rescore: every sample's prompt and generated tokens (but the last) in one prefill, on a fresh cache.
+    # The rescore: new requests, every sample's prompt and generated tokens (but the last) in one
+    # prefill, in blocks the rollout's requests held before (stale data that must not be read).
     seqs = [torch.cat([prompts[p], torch.tensor(t[:-1], dtype=torch.int64, device=device)])
             for p, t in zip(r.prompt_of, tokens)]
-    lens = [len(x) for x in seqs]
-    model = PagedModel(backend, lm, 1 + sum(math.ceil(n / bs) for n in lens), device, gen)
-    lp = model.step(torch.cat(seqs), torch.cat([torch.arange(n, device=device) for n in lens]),
-                    [model.blocks(math.ceil(n / bs)) for n in lens], lens, lens, call)
+    for request, n in zip(rescore_ids, seq_lens):
+        model.allocate(request, n)
+    lp = model.step(torch.cat(seqs), torch.cat([torch.arange(n, device=device) for n in seq_lens]),
+                    rescore_ids, seq_lens, seq_lens, call)
     del model
     # Row of each generated token's prediction: its sample's prompt's last position on.
-    starts = [0, *torch.tensor(lens).cumsum(0).tolist()]
+    starts = [0, *torch.tensor(seq_lens).cumsum(0).tolist()]
     rows = torch.tensor([starts[s] + r.prompt_lens[p] - 1 + i for s, (p, t) in enumerate(zip(r.prompt_of, tokens))
                          for i in range(len(t))], device=device)
     chosen = torch.tensor([x for t in tokens for x in t], device=device)

@@ -14,6 +14,7 @@ import torch
 from .calls import call_spec, path, sub_case, token_rows, variants
 from .graphs import Captured, load, replays
 from .kinds import kind_of, make_inputs, reference_attention
+from .managers import KVCacheManager, RefCountedBlocks
 from .memory import SMALL_CASE, DeviceMemory, case_bytes, shrink_local_memory, too_big
 from .paged import Pages, PagedBatch, bits
 from .reference import Reference
@@ -137,12 +138,13 @@ class Runner:
     (memory.DeviceMemory), so processes sharing the GPU wait for room instead of running out."""
 
     def __init__(self, device: str | torch.device = "cpu", base_seed: int = 0, keep: int = 2,
-                 finite_poison: bool = False):
+                 finite_poison: bool = False, manager: type[KVCacheManager] = RefCountedBlocks):
         self.device = torch.device(device)
         self.base_seed = base_seed
         # Poison unused cache slots with a large finite value for every backend, not NaN: then only
         # reads that change the output fail (a backend's own finite_poison says the same for itself).
         self.finite_poison = finite_poison
+        self.manager = manager  # what hands out the blocks of rollouts (managers.py)
         self.results: list[Result] = []  # every result of this runner, in order (reports are written from it)
         self._keep = keep
         self._prepared: OrderedDict[tuple, _Prepared] = OrderedDict()
@@ -221,8 +223,8 @@ class Runner:
 
     def _roll_out(self, backend: Backend, spec: CaseSpec, measured: dict, t0: float) -> Verdict:
         """The tiny LM's rollout and rescore through the backend, judged against the float64 model."""
-        got, refused = self._timed(lambda: roll_out(backend, spec, self.device, spec.seed(self.base_seed), self._call),
-                                   measured)
+        got, refused = self._timed(lambda: roll_out(backend, spec, self.device, spec.seed(self.base_seed), self._call,
+                                                    self.manager), measured)
         if refused:
             return refused
         verdict = _judge_rollout(backend, spec, got, score(got), measured)

@@ -1,9 +1,9 @@
-"""Broken copies of the reference KV-cache manager (backends/kv_managers.py), one bug class each.
+"""Broken copies of the reference KV-cache manager (conformance.managers.RefCountedBlocks), one bug class each.
 The self-tests assert the manager contract (conformance/manager_checks.py) catches every one."""
 from __future__ import annotations
 
-from backends.kv_managers import RefCountedBlocks
 from conformance import OutOfBlocks
+from conformance.managers import RefCountedBlocks
 
 BUGS = {
     "double_free": "free() releases the request's last block twice",

@@ -1,5 +1,6 @@
 """Every rule of the manager contract catches the bug it exists for: each broken manager fails it,
-and the failure comes with the shrunk steps as a script to replay."""
+and the failure comes with the shrunk steps as a script to replay. A bug that corrupts what
+attention reads also shows end to end, as wrong log-probabilities of a rollout."""
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis", reason="the manager contract runs on hypothesis (pip install hypothesis)")
@@ -7,7 +8,9 @@ hypothesis = pytest.importorskip("hypothesis", reason="the manager contract runs
 import manager_mutants  # noqa: E402
 from hypothesis.stateful import run_state_machine_as_test  # noqa: E402
 
+from conformance import Category, Runner, Status, get_backend  # noqa: E402
 from conformance.manager_checks import contract  # noqa: E402
+from fixtures import MANAGER_ROLLOUT  # noqa: E402
 
 
 @pytest.mark.parametrize("bug", manager_mutants.BUGS)
@@ -19,3 +22,9 @@ def test_manager_mutant_is_caught(bug, record_property):
     found = getattr(failure.value, "exceptions", [failure.value])  # hypothesis may find several distinct failures
     script = "\n".join(note for e in found for note in getattr(e, "__notes__", []))
     assert "state = " in script and "state.teardown()" in script, script  # the steps, replayable
+
+
+@pytest.mark.parametrize("bug", ["double_free", "fork_without_reference", "no_copy_on_write"])
+def test_a_manager_bug_shows_as_wrong_attention(bug):
+    result = Runner("cpu", manager=manager_mutants.mutant(bug)).run(get_backend("sdpa"), MANAGER_ROLLOUT)
+    assert result.status == Status.FAIL and Category.WRONG_LOGPROBS in result.categories, result.reason
