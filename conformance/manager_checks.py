@@ -145,8 +145,9 @@ def contract(manager: type[KVCacheManager], num_blocks: int = NUM_BLOCKS, block_
             for p in range(len(held), len(held) + n):
                 block = table[p // bs]
                 refs = self.manager.ref_count(block)
-                assert refs == 1, (f"request {request} writes token {p} into block {block}, which {refs} requests "
-                                   "hold: a shared block must be copied before a write")
+                assert refs == 1, f"request {request} writes token {p} into block {block}, " + (
+                    f"which {refs} requests hold: a shared block must be copied before a write" if refs
+                    else "which is free (ref_count 0)")
                 token = next(self.ids)
                 self.cache[block, p % bs] = token
                 held.append(token)

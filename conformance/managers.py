@@ -35,6 +35,11 @@ class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int):
         self.num_blocks, self.block_size = num_blocks, block_size
 
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this manager cannot run on this machine (its library is missing ...), or None."""
+        return None
+
     def allocate(self, request: int, num_tokens: int) -> list[tuple[int, int]]:
         """Room for `num_tokens` (>= 1) more tokens of `request`, admitting it if new. Returns the
         block copies (src, dst) the engine must make before it writes them: a block that other

@@ -12,16 +12,25 @@ from conformance import Runner, Status, get_backend
 from fixtures import MANAGER_ROLLOUT
 
 
-def test_manager_contract(kv_manager):
-    """kv_manager: each registered manager class (the plugin parametrizes it)."""
+@pytest.fixture
+def manager(kv_manager):
+    """kv_manager: each registered manager class (the plugin parametrizes it); skipped with the
+    reason where its library is missing."""
+    why = kv_manager.unavailable()
+    if why:
+        pytest.skip(why)
+    return kv_manager
+
+
+def test_manager_contract(manager):
     pytest.importorskip("hypothesis", reason="the manager contract runs on hypothesis (pip install hypothesis)")
     from hypothesis.stateful import run_state_machine_as_test
 
     from conformance.manager_checks import contract
 
-    run_state_machine_as_test(contract(kv_manager))
+    run_state_machine_as_test(contract(manager))
 
 
-def test_manager_rollout(kv_manager):
-    result = Runner("cpu", manager=kv_manager).run(get_backend("sdpa"), MANAGER_ROLLOUT)
+def test_manager_rollout(manager):
+    result = Runner("cpu", manager=manager).run(get_backend("sdpa"), MANAGER_ROLLOUT)
     assert result.status == Status.PASS, result.reason
