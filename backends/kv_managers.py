@@ -3,6 +3,7 @@
 - `reference`: ours, the readable baseline (conformance.managers.RefCountedBlocks, which the rollout
   cases hand out their blocks with): a free list, a reference count per block, forks that share
   blocks, copy-on-write of a shared block before a write.
+- `reference-ring`: our sliding-window ring buffer (conformance.managers.RingSlots).
 - `vllm-block-pool`: vLLM v1's BlockPool (vllm.v1.core.block_pool), the allocator and reference
   counts under vLLM's KVCacheManager, prefix caching off. The per-request tables are the adapter's,
   as vLLM's SingleTypeKVCacheManager keeps them: a fork touches the parent's blocks (the way a
@@ -14,9 +15,10 @@ from __future__ import annotations
 
 import importlib.util
 
-from conformance.managers import KVCacheManager, OutOfBlocks, RefCountedBlocks, register_manager
+from conformance.managers import KVCacheManager, OutOfBlocks, RefCountedBlocks, RingSlots, register_manager
 
 register_manager(RefCountedBlocks)
+register_manager(RingSlots)
 
 
 @register_manager

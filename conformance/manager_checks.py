@@ -13,6 +13,8 @@ After every step:
 - an allocation that raises OutOfBlocks changed nothing;
 - and when every request has ended (a step of its own), every block is free.
 
+Sliding-window ring buffers (RingBufferManager) have a contract of their own (ring_contract).
+
 Runs are derandomized (the same examples on every run), and hypothesis shrinks a failure to a short
 sequence of steps that it prints as a script (`state = ...; state.admit(n=5) ...`) to replay it.
 How many runs and steps: the "ci" or "nightly" settings profile (PROFILES; pytest
@@ -26,9 +28,10 @@ from hypothesis import Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, multiple, rule
 
-from .managers import KVCacheManager, OutOfBlocks
+from .managers import KVCacheManager, OutOfBlocks, RingBufferManager
 
 NUM_BLOCKS, BLOCK_SIZE = 12, 4  # a pool of 48 slots: exhaustion comes within a few steps
+NUM_SLOTS, WINDOW = 24, 5  # ring buffers: rings of 5 slots, up to 4 at once
 _PHASES = (Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink)  # no "explain": slow, and the steps say it
 PROFILES = {
     "conformance": settings(max_examples=300, stateful_step_count=50, deadline=None, derandomize=True, phases=_PHASES),
@@ -163,6 +166,82 @@ def contract(manager: type[KVCacheManager], num_blocks: int = NUM_BLOCKS, block_
 
     ManagerContract.__name__ = f"Contract_{manager.name.replace('-', '_')}"
     return ManagerContract
+
+
+def ring_contract(manager: type[RingBufferManager], num_slots: int = NUM_SLOTS, window: int = WINDOW):
+    """The state machine that holds a sliding-window ring-buffer manager to its contract: after
+    every step each request's position is the tokens it appended, its window is its last
+    min(tokens, window) tokens and reads back what was written there (the wrap-around at exactly
+    the window), no slot is in two requests' windows (isolation), the free slots are the pool less
+    every request's min(tokens, window) (the sliding layers' budget), an exhausted append changed
+    nothing; a request admitted after others were released starts at position 0 in clean slots."""
+
+    class RingContract(RuleBasedStateMachine):
+        requests = Bundle("requests")
+
+        def __init__(self):
+            super().__init__()
+            self.manager = manager(num_slots, window)
+            self.tokens: dict[int, list[int]] = {}
+            self.slots: dict[int, int] = {}  # slot -> the token id last written there
+            self.ids = iter(range(10**9))
+
+        @rule(target=requests, n=st.integers(1, 2 * window))
+        def admit(self, n):
+            request = next(self.ids)
+            return request if self._append(request, n) else multiple()
+
+        @rule(request=requests, n=st.integers(1, 2 * window))
+        def append(self, request, n):
+            if request in self.tokens:
+                self._append(request, n)
+
+        @rule(request=consumes(requests))
+        def release(self, request):
+            if request in self.tokens:
+                self.manager.release(request)
+                del self.tokens[request]
+
+        @invariant()
+        def every_window_reads_back(self):
+            held = Counter()
+            for r, tokens in self.tokens.items():
+                assert self.manager.position(r) == len(tokens), \
+                    f"request {r}: position {self.manager.position(r)} after {len(tokens)} tokens"
+                slots, want = self.manager.window_slots(r), tokens[-window:]
+                assert len(slots) == len(want), f"request {r}: a window of {len(slots)} slots for its last {len(want)} tokens"
+                for i, (slot, token) in enumerate(zip(slots, want)):
+                    got = self.slots.get(slot)
+                    assert got == token, (f"request {r} position {len(tokens) - len(want) + i} reads token {got} "
+                                          f"from slot {slot}, not its own ({token})")
+                held.update(slots)
+            shared = sorted(s for s, n in held.items() if n > 1)
+            assert not shared, f"slots {shared} are in the windows of two requests"
+            free = self.manager.num_free_slots()
+            assert free + sum(held.values()) == num_slots, f"{free} free + {sum(held.values())} held slots != {num_slots}"
+
+        def _append(self, request: int, n: int) -> bool:
+            before = self._state()
+            try:
+                slots = self.manager.append(request, n)
+            except OutOfBlocks:
+                after = self._state()
+                assert after == before, f"append({request}, {n}) raised OutOfBlocks but changed the manager: " \
+                                        f"{before} -> {after}"
+                return False
+            assert len(slots) == n and all(0 <= s < num_slots for s in slots), \
+                f"append({request}, {n}) gave slots {slots}: must be {n} of 0..{num_slots - 1}"
+            tokens = self.tokens.setdefault(request, [])
+            for slot in slots:
+                self.slots[slot] = token = next(self.ids)
+                tokens.append(token)
+            return True
+
+        def _state(self):
+            return self.manager.num_free_slots(), {r: self.manager.window_slots(r) for r in self.tokens}
+
+    RingContract.__name__ = f"RingContract_{manager.name.replace('-', '_')}"
+    return RingContract
 
 
 def _changes(before, after) -> str:

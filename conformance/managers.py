@@ -5,7 +5,9 @@ KVCacheManager / BlockPool, SGLang's token-to-KV allocator and a GRPO rollout's 
 common: room for a request's next tokens (admitting it on its first call), a fork that shares a
 request's blocks with a new one, freeing a request, its block table, the free blocks and a block's
 reference count. Blocks are ids 0..num_blocks-1 of `block_size` token slots each; token p of a
-request lives in slot p % block_size of block block_table[p // block_size].
+request lives in slot p % block_size of block block_table[p // block_size]. Sliding-window layers
+keep only a request's last `window` tokens: their managers (RingBufferManager) hand out rings of
+slots that wrap around.
 
 Adapters register like attention backends: the built-in ones in `backends/kv_managers.py` (the
 `backends` package imports it), other packages' through the entry-point group below.
@@ -140,14 +142,92 @@ class RefCountedBlocks(KVCacheManager):
             self._free.append(block)
 
 
-_MANAGERS: dict[str, type[KVCacheManager]] = {}
+class RingBufferManager:
+    """Base class of sliding-window manager adapters (a layer that attends only its last `window`
+    tokens): each request holds a ring of at most `window` slots of a pool of `num_slots`; token p
+    sits in ring slot p % window, so the last `window` tokens are always there and older ones are
+    overwritten. Made fresh for each test, `cls(num_slots, window)`."""
+
+    name: str = ""
+    description: str = ""
+
+    def __init__(self, num_slots: int, window: int):
+        self.num_slots, self.window = num_slots, window
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return None
+
+    def append(self, request: int, num_tokens: int) -> list[int]:
+        """The slots of the request's next `num_tokens` (>= 1) tokens, in order, admitting it if new
+        (a new request starts at position 0). Raises OutOfBlocks, changing nothing, when its ring
+        must grow past the free slots."""
+        raise NotImplementedError
+
+    def window_slots(self, request: int) -> list[int]:
+        """The slots of its last min(tokens, window) tokens, oldest first: what attention reads."""
+        raise NotImplementedError
+
+    def position(self, request: int) -> int:
+        """Tokens appended to the request so far (the next token's position)."""
+        raise NotImplementedError
+
+    def release(self, request: int) -> None:
+        """The request ended: its slots are free."""
+        raise NotImplementedError
+
+    def num_free_slots(self) -> int:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<ring-buffer manager {self.name}>"
+
+
+class RingSlots(RingBufferManager):
+    """The reference ring buffer: a ring grows slot by slot up to the window, then wraps."""
+
+    name = "reference-ring"
+    description = "our reference sliding-window ring buffer: rings of up to `window` slots from a free list"
+
+    def __init__(self, num_slots: int, window: int):
+        super().__init__(num_slots, window)
+        self._free = deque(range(num_slots))
+        self._rings: dict[int, list[int]] = {}
+        self._tokens: dict[int, int] = {}
+
+    def append(self, request, num_tokens):
+        ring, held = self._rings.get(request, []), self._tokens.get(request, 0)
+        grow = min(held + num_tokens, self.window) - len(ring)
+        if grow > len(self._free):
+            raise OutOfBlocks(f"request {request} needs {grow} more ring slots; {len(self._free)} free")
+        ring += [self._free.popleft() for _ in range(grow)]
+        self._rings[request], self._tokens[request] = ring, held + num_tokens
+        return [ring[p % self.window] for p in range(held, held + num_tokens)]
+
+    def window_slots(self, request):
+        ring, n = self._rings[request], self._tokens[request]
+        return [ring[p % self.window] for p in range(max(0, n - self.window), n)]
+
+    def position(self, request):
+        return self._tokens[request]
+
+    def release(self, request):
+        self._free.extend(self._rings.pop(request))
+        del self._tokens[request]
+
+    def num_free_slots(self):
+        return len(self._free)
+
+
+_MANAGERS: dict[str, type[KVCacheManager] | type[RingBufferManager]] = {}
 _loaded = False
 
 
-def register_manager(cls: type[KVCacheManager]) -> type[KVCacheManager]:
-    """Register a KVCacheManager subclass (usable as a class decorator). Returns it unchanged."""
-    if not (isinstance(cls, type) and issubclass(cls, KVCacheManager)):
-        raise ValueError(f"register_manager({cls!r}): must be a KVCacheManager subclass")
+def register_manager(cls):
+    """Register a KVCacheManager or RingBufferManager subclass (usable as a class decorator).
+    Returns it unchanged."""
+    if not (isinstance(cls, type) and issubclass(cls, (KVCacheManager, RingBufferManager))):
+        raise ValueError(f"register_manager({cls!r}): must be a KVCacheManager or RingBufferManager subclass")
     if not cls.name or not all(c.isalnum() or c in "-_" for c in cls.name):
         raise ValueError(f"manager name = {cls.name!r}: must be non-empty, letters, digits, '-' and '_' only")
     other = _MANAGERS.get(cls.name)
@@ -157,7 +237,7 @@ def register_manager(cls: type[KVCacheManager]) -> type[KVCacheManager]:
     return cls
 
 
-def load_managers(modules: tuple[str, ...] = ()) -> dict[str, type[KVCacheManager]]:
+def load_managers(modules: tuple[str, ...] = ()) -> dict[str, type]:
     """The registered managers, after those of installed packages (entry points) and `modules`
     (the built-in ones register when the `backends` package is imported). A plugin that fails to
     load raises: a manager test must not silently shrink."""
@@ -165,7 +245,7 @@ def load_managers(modules: tuple[str, ...] = ()) -> dict[str, type[KVCacheManage
     if not _loaded:
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             obj = ep.load()
-            if isinstance(obj, type) and issubclass(obj, KVCacheManager):
+            if isinstance(obj, type) and issubclass(obj, (KVCacheManager, RingBufferManager)):
                 register_manager(obj)
         _loaded = True
     for module in modules:

@@ -14,23 +14,36 @@ from fixtures import MANAGER_ROLLOUT
 
 @pytest.fixture
 def manager(kv_manager):
-    """kv_manager: each registered manager class (the plugin parametrizes it); skipped with the
-    reason where its library is missing."""
-    why = kv_manager.unavailable()
-    if why:
-        pytest.skip(why)
-    return kv_manager
+    """kv_manager: each registered paged manager class (the plugin parametrizes it, ring_manager
+    likewise); skipped with the reason where its library is missing."""
+    return _available(kv_manager)
 
 
 def test_manager_contract(manager):
-    pytest.importorskip("hypothesis", reason="the manager contract runs on hypothesis (pip install hypothesis)")
-    from hypothesis.stateful import run_state_machine_as_test
+    _run("contract", manager)
 
-    from conformance.manager_checks import contract
 
-    run_state_machine_as_test(contract(manager))
+def test_ring_manager_contract(ring_manager):
+    _run("ring_contract", _available(ring_manager))
 
 
 def test_manager_rollout(manager):
     result = Runner("cpu", manager=manager).run(get_backend("sdpa"), MANAGER_ROLLOUT)
     assert result.status == Status.PASS, result.reason
+
+
+def _available(manager):
+    why = manager.unavailable()
+    if why:
+        pytest.skip(why)
+    return manager
+
+
+def _run(contract: str, manager):
+    """Run a contract of manager_checks (contract, ring_contract) on the manager."""
+    pytest.importorskip("hypothesis", reason="the manager contract runs on hypothesis (pip install hypothesis)")
+    from hypothesis.stateful import run_state_machine_as_test
+
+    from conformance import manager_checks
+
+    run_state_machine_as_test(getattr(manager_checks, contract)(manager))

@@ -3,7 +3,7 @@ The self-tests assert the manager contract (conformance/manager_checks.py) catch
 from __future__ import annotations
 
 from conformance import OutOfBlocks
-from conformance.managers import RefCountedBlocks
+from conformance.managers import RefCountedBlocks, RingSlots
 
 BUGS = {
     "double_free": "free() releases the request's last block twice",
@@ -59,3 +59,12 @@ def mutant(bug: str) -> type[RefCountedBlocks]:
     assert bug in BUGS, bug
     return type(f"Broken_{bug}", (BrokenBlocks,), {"bug": bug, "name": f"mutant-{bug.replace('_', '-')}",
                                                  "description": BUGS[bug]})
+
+
+class RingWrapsEarly(RingSlots):
+    """A ring of window - 1 slots: it wraps one slot early, over the oldest token of the window."""
+
+    name = "mutant-ring-wraps-early"
+
+    def __init__(self, num_slots, window):
+        super().__init__(num_slots, window - 1)
