@@ -10,7 +10,8 @@ case, the parent sends (backend name, its module, pickled backend or None for "i
 and take it from your registry", spec) and the worker answers ("result", Result), after
 ("waiting", None) and ("admitted", None) if the case had to wait for GPU memory: no timeout runs
 while it waits (it waits only while other processes run big cases, which end or time out), the
-case's starts when it is admitted. No answer within `timeout`: the worker is killed, TIMEOUT. The pipe closes without an answer: CRASH.
+case's starts when it is admitted. No answer within `timeout`: the worker is killed, TIMEOUT. The
+pipe closes without an answer: CRASH.
 """
 from __future__ import annotations
 

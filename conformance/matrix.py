@@ -46,11 +46,12 @@ class MLAProfile:
 
 def calls_cases(base: CaseSpec, window: int | None = None) -> list[CaseSpec]:
     """`base` in many calls (CaseSpec.calls): its batch varied around each sequence; captured in a
-    CUDA graph and replayed (a batch of unshared sequences); and where a sequence brings more than
-    one new token, the tokens in chunks (also with a sliding window, when given) and one by one."""
+    CUDA graph and replayed (a batch of unshared sequences; cache in the dtype and in fp8); and where
+    a sequence brings more than one new token, the tokens in chunks (also with a sliding window,
+    when given) and one by one."""
     out = [base.replace(calls="invariance")]
     if not base.batch.shared_prefix_lens and base.batch.batch_size >= 2:
-        out.append(base.replace(calls="graph"))
+        out += [base.replace(calls="graph"), base.replace(calls="graph", kv_dtype="fp8_e4m3")]
     if base.causal and max(base.batch.query_lens) > 1:
         out += [base.replace(calls="chunks"), base.replace(calls="tokens")]
         if window:

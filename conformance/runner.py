@@ -125,8 +125,8 @@ class Result:
 class _Prepared:
     """A case's inputs and both references, shared by every backend run on the same case."""
 
-    def __init__(self, spec: CaseSpec, device: torch.device, seed: int):
-        self.inputs: Pages = make_inputs(spec, device, seed)  # Inputs, or MLAInputs for an MLA case
+    def __init__(self, inputs: Pages):
+        self.inputs = inputs  # Inputs, or MLAInputs for an MLA case
         self.ref: Reference = reference_attention(self.inputs, "float64")
         self.ref_lowp: Reference = reference_attention(self.inputs, "lowp")
 
@@ -161,7 +161,7 @@ class Runner:
                 self._give_back()
             elif len(self._prepared) >= self._keep:
                 self._prepared.popitem(last=False)
-            self._prepared[key] = _Prepared(spec, self.device, spec.seed(self.base_seed))
+            self._prepared[key] = _Prepared(make_inputs(spec, self.device, spec.seed(self.base_seed)))
         self._prepared.move_to_end(key)
         return self._prepared[key]
 
@@ -237,7 +237,8 @@ class Runner:
         worst one's numbers in `measured`."""
         poison = backend.finite_poison or self.finite_poison
         static = self.prepared(spec).inputs.materialize(finite_poison=poison)
-        preps = {name: self.prepared(spec.replace(batch=batch, calls="one")) for name, batch in replays(spec.batch).items()}
+        preps = {name: self._replay_prepared(spec.replace(batch=batch, calls="one"), static)
+                 for name, batch in replays(spec.batch).items()}
 
         def capture():
             backend.write_cache(static)
@@ -271,6 +272,15 @@ class Runner:
         measured["harness_seconds"] = time.perf_counter() - t0 - seconds
         how = "captured in a CUDA graph" if self.device.type == "cuda" else "no CUDA graph on a CPU: the prepared call"
         return _verdict(problems, [f"{how}, replayed on the {' and '.join(preps)} batches"])
+
+    def _replay_prepared(self, spec: CaseSpec, static: PagedBatch) -> _Prepared:
+        """A replay's inputs and references, its fp8 cache with the captured batch's scales (an
+        engine's stay fixed; the captured call holds them)."""
+        prep = self.prepared(spec)
+        scales = {f.name: getattr(static, f.name) for f in dataclasses.fields(prep.inputs) if f.name.endswith("_scale")}
+        if all(getattr(prep.inputs, name) == value for name, value in scales.items()):
+            return prep
+        return _Prepared(dataclasses.replace(prep.inputs, **scales))
 
     def _timed(self, calls, measured: dict):
         """(what calls() returned, None), or (None, the verdict its exception means); the time the
@@ -371,7 +381,8 @@ def refusal(backend: Backend, spec: CaseSpec, device: torch.device) -> Verdict |
 
 def refused_call(backend: Backend, spec: CaseSpec, device: torch.device) -> str | None:
     """Why the backend does not take a call the case must make: the one call over the whole batch,
-    one of the calls of a path (which a decode-only kernel takes, token by token), or of a rollout."""
+    one of the calls of a path (which a decode-only kernel takes, token by token) or of a rollout,
+    or a batch a graph meets."""
     if spec.calls == "graph":  # each batch the graph meets, as it reaches the backend (padding included)
         calls = [("the captured batch", spec)] + [(f"the {name} replay", spec.replace(batch=batch))
                                                   for name, batch in replays(spec.batch).items()]

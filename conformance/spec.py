@@ -298,9 +298,6 @@ class CaseSpec:
                  "a rollout runs a dense model of plain causal attention (no window, softcap, sinks, empty "
                  "sequences, fp8 cache, other layout or adversarial variant)")
         if self.calls == "graph":
-            _require(self.kv_dtype == "auto", "CaseSpec.kv_dtype", self.kv_dtype,
-                     "must be 'auto' in a graph case (an fp8 scale is drawn per batch, and a replayed batch "
-                     "would need the captured one's)")
             _require(not self.batch.shared_prefix_lens and self.batch.batch_size >= 2, "CaseSpec.batch", self.batch,
                      "a graph case's batch needs 2 sequences or more and no shared prompts (its replays reverse "
                      "and halve it)")

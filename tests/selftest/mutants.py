@@ -43,6 +43,8 @@ BUGS = {
     "chunks_forgotten": "a sequence attends the context it had when it first came, then only the new tokens of "
                         "the current call: the earlier chunks are forgotten",
     "graph_keeps_seq_lens": "the prepared (captured) call keeps a copy of the first batch's sequence lengths",
+    "batch_wide_q_scale": "queries divided and multiplied back by one scale from every query row of the call, "
+                          "padding rows included (as a per-tensor fp8 quantization of q computes it)",
 }
 # Bugs that only cases outside the cpu profile can show (its caches are megabytes): those cases.
 NEEDS = {"int32_offsets": "far_pages"}
@@ -90,6 +92,10 @@ class PagedTorch(Backend):
         qsl = case.query_start_loc.tolist()
         if bug == "decode_rows_by_sequence" and case.max_query_len == 1:
             qsl = list(range(len(qsl)))
+        queries = case.q.double()
+        if bug == "batch_wide_q_scale":
+            scale_q = queries.abs().amax()
+            queries = queries / scale_q * scale_q
         lse = torch.full(case.out.shape[:2], float("nan"), dtype=torch.float32)
         for b, (s, ctx) in enumerate(zip(case.seq_lens.tolist(), case.context_lens.tolist())):
             n = {"last_token_dropped": s - 1, "read_past_end": s + 1,
@@ -106,7 +112,7 @@ class PagedTorch(Backend):
             q0, q1 = qsl[b], qsl[b + 1]
             if bug == "query_offsets_shifted":
                 q0, q1 = min(q0 + 1, case.q.shape[0] - (q1 - q0)), min(q1 + 1, case.q.shape[0])
-            q = case.q[q0:q1].double()
+            q = queries[q0:q1]
             scale = 1.0 if bug == "scale_ignored" else spec.scale
             if bug == "decode_scale" and case.max_query_len == 1:
                 scale *= 1.1
