@@ -17,8 +17,8 @@ Sliding-window ring buffers (RingBufferManager) have a contract of their own (ri
 
 Runs are derandomized (the same examples on every run), and hypothesis shrinks a failure to a short
 sequence of steps that it prints as a script (`state = ...; state.admit(n=5) ...`) to replay it.
-How many runs and steps: the "ci" or "nightly" settings profile (PROFILES; pytest
---hypothesis-profile=nightly).
+How many runs and steps: the settings profile, "conformance" (the default) or
+"conformance-nightly" (PROFILES; pytest --hypothesis-profile=conformance-nightly).
 """
 from __future__ import annotations
 
