@@ -4,6 +4,8 @@
   cases hand out their blocks with): a free list, a reference count per block, forks that share
   blocks, copy-on-write of a shared block before a write.
 - `reference-ring`: our sliding-window ring buffer (conformance.managers.RingSlots).
+- `reference-hybrid`: our hybrid manager, full-attention and sliding-window layers' tables from one
+  pool (conformance.managers.HybridBlocks).
 - `vllm-block-pool`: vLLM v1's BlockPool (vllm.v1.core.block_pool), the allocator and reference
   counts under vLLM's KVCacheManager, prefix caching off. The per-request tables are the adapter's,
   as vLLM's SingleTypeKVCacheManager keeps them: a fork touches the parent's blocks (the way a
@@ -15,10 +17,12 @@ from __future__ import annotations
 
 import importlib.util
 
-from conformance.managers import KVCacheManager, OutOfBlocks, RefCountedBlocks, RingSlots, register_manager
+from conformance.managers import (HybridBlocks, KVCacheManager, OutOfBlocks, RefCountedBlocks, RingSlots,
+                                  register_manager)
 
 register_manager(RefCountedBlocks)
 register_manager(RingSlots)
+register_manager(HybridBlocks)
 
 
 @register_manager

@@ -24,9 +24,9 @@ from .tolerance import Tolerance, compare
 
 __all__ = [
     "BatchPart", "BatchSpec", "Backend", "Capabilities", "Case", "Catalog", "Category", "CaseSpec", "ENTRY_POINT_GROUP",
-    "HeadConfig", "Inputs", "KVCacheManager", "MLABackend", "MLACase", "MLAHeads", "MLAInputs", "Reference", "RegistryError", "Result",
-    "OutOfBlocks", "Runner", "Scenario", "SpecError", "Status", "Tolerance", "Unsupported",
+    "HeadConfig", "Inputs", "KVCacheManager", "MLABackend", "MLACase", "MLAHeads", "MLAInputs", "OutOfBlocks",
+    "Reference", "RegistryError", "Result", "Runner", "Scenario", "SpecError", "Status", "Tolerance", "Unsupported",
     "absorb_queries", "causal_softmax", "compare", "gather_kv", "gather_latents", "get_backend", "load_backends",
-    "load_managers", "make_inputs", "reference_attention", "register_backend", "register_manager", "scatter_latent", "scatter_to_cache", "split_batch",
-    "up_project",
+    "load_managers", "make_inputs", "reference_attention", "register_backend", "register_manager", "scatter_latent",
+    "scatter_to_cache", "split_batch", "up_project",
 ]

@@ -13,7 +13,8 @@ After every step:
 - an allocation that raises OutOfBlocks changed nothing;
 - and when every request has ended (a step of its own), every block is free.
 
-Sliding-window ring buffers (RingBufferManager) have a contract of their own (ring_contract).
+Sliding-window ring buffers (RingBufferManager) and hybrid managers (HybridManager) have contracts of
+their own (ring_contract, hybrid_contract).
 
 Runs are derandomized (the same examples on every run), and hypothesis shrinks a failure to a short
 sequence of steps that it prints as a script (`state = ...; state.admit(n=5) ...`) to replay it.
@@ -28,7 +29,7 @@ from hypothesis import Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, multiple, rule
 
-from .managers import KVCacheManager, OutOfBlocks, RingBufferManager
+from .managers import KINDS_OF_LAYER, HybridManager, KVCacheManager, OutOfBlocks, RingBufferManager
 
 NUM_BLOCKS, BLOCK_SIZE = 12, 4  # a pool of 48 slots: exhaustion comes within a few steps
 NUM_SLOTS, WINDOW = 24, 5  # ring buffers: rings of 5 slots, up to 4 at once
@@ -103,7 +104,8 @@ def contract(manager: type[KVCacheManager], num_blocks: int = NUM_BLOCKS, block_
                 want = -(-len(self.tokens[r]) // bs)
                 assert len(t) == want, f"request {r}: {len(t)} blocks for {len(self.tokens[r])} tokens (must be {want})"
                 assert len(set(t)) == len(t), f"request {r}'s block table holds a block twice: {t}"
-                assert all(0 <= b < num_blocks for b in t), f"request {r}'s block table {t}: ids must be 0..{num_blocks - 1}"
+                assert all(0 <= b < num_blocks for b in t), \
+                    f"request {r}'s block table {t}: ids must be 0..{num_blocks - 1}"
             for b in range(num_blocks):
                 refs = self.manager.ref_count(b)
                 assert refs == holders[b], f"block {b}: ref_count {refs}, but {holders[b]} requests hold it"
@@ -209,7 +211,8 @@ def ring_contract(manager: type[RingBufferManager], num_slots: int = NUM_SLOTS, 
                 assert self.manager.position(r) == len(tokens), \
                     f"request {r}: position {self.manager.position(r)} after {len(tokens)} tokens"
                 slots, want = self.manager.window_slots(r), tokens[-window:]
-                assert len(slots) == len(want), f"request {r}: a window of {len(slots)} slots for its last {len(want)} tokens"
+                assert len(slots) == len(want), \
+                    f"request {r}: a window of {len(slots)} slots for its last {len(want)} tokens"
                 for i, (slot, token) in enumerate(zip(slots, want)):
                     got = self.slots.get(slot)
                     assert got == token, (f"request {r} position {len(tokens) - len(want) + i} reads token {got} "
@@ -218,7 +221,8 @@ def ring_contract(manager: type[RingBufferManager], num_slots: int = NUM_SLOTS, 
             shared = sorted(s for s, n in held.items() if n > 1)
             assert not shared, f"slots {shared} are in the windows of two requests"
             free = self.manager.num_free_slots()
-            assert free + sum(held.values()) == num_slots, f"{free} free + {sum(held.values())} held slots != {num_slots}"
+            assert free + sum(held.values()) == num_slots, \
+                f"{free} free + {sum(held.values())} held slots != {num_slots}"
 
         def _append(self, request: int, n: int) -> bool:
             before = self._state()
@@ -242,6 +246,109 @@ def ring_contract(manager: type[RingBufferManager], num_slots: int = NUM_SLOTS, 
 
     RingContract.__name__ = f"RingContract_{manager.name.replace('-', '_')}"
     return RingContract
+
+
+def hybrid_contract(manager: type[HybridManager], num_blocks: int = NUM_BLOCKS, block_size: int = BLOCK_SIZE,
+                    window: int = WINDOW):
+    """The state machine that holds a hybrid manager (full-attention and sliding-window layers from
+    one pool) to its contract: after every step each request's full table holds a block for every
+    token and its sliding table -1 exactly for the blocks wholly before the window of the last
+    step's first query; each kind's blocks are what budget() reported for that step (the per-layer
+    budget); every token a layer can still see reads back what was written for it; no block is in
+    two places; free + held = all blocks; an exhausted step changed nothing; ending every request
+    frees every block."""
+    bs = block_size
+
+    class HybridContract(RuleBasedStateMachine):
+        requests = Bundle("requests")
+
+        def __init__(self):
+            super().__init__()
+            self.manager = manager(num_blocks, block_size, window)
+            self.tokens: dict[int, list[int]] = {}
+            self.computed: dict[int, int] = {}  # tokens before the request's last step
+            self.cache: dict[tuple[str, int, int], int] = {}  # (kind, block, slot) -> token id
+            self.ids = iter(range(10**9))
+
+        @rule(target=requests, n=st.integers(1, 3 * bs))
+        def admit(self, n):
+            request = next(self.ids)
+            return request if self._step(request, n) else multiple()
+
+        @rule(request=requests, n=st.integers(1, 2 * bs))
+        def append(self, request, n):
+            if request in self.tokens:
+                self._step(request, n)
+
+        @rule(request=consumes(requests))
+        def finish(self, request):
+            if request in self.tokens:
+                self._free(request)
+
+        @rule()
+        def end_all(self):
+            for r in list(self.tokens):
+                self._free(r)
+            free = self.manager.num_free_blocks()
+            assert free == num_blocks, f"every request freed, but {free} of {num_blocks} blocks are free"
+
+        @invariant()
+        def every_layer_holds_its_budget(self):
+            held = Counter()
+            for r, tokens in self.tokens.items():
+                budget = self.manager.budget(self.computed[r], len(tokens) - self.computed[r])
+                unseen = max(0, self.computed[r] - window + 1) // bs
+                for kind in KINDS_OF_LAYER:
+                    table = self.manager.block_table(r, kind)
+                    live = [b for b in table if b != -1]
+                    gone = unseen if kind == "sliding" else 0
+                    shape_ok = len(table) == -(-len(tokens) // bs) and table[:gone] == [-1] * gone
+                    assert shape_ok and -1 not in table[gone:], (
+                        f"request {r} ({len(tokens)} tokens, its last step from {self.computed[r]}): {kind} table "
+                        f"{table}; must hold a block for each {bs} tokens, -1 for the first {gone}")
+                    assert budget[kind] == len(live), \
+                        f"request {r}: budget() reports {budget[kind]} {kind} blocks; it holds {len(live)}"
+                    assert all(0 <= b < num_blocks for b in live), \
+                        f"request {r}'s {kind} table {table}: ids must be 0..{num_blocks - 1}"
+                    held.update(live)
+                    for p in range(gone * bs, len(tokens)):
+                        got = self.cache.get((kind, table[p // bs], p % bs))
+                        assert got == tokens[p], (f"request {r} {kind} token {p} reads token {got} from block "
+                                                  f"{table[p // bs]}, not its own ({tokens[p]})")
+            twice = sorted(b for b, n in held.items() if n > 1)
+            assert not twice, f"blocks {twice} are held twice"
+            free = self.manager.num_free_blocks()
+            assert free + len(held) == num_blocks, f"{free} free + {len(held)} held blocks != {num_blocks}"
+
+        def _step(self, request: int, n: int) -> bool:
+            before = self._state()
+            try:
+                self.manager.allocate(request, n)
+            except OutOfBlocks:
+                after = self._state()
+                assert after == before, f"allocate({request}, {n}) raised OutOfBlocks but changed the manager: " \
+                                        f"{before} -> {after}"
+                return False
+            tokens = self.tokens.setdefault(request, [])
+            self.computed[request] = len(tokens)
+            tables = {kind: self.manager.block_table(request, kind) for kind in KINDS_OF_LAYER}
+            for p in range(len(tokens), len(tokens) + n):
+                token = next(self.ids)
+                for kind, table in tables.items():
+                    self.cache[kind, table[p // bs], p % bs] = token
+                tokens.append(token)
+            return True
+
+        def _free(self, request: int) -> None:
+            self.manager.free(request)
+            del self.tokens[request], self.computed[request]
+
+        def _state(self):
+            return self.manager.num_free_blocks(), {(r, kind): self.manager.block_table(r, kind)
+                                                    for r in self.tokens for kind in KINDS_OF_LAYER}
+
+    HybridContract.__name__ = f"HybridContract_{manager.name.replace('-', '_')}"
+    return HybridContract
 
 
 def _changes(before, after) -> str:

@@ -7,7 +7,8 @@ request's blocks with a new one, freeing a request, its block table, the free bl
 reference count. Blocks are ids 0..num_blocks-1 of `block_size` token slots each; token p of a
 request lives in slot p % block_size of block block_table[p // block_size]. Sliding-window layers
 keep only a request's last `window` tokens: their managers (RingBufferManager) hand out rings of
-slots that wrap around.
+slots that wrap around; a HybridManager keeps a model's full-attention and sliding-window layers
+in one pool, each kind with its own tables.
 
 Adapters register like attention backends: the built-in ones in `backends/kv_managers.py` (the
 `backends` package imports it), other packages' through the entry-point group below.
@@ -219,15 +220,113 @@ class RingSlots(RingBufferManager):
         return len(self._free)
 
 
-_MANAGERS: dict[str, type[KVCacheManager] | type[RingBufferManager]] = {}
+KINDS_OF_LAYER = ("full", "sliding")
+
+
+class HybridManager:
+    """Base class of hybrid manager adapters, for a model whose layers are full attention or sliding
+    window (Gemma 2 and 3, gpt-oss): per request one block table for the full layers (every token)
+    and one for the sliding layers, from one pool of `num_blocks` blocks of `block_size` slots. A
+    sliding layer's query at position p sees keys p - window + 1 .. p, so before a step from
+    `computed` tokens, blocks wholly before key computed - window + 1 are of no use: they go back to
+    the pool and their entries read -1 (vLLM's hybrid allocator frees them the same way). Made as
+    cls(num_blocks, block_size, window)."""
+
+    name: str = ""
+    description: str = ""
+
+    def __init__(self, num_blocks: int, block_size: int, window: int):
+        self.num_blocks, self.block_size, self.window = num_blocks, block_size, window
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return None
+
+    def allocate(self, request: int, num_tokens: int) -> None:
+        """Room for the request's next `num_tokens` (>= 1) tokens in both tables, admitting it if
+        new, after freeing the sliding blocks the step cannot see. Raises OutOfBlocks, changing
+        nothing, when the free blocks (those freed by this step included) do not cover it."""
+        raise NotImplementedError
+
+    def block_table(self, request: int, kind: str) -> list[int]:
+        """Its blocks for the layers of `kind` ("full" or "sliding"), ceil(tokens / block_size)
+        entries in token order; -1 for a sliding block already given back."""
+        raise NotImplementedError
+
+    def budget(self, computed: int, new: int) -> dict[str, int]:
+        """The blocks a request holds in each kind of layer after a step of `new` tokens over
+        `computed` ones: what the engine plans memory with."""
+        raise NotImplementedError
+
+    def free(self, request: int) -> None:
+        raise NotImplementedError
+
+    def num_free_blocks(self) -> int:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<hybrid manager {self.name}>"
+
+
+class HybridBlocks(HybridManager):
+    """The reference hybrid manager: one free list, a full and a sliding table per request."""
+
+    name = "reference-hybrid"
+    description = "our reference hybrid manager: full-layer and sliding-layer tables from one pool"
+
+    def __init__(self, num_blocks: int, block_size: int, window: int):
+        super().__init__(num_blocks, block_size, window)
+        self._free = deque(range(num_blocks))
+        self._tables: dict[int, dict[str, list[int]]] = {}
+        self._tokens: dict[int, int] = {}
+
+    def budget(self, computed, new):
+        blocks = -(-(computed + new) // self.block_size)
+        return {"full": blocks, "sliding": blocks - self._unseen(computed)}
+
+    def _unseen(self, computed: int) -> int:
+        """Sliding blocks wholly before the first key the step's first query sees."""
+        return max(0, computed - self.window + 1) // self.block_size
+
+    def allocate(self, request, num_tokens):
+        computed = self._tokens.get(request, 0)
+        tables = self._tables.get(request, {"full": [], "sliding": []})
+        blocks = -(-(computed + num_tokens) // self.block_size)
+        sliding = tables["sliding"]
+        gone = [i for i in range(min(self._unseen(computed), len(sliding))) if sliding[i] != -1]
+        need = 2 * blocks - len(tables["full"]) - len(sliding)
+        if need > len(self._free) + len(gone):
+            raise OutOfBlocks(f"request {request} needs {need} blocks; {len(self._free)} free, {len(gone)} to be freed")
+        for i in gone:
+            self._free.append(sliding[i])
+            sliding[i] = -1
+        for kind in KINDS_OF_LAYER:
+            tables[kind] += [self._free.popleft() for _ in range(blocks - len(tables[kind]))]
+        self._tables[request], self._tokens[request] = tables, computed + num_tokens
+
+    def block_table(self, request, kind):
+        return list(self._tables[request][kind])
+
+    def free(self, request):
+        tables = self._tables.pop(request)
+        self._free.extend(b for kind in KINDS_OF_LAYER for b in tables[kind] if b != -1)
+        del self._tokens[request]
+
+    def num_free_blocks(self):
+        return len(self._free)
+
+
+PROTOCOLS = (KVCacheManager, RingBufferManager, HybridManager)
+_MANAGERS: dict[str, type] = {}
 _loaded = False
 
 
 def register_manager(cls):
-    """Register a KVCacheManager or RingBufferManager subclass (usable as a class decorator).
+    """Register a manager adapter (a subclass of one of PROTOCOLS; usable as a class decorator).
     Returns it unchanged."""
-    if not (isinstance(cls, type) and issubclass(cls, (KVCacheManager, RingBufferManager))):
-        raise ValueError(f"register_manager({cls!r}): must be a KVCacheManager or RingBufferManager subclass")
+    if not (isinstance(cls, type) and issubclass(cls, PROTOCOLS)):
+        raise ValueError(f"register_manager({cls!r}): must be a subclass of one of "
+                         f"{', '.join(p.__name__ for p in PROTOCOLS)}")
     if not cls.name or not all(c.isalnum() or c in "-_" for c in cls.name):
         raise ValueError(f"manager name = {cls.name!r}: must be non-empty, letters, digits, '-' and '_' only")
     other = _MANAGERS.get(cls.name)
@@ -245,7 +344,7 @@ def load_managers(modules: tuple[str, ...] = ()) -> dict[str, type]:
     if not _loaded:
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             obj = ep.load()
-            if isinstance(obj, type) and issubclass(obj, (KVCacheManager, RingBufferManager)):
+            if isinstance(obj, type) and issubclass(obj, PROTOCOLS):
                 register_manager(obj)
         _loaded = True
     for module in modules:

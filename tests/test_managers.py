@@ -27,6 +27,10 @@ def test_ring_manager_contract(ring_manager):
     _run("ring_contract", _available(ring_manager))
 
 
+def test_hybrid_manager_contract(hybrid_manager):
+    _run("hybrid_contract", _available(hybrid_manager))
+
+
 def test_manager_rollout(manager):
     result = Runner("cpu", manager=manager).run(get_backend("sdpa"), MANAGER_ROLLOUT)
     assert result.status == Status.PASS, result.reason

@@ -3,7 +3,7 @@ The self-tests assert the manager contract (conformance/manager_checks.py) catch
 from __future__ import annotations
 
 from conformance import OutOfBlocks
-from conformance.managers import RefCountedBlocks, RingSlots
+from conformance.managers import HybridBlocks, RefCountedBlocks, RingSlots
 
 BUGS = {
     "double_free": "free() releases the request's last block twice",
@@ -68,3 +68,12 @@ class RingWrapsEarly(RingSlots):
 
     def __init__(self, num_slots, window):
         super().__init__(num_slots, window - 1)
+
+
+class HybridFreesEarly(HybridBlocks):
+    """Sliding blocks given back one block early: the oldest key the step's first query sees is gone."""
+
+    name = "mutant-hybrid-frees-early"
+
+    def _unseen(self, computed):
+        return max(0, computed - self.window + 1 + self.block_size) // self.block_size

@@ -9,13 +9,14 @@ import manager_mutants  # noqa: E402
 from hypothesis.stateful import run_state_machine_as_test  # noqa: E402
 
 from conformance import Category, Runner, Status, get_backend  # noqa: E402
-from conformance.manager_checks import contract, ring_contract  # noqa: E402
+from conformance.manager_checks import contract, hybrid_contract, ring_contract  # noqa: E402
 from fixtures import MANAGER_ROLLOUT  # noqa: E402
 
 
 @pytest.mark.parametrize("broken, machine", [pytest.param(m, c, id=m.name) for m, c in
                                              [(manager_mutants.mutant(bug), contract) for bug in manager_mutants.BUGS]
-                                             + [(manager_mutants.RingWrapsEarly, ring_contract)]])
+                                             + [(manager_mutants.RingWrapsEarly, ring_contract),
+                                                (manager_mutants.HybridFreesEarly, hybrid_contract)]])
 def test_manager_mutant_is_caught(broken, machine, record_property):
     record_property("mutant", broken.name)
     with pytest.raises(Exception) as failure:
