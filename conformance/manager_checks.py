@@ -5,7 +5,8 @@ a model of what the engine wrote where: each written token gets an id, stored in
 at the slot the manager's block table gives it (block copies the manager asks for are made first).
 After every step:
 
-- every request's table holds ceil(tokens / block_size) distinct blocks, in range;
+- every request's table holds ceil(tokens / block_size) distinct blocks, in range; a fork's child
+  holds its parent's full blocks themselves (shared, not copied);
 - a block's reference count equals the requests that hold it; free + held = all blocks;
 - every token of every request reads back what was written for it, through its table (a block
   handed out twice, freed too early or written while shared shows here, as attention would see it);
@@ -74,6 +75,10 @@ def contract(manager: type[KVCacheManager], num_blocks: int = NUM_BLOCKS, block_
             child = next(self.ids)
             self.manager.fork(parent, child)
             self.tokens[child] = list(self.tokens[parent])
+            full = len(self.tokens[parent]) // bs
+            mine, theirs = self.manager.block_table(child)[:full], self.manager.block_table(parent)[:full]
+            assert mine == theirs, \
+                f"fork({parent}, {child}): the child's full blocks {mine} are not the parent's {theirs}"
             return child
 
         @rule(request=consumes(requests))

@@ -12,6 +12,7 @@ BUGS = {
     "free_loses_new_blocks": "free() does not return the blocks of the request's latest allocation (an abort "
                              "mid-step loses them)",
     "half_allocated_on_exhaustion": "allocate that runs out of blocks raises only after taking every free one",
+    "fork_without_sharing": "fork gives the child fresh blocks for the parent's full blocks instead of sharing them",
 }
 
 
@@ -44,6 +45,11 @@ class BrokenBlocks(RefCountedBlocks):
         if self.bug == "fork_without_reference":
             for block in self._tables[child]:
                 self._refs[block] -= 1
+        elif self.bug == "fork_without_sharing":
+            table = self._tables[child]
+            for i in range(min(self._tokens[child] // self.block_size, len(self._free))):
+                self._release(table[i])
+                table[i] = self._take()
 
     def free(self, request):
         table = self._tables[request]
