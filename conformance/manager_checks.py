@@ -42,33 +42,79 @@ PROFILES = {
 }
 
 
+REQUESTS = Bundle("requests")  # the request ids every contract's rules draw from
+EXHAUSTED = object()  # what _unless_exhausted returns when the manager ran out
+
+
+def _requests(max_admit: int, max_append: int):
+    """The base of every contract's state machine: what it does to requests. Admit one with up to
+    `max_admit` tokens, grow one by up to `max_append`, end one, end them all (then the whole pool
+    must be free). A subclass sets `pool` and `unit` (the manager's size, "blocks" or "slots") and
+    says what growing (_grow -> False when exhausted) and ending (_end) a request does, how many
+    units are free (_free_units) and what the manager's state reads (_state: a dict compared around
+    an exhausted call)."""
+
+    class Requests(RuleBasedStateMachine):
+        pool: int
+        unit: str
+
+        def __init__(self):
+            super().__init__()
+            self.tokens: dict[int, list[int]] = {}  # request -> the ids of the tokens it holds, in order
+            self.ids = iter(range(10**9))  # fresh request and token ids
+
+        @rule(target=REQUESTS, n=st.integers(1, max_admit))
+        def admit(self, n):
+            request = next(self.ids)
+            return request if self._grow(request, n) else multiple()
+
+        # A request that ended (in end_all) may still be drawn: then the step does nothing.
+        @rule(request=REQUESTS, n=st.integers(1, max_append))
+        def append(self, request, n):
+            if request in self.tokens:
+                self._grow(request, n)
+
+        @rule(request=consumes(REQUESTS))
+        def finish(self, request):
+            if request in self.tokens:
+                self._end(request)
+
+        @rule()
+        def end_all(self):
+            """Every request ends: the whole pool must be free again."""
+            for r in list(self.tokens):
+                self._end(r)
+            free = self._free_units()
+            assert free == self.pool, f"every request freed, but {free} of {self.pool} {self.unit} are free"
+
+        def _unless_exhausted(self, what: str, call):
+            """What call() returns, or EXHAUSTED when it raised OutOfBlocks, which must have changed nothing."""
+            before = self._state()
+            try:
+                return call()
+            except OutOfBlocks:
+                after = self._state()
+                changes = "; ".join(f"{k}: {v} -> {after[k]}" for k, v in before.items() if after[k] != v)
+                assert not changes, f"{what} raised OutOfBlocks but changed the manager: {changes}"
+                return EXHAUSTED
+
+    return Requests
+
+
 def contract(manager: type[KVCacheManager], num_blocks: int = NUM_BLOCKS, block_size: int = BLOCK_SIZE):
     """The state machine (a RuleBasedStateMachine subclass) that holds `manager` to the contract;
     run it with hypothesis.stateful.run_state_machine_as_test."""
     bs = block_size
 
-    class ManagerContract(RuleBasedStateMachine):
-        requests = Bundle("requests")
+    class ManagerContract(_requests(max_admit=3 * bs, max_append=2 * bs)):
+        pool, unit = num_blocks, "blocks"
 
         def __init__(self):
             super().__init__()
             self.manager = manager(num_blocks, block_size)
-            self.tokens: dict[int, list[int]] = {}  # request -> the ids of the tokens it holds, in order
             self.cache: dict[tuple[int, int], int] = {}  # (block, slot) -> the token id last written there
-            self.ids = iter(range(10**9))
 
-        @rule(target=requests, n=st.integers(1, 3 * bs))
-        def admit(self, n):
-            request = next(self.ids)
-            return request if self._write(request, n) else multiple()
-
-        # A request that ended (in end_all) may still be drawn: then the step does nothing.
-        @rule(request=requests, n=st.integers(1, 2 * bs))
-        def append(self, request, n):
-            if request in self.tokens:
-                self._write(request, n)
-
-        @rule(target=requests, parent=requests)
+        @rule(target=REQUESTS, parent=REQUESTS)
         def fork(self, parent):
             if parent not in self.tokens:
                 return multiple()
@@ -81,25 +127,12 @@ def contract(manager: type[KVCacheManager], num_blocks: int = NUM_BLOCKS, block_
                 f"fork({parent}, {child}): the child's full blocks {mine} are not the parent's {theirs}"
             return child
 
-        @rule(request=consumes(requests))
-        def finish(self, request):
-            if request in self.tokens:
-                self._free(request)
-
-        @rule(request=consumes(requests), n=st.integers(1, 2 * bs))
+        @rule(request=consumes(REQUESTS), n=st.integers(1, 2 * bs))
         def abort(self, request, n):
             """Freed in the middle of a step: its new blocks allocated, nothing written yet."""
             if request in self.tokens:
                 self._allocate(request, n)
-                self._free(request)
-
-        @rule()
-        def end_all(self):
-            """Every request ends: every block must be free again."""
-            for r in list(self.tokens):
-                self._free(r)
-            free = self.manager.num_free_blocks()
-            assert free == num_blocks, f"every request freed, but {free} of {num_blocks} blocks are free"
+                self._end(request)
 
         @invariant()
         def every_block_is_accounted_for(self):
@@ -127,26 +160,20 @@ def contract(manager: type[KVCacheManager], num_blocks: int = NUM_BLOCKS, block_
                     assert got == token, (f"request {r} token {p} reads token {got} from block {at[0]} slot {at[1]}, "
                                           f"not its own ({token})")
 
-        def _allocate(self, request: int, n: int) -> list[tuple[int, int]] | None:
-            """The manager's allocate, its copies made in the cache; None when it ran out of blocks
-            (and then nothing may have changed)."""
-            before = self._state()
-            try:
-                copies = self.manager.allocate(request, n)
-            except OutOfBlocks:
-                after = self._state()
-                assert after == before, f"allocate({request}, {n}) raised OutOfBlocks but changed the manager: " \
-                                        f"{_changes(before, after)}"
-                return None
+        def _allocate(self, request: int, n: int) -> bool:
+            """The manager's allocate, its copies made in the cache; False when it ran out of blocks."""
+            copies = self._unless_exhausted(f"allocate({request}, {n})", lambda: self.manager.allocate(request, n))
+            if copies is EXHAUSTED:
+                return False
             for src, dst in copies:
                 for slot in range(bs):
                     if (src, slot) in self.cache:
                         self.cache[dst, slot] = self.cache[src, slot]
-            return copies
+            return True
 
-        def _write(self, request: int, n: int) -> bool:
+        def _grow(self, request: int, n: int) -> bool:
             """Room for n more tokens, then their ids into the slots the table gives them."""
-            if self._allocate(request, n) is None:
+            if not self._allocate(request, n):
                 return False
             held = self.tokens.setdefault(request, [])
             table = self.manager.block_table(request)
@@ -163,13 +190,17 @@ def contract(manager: type[KVCacheManager], num_blocks: int = NUM_BLOCKS, block_
                 held.append(token)
             return True
 
-        def _free(self, request: int) -> None:
+        def _end(self, request: int) -> None:
             self.manager.free(request)
-            self.tokens.pop(request, None)
+            del self.tokens[request]
+
+        def _free_units(self) -> int:
+            return self.manager.num_free_blocks()
 
         def _state(self):
-            return (self.manager.num_free_blocks(), {r: self.manager.block_table(r) for r in self.tokens},
-                    [self.manager.ref_count(b) for b in range(num_blocks)])
+            return {"free blocks": self.manager.num_free_blocks(),
+                    "block tables": {r: self.manager.block_table(r) for r in self.tokens},
+                    "reference counts": [self.manager.ref_count(b) for b in range(num_blocks)]}
 
     ManagerContract.__name__ = f"Contract_{manager.name.replace('-', '_')}"
     return ManagerContract
@@ -183,31 +214,13 @@ def ring_contract(manager: type[RingBufferManager], num_slots: int = NUM_SLOTS, 
     every request's min(tokens, window) (the sliding layers' budget), an exhausted append changed
     nothing; a request admitted after others were released starts at position 0 in clean slots."""
 
-    class RingContract(RuleBasedStateMachine):
-        requests = Bundle("requests")
+    class RingContract(_requests(max_admit=2 * window, max_append=2 * window)):
+        pool, unit = num_slots, "slots"
 
         def __init__(self):
             super().__init__()
             self.manager = manager(num_slots, window)
-            self.tokens: dict[int, list[int]] = {}
             self.slots: dict[int, int] = {}  # slot -> the token id last written there
-            self.ids = iter(range(10**9))
-
-        @rule(target=requests, n=st.integers(1, 2 * window))
-        def admit(self, n):
-            request = next(self.ids)
-            return request if self._append(request, n) else multiple()
-
-        @rule(request=requests, n=st.integers(1, 2 * window))
-        def append(self, request, n):
-            if request in self.tokens:
-                self._append(request, n)
-
-        @rule(request=consumes(requests))
-        def release(self, request):
-            if request in self.tokens:
-                self.manager.release(request)
-                del self.tokens[request]
 
         @invariant()
         def every_window_reads_back(self):
@@ -229,14 +242,9 @@ def ring_contract(manager: type[RingBufferManager], num_slots: int = NUM_SLOTS, 
             assert free + sum(held.values()) == num_slots, \
                 f"{free} free + {sum(held.values())} held slots != {num_slots}"
 
-        def _append(self, request: int, n: int) -> bool:
-            before = self._state()
-            try:
-                slots = self.manager.append(request, n)
-            except OutOfBlocks:
-                after = self._state()
-                assert after == before, f"append({request}, {n}) raised OutOfBlocks but changed the manager: " \
-                                        f"{before} -> {after}"
+        def _grow(self, request: int, n: int) -> bool:
+            slots = self._unless_exhausted(f"append({request}, {n})", lambda: self.manager.append(request, n))
+            if slots is EXHAUSTED:
                 return False
             assert len(slots) == n and all(0 <= s < num_slots for s in slots), \
                 f"append({request}, {n}) gave slots {slots}: must be {n} of 0..{num_slots - 1}"
@@ -246,8 +254,16 @@ def ring_contract(manager: type[RingBufferManager], num_slots: int = NUM_SLOTS, 
                 tokens.append(token)
             return True
 
+        def _end(self, request: int) -> None:
+            self.manager.release(request)
+            del self.tokens[request]
+
+        def _free_units(self) -> int:
+            return self.manager.num_free_slots()
+
         def _state(self):
-            return self.manager.num_free_slots(), {r: self.manager.window_slots(r) for r in self.tokens}
+            return {"free slots": self.manager.num_free_slots(),
+                    "windows": {r: self.manager.window_slots(r) for r in self.tokens}}
 
     RingContract.__name__ = f"RingContract_{manager.name.replace('-', '_')}"
     return RingContract
@@ -264,38 +280,14 @@ def hybrid_contract(manager: type[HybridManager], num_blocks: int = NUM_BLOCKS, 
     frees every block."""
     bs = block_size
 
-    class HybridContract(RuleBasedStateMachine):
-        requests = Bundle("requests")
+    class HybridContract(_requests(max_admit=3 * bs, max_append=2 * bs)):
+        pool, unit = num_blocks, "blocks"
 
         def __init__(self):
             super().__init__()
             self.manager = manager(num_blocks, block_size, window)
-            self.tokens: dict[int, list[int]] = {}
             self.computed: dict[int, int] = {}  # tokens before the request's last step
             self.cache: dict[tuple[str, int, int], int] = {}  # (kind, block, slot) -> token id
-            self.ids = iter(range(10**9))
-
-        @rule(target=requests, n=st.integers(1, 3 * bs))
-        def admit(self, n):
-            request = next(self.ids)
-            return request if self._step(request, n) else multiple()
-
-        @rule(request=requests, n=st.integers(1, 2 * bs))
-        def append(self, request, n):
-            if request in self.tokens:
-                self._step(request, n)
-
-        @rule(request=consumes(requests))
-        def finish(self, request):
-            if request in self.tokens:
-                self._free(request)
-
-        @rule()
-        def end_all(self):
-            for r in list(self.tokens):
-                self._free(r)
-            free = self.manager.num_free_blocks()
-            assert free == num_blocks, f"every request freed, but {free} of {num_blocks} blocks are free"
 
         @invariant()
         def every_layer_holds_its_budget(self):
@@ -325,14 +317,9 @@ def hybrid_contract(manager: type[HybridManager], num_blocks: int = NUM_BLOCKS, 
             free = self.manager.num_free_blocks()
             assert free + len(held) == num_blocks, f"{free} free + {len(held)} held blocks != {num_blocks}"
 
-        def _step(self, request: int, n: int) -> bool:
-            before = self._state()
-            try:
-                self.manager.allocate(request, n)
-            except OutOfBlocks:
-                after = self._state()
-                assert after == before, f"allocate({request}, {n}) raised OutOfBlocks but changed the manager: " \
-                                        f"{before} -> {after}"
+        def _grow(self, request: int, n: int) -> bool:
+            if self._unless_exhausted(f"allocate({request}, {n})",
+                                      lambda: self.manager.allocate(request, n)) is EXHAUSTED:
                 return False
             tokens = self.tokens.setdefault(request, [])
             self.computed[request] = len(tokens)
@@ -344,18 +331,17 @@ def hybrid_contract(manager: type[HybridManager], num_blocks: int = NUM_BLOCKS, 
                 tokens.append(token)
             return True
 
-        def _free(self, request: int) -> None:
+        def _end(self, request: int) -> None:
             self.manager.free(request)
             del self.tokens[request], self.computed[request]
 
+        def _free_units(self) -> int:
+            return self.manager.num_free_blocks()
+
         def _state(self):
-            return self.manager.num_free_blocks(), {(r, kind): self.manager.block_table(r, kind)
-                                                    for r in self.tokens for kind in KINDS_OF_LAYER}
+            return {"free blocks": self.manager.num_free_blocks(),
+                    "block tables": {(r, kind): self.manager.block_table(r, kind)
+                                     for r in self.tokens for kind in KINDS_OF_LAYER}}
 
     HybridContract.__name__ = f"HybridContract_{manager.name.replace('-', '_')}"
     return HybridContract
-
-
-def _changes(before, after) -> str:
-    names = ("free blocks", "block tables", "reference counts")
-    return "; ".join(f"{n}: {b} -> {a}" for n, b, a in zip(names, before, after) if a != b)
