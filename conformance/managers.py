@@ -28,20 +28,28 @@ class OutOfBlocks(Exception):
     """Raised by allocate() when the free blocks do not cover the request: nothing may have changed."""
 
 
-class KVCacheManager:
-    """Base class of manager adapters. Subclasses set `name` and implement every method below.
-    A manager is made fresh for each test, `cls(num_blocks, block_size)`; request ids are ints."""
+class _Adapter:
+    """What the manager protocols below share: a name, a description, and whether it runs here.
+    Subclasses of a protocol set `name` and implement every method of it; request ids are ints."""
 
     name: str = ""
     description: str = ""
-
-    def __init__(self, num_blocks: int, block_size: int):
-        self.num_blocks, self.block_size = num_blocks, block_size
 
     @classmethod
     def unavailable(cls) -> str | None:
         """Why this manager cannot run on this machine (its library is missing ...), or None."""
         return None
+
+    def __repr__(self) -> str:
+        protocol = next(p for p in PROTOCOLS if isinstance(self, p))
+        return f"<{protocol.__name__} {self.name}>"
+
+
+class KVCacheManager(_Adapter):
+    """Base class of paged manager adapters, made fresh for each test as cls(num_blocks, block_size)."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_blocks, self.block_size = num_blocks, block_size
 
     def allocate(self, request: int, num_tokens: int) -> list[tuple[int, int]]:
         """Room for `num_tokens` (>= 1) more tokens of `request`, admitting it if new. Returns the
@@ -71,9 +79,6 @@ class KVCacheManager:
     def ref_count(self, block: int) -> int:
         """How many requests hold `block` (0: free)."""
         raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"<manager {self.name}>"
 
 
 class RefCountedBlocks(KVCacheManager):
@@ -143,21 +148,14 @@ class RefCountedBlocks(KVCacheManager):
             self._free.append(block)
 
 
-class RingBufferManager:
+class RingBufferManager(_Adapter):
     """Base class of sliding-window manager adapters (a layer that attends only its last `window`
     tokens): each request holds a ring of at most `window` slots of a pool of `num_slots`; token p
     sits in ring slot p % window, so the last `window` tokens are always there and older ones are
     overwritten. Made fresh for each test, `cls(num_slots, window)`."""
 
-    name: str = ""
-    description: str = ""
-
     def __init__(self, num_slots: int, window: int):
         self.num_slots, self.window = num_slots, window
-
-    @classmethod
-    def unavailable(cls) -> str | None:
-        return None
 
     def append(self, request: int, num_tokens: int) -> list[int]:
         """The slots of the request's next `num_tokens` (>= 1) tokens, in order, admitting it if new
@@ -179,9 +177,6 @@ class RingBufferManager:
 
     def num_free_slots(self) -> int:
         raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"<ring-buffer manager {self.name}>"
 
 
 class RingSlots(RingBufferManager):
@@ -223,7 +218,7 @@ class RingSlots(RingBufferManager):
 KINDS_OF_LAYER = ("full", "sliding")
 
 
-class HybridManager:
+class HybridManager(_Adapter):
     """Base class of hybrid manager adapters, for a model whose layers are full attention or sliding
     window (Gemma 2 and 3, gpt-oss): per request one block table for the full layers (every token)
     and one for the sliding layers, from one pool of `num_blocks` blocks of `block_size` slots. A
@@ -232,15 +227,8 @@ class HybridManager:
     the pool and their entries read -1 (vLLM's hybrid allocator frees them the same way). Made as
     cls(num_blocks, block_size, window)."""
 
-    name: str = ""
-    description: str = ""
-
     def __init__(self, num_blocks: int, block_size: int, window: int):
         self.num_blocks, self.block_size, self.window = num_blocks, block_size, window
-
-    @classmethod
-    def unavailable(cls) -> str | None:
-        return None
 
     def allocate(self, request: int, num_tokens: int) -> None:
         """Room for the request's next `num_tokens` (>= 1) tokens in both tables, admitting it if
@@ -263,9 +251,6 @@ class HybridManager:
 
     def num_free_blocks(self) -> int:
         raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"<hybrid manager {self.name}>"
 
 
 class HybridBlocks(HybridManager):
