@@ -72,8 +72,11 @@ class SdpaBackend(Backend):
             q_len, kv_len = q.shape[2], k.shape[2]
             mask = None
             if spec.sliding_window is not None:
+                # Only the keys some query sees: a manager may have given the blocks before them back.
+                first = max(0, kv_len - q_len - spec.sliding_window + 1)
+                k, v = k[:, :, first:], v[:, :, first:]
                 qpos = torch.arange(kv_len - q_len, kv_len, device=case.device)[:, None]
-                kpos = torch.arange(kv_len, device=case.device)[None, :]
+                kpos = torch.arange(first, kv_len, device=case.device)[None, :]
                 mask = (kpos <= qpos) & (qpos - kpos < spec.sliding_window)
             elif spec.causal:
                 mask = causal_lower_right(q_len, kv_len)

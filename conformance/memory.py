@@ -58,9 +58,9 @@ def case_bytes(spec: CaseSpec) -> int:
     the captured case and its two replays (each prepared, its fresh cache copied into the captured one)."""
     if spec.calls == "graph":
         return 3 * case_bytes(spec.replace(calls="one"))
-    if spec.calls == "rollout":  # its largest call (the rescore's prefill, one layer at a time), every layer's cache
-        rescore = Rollout.of(spec.batch).calls(spec)[-1]
-        return case_bytes(rescore) + (LAYERS - 1) * _cache_bytes(rescore)
+    if spec.calls == "rollout":  # its largest call (one layer at a time), every layer's cache
+        largest = max((call for _, call in Rollout.of(spec.batch).calls(spec)), key=case_bytes)
+        return case_bytes(largest) + (LAYERS - 1) * _cache_bytes(largest)
     b, h = spec.batch, spec.heads
     elem = torch.empty((), dtype=spec.dtype).element_size()
     token = h.cache_elements_per_token

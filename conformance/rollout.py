@@ -3,21 +3,26 @@ backend over a paged cache, as an RL framework uses an inference engine.
 
 The model: seeded weights (no downloads), a vocabulary of VOCAB tokens, LAYERS layers of RMSNorm,
 attention with rotary positions over the case's heads, and a residual; then RMSNorm and the
-unembedding. A case's batch gives the prompts and the samples: P prompts of shared_prefix_lens
-tokens (without sharing, each sequence's context is its own prompt) and, per sample, seq_len -
-prompt tokens to generate. Through the backend:
+unembedding. With a sliding window, the layers alternate full attention and the window (a hybrid
+model, as Gemma 2). A case's batch gives the prompts and the samples: P prompts of
+shared_prefix_lens tokens (without sharing, each sequence's context is its own prompt) and, per
+sample, seq_len - prompt tokens to generate. Through the backend (Rollout.schedule):
 
-- rollout: one prefill call per layer over the P prompts; each prompt is then forked into its G
-  samples, which share its blocks (a partly filled last one is copied when a sample first writes
-  into it: copy-on-write); then decode calls, one token per sample, each sample leaving the batch
-  (and freeing its blocks) when its tokens are in. The tokens are the argmax of the
-  log-probabilities plus seeded Gumbel noise (sampling with a fixed draw: the G samples of a
+- rollout: one prefill call per layer over the P prompts (with a window, in calls of `window`
+  tokens, as an engine whose sliding layers keep ring buffers must); each shared prompt is then
+  forked into its G samples, which share its blocks (a partly filled last one is copied when a
+  sample first writes into it: copy-on-write); then decode calls, one token per sample, each sample
+  leaving the batch (and freeing its blocks) when its tokens are in. The tokens are the argmax of
+  the log-probabilities plus seeded Gumbel noise (sampling with a fixed draw: the G samples of a
   prompt differ, and a run is reproducible); each token's log-probability is kept.
-- rescore: one prefill call per layer over every sample's prompt + generated tokens, as new
-  requests in the blocks the rollout freed, giving the same tokens' log-probabilities again.
+- rescore: prefill calls over every sample's prompt + generated tokens, as new requests in the
+  blocks the rollout freed, giving the same tokens' log-probabilities again.
 
 A KV-cache manager (managers.py; the suite's own unless the runner is given another) hands out
 every block, so a manager runs end to end here: a manager bug shows as wrong log-probabilities.
+A paged manager (KVCacheManager) holds every layer's blocks; a HybridManager the full and the
+sliding layers' tables; a RingBufferManager the sliding layers' slots (the full layers' blocks
+are then the suite's).
 
 The truth is the same model in float64 with the reference's attention (explicit masks, logical
 K/V), teacher-forced on the generated tokens; the noise that calibrates the tolerance is the model
@@ -34,8 +39,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .managers import RefCountedBlocks
-from .paged import Case, _allocate_cache, bits, poison_value
+from .managers import (KINDS_OF_LAYER, HybridBlocks, HybridManager, KVCacheManager, RefCountedBlocks, RingBufferManager,
+                       RingSlots)
+from .paged import NULL_BLOCK, Case, _allocate_cache, bits, poison_value
 from .reference import attend, precision_of
 from .spec import BatchSpec, CaseSpec
 
@@ -46,13 +52,29 @@ UNEMBED_GAIN = 4.0  # logits of std about 4: log-probabilities spread over a few
 
 
 @dataclass(frozen=True)
+class Step:
+    """One call per layer: the tokens [start, start + n) of each of `requests`."""
+
+    phase: str  # "prompt", "decode" or "rescore"
+    requests: tuple[int, ...]
+    starts: tuple[int, ...]
+    lens: tuple[int, ...]
+
+    @property
+    def batch(self) -> BatchSpec:
+        return BatchSpec([s + n for s, n in zip(self.starts, self.lens)], list(self.lens))
+
+
+@dataclass(frozen=True)
 class Rollout:
     """What a case's batch asks of the rollout: the prompts, and per sample its prompt and the
-    number of tokens it generates."""
+    number of tokens it generates. With shared prompts (group_size > 1) the samples fork their
+    prompt's request; without, each sample is its prompt's request."""
 
     prompt_lens: tuple[int, ...]
     prompt_of: tuple[int, ...]  # per sample
     generated: tuple[int, ...]  # per sample, >= 1
+    forked: bool
 
     @classmethod
     def of(cls, batch: BatchSpec) -> "Rollout":
@@ -64,7 +86,7 @@ class Rollout:
             prompts = tuple(batch.context_lens[i] or 1 for i in live)
             prompt_of = tuple(range(len(live)))
         generated = tuple(max(1, batch.seq_lens[i] - prompts[p]) for i, p in zip(live, prompt_of))
-        return cls(prompts, prompt_of, generated)
+        return cls(prompts, prompt_of, generated, bool(batch.shared_prefix_lens))
 
     @property
     def sample_lens(self) -> tuple[int, ...]:
@@ -72,13 +94,51 @@ class Rollout:
         last (the rescore's sequences)."""
         return tuple(self.prompt_lens[p] + n - 1 for p, n in zip(self.prompt_of, self.generated))
 
-    def calls(self, spec: CaseSpec) -> list[CaseSpec]:
-        """The kinds of call the rollout makes (what a backend's rules must accept): the prompts'
-        prefill, the first decode step, and the rescore."""
-        decode = [self.prompt_lens[p] + 1 for p in self.prompt_of]
-        return [spec.replace(batch=BatchSpec(lens, q), calls="one") for lens, q in
-                ((self.prompt_lens, self.prompt_lens), (decode, [1] * len(decode)),
-                 (self.sample_lens, self.sample_lens))]
+    def requests(self) -> tuple[list[int], list[int], list[int]]:
+        """The request ids of the prompts, the samples and the rescore's sequences."""
+        n_prompts, n_samples = len(self.prompt_lens), len(self.prompt_of)
+        samples = list(range(n_prompts, n_prompts + n_samples)) if self.forked else list(range(n_samples))
+        return list(range(n_prompts)), samples, list(range(n_prompts + n_samples, n_prompts + 2 * n_samples))
+
+    def schedule(self, chunk: int | None = None) -> list:
+        """The rollout as an engine runs it, in order: Steps and the manager's operations ("add",
+        request, n) (room for n more tokens), ("fork", parent, child) and ("free", request).
+        - the prompts' prefill (in calls of at most `chunk` tokens a sequence, if given);
+        - with shared prompts, each prompt forked into its samples, then ended;
+        - decode, one token a sample a call, each sample ending when its tokens are in;
+        - the rescore: every sample's prompt and generated tokens (but the last) as new requests,
+          prefilled like the prompts, in blocks the rollout's requests held before."""
+        prompts, samples, rescores = self.requests()
+        ops = _prefill("prompt", prompts, self.prompt_lens, chunk)
+        if self.forked:
+            ops += [("fork", self.prompt_of[s], child) for s, child in enumerate(samples)]
+            ops += [("free", p) for p in prompts]
+        for step in range(1, max(self.generated) + 1):
+            ops += [("free", samples[s]) for s, n in enumerate(self.generated) if n == step]
+            live = [s for s, n in enumerate(self.generated) if n > step]
+            if live:  # each live sample's last token goes in at its prompt + step - 1
+                ops += [("add", samples[s], 1) for s in live]
+                ops.append(Step("decode", tuple(samples[s] for s in live),
+                                tuple(self.prompt_lens[self.prompt_of[s]] + step - 1 for s in live), (1,) * len(live)))
+        return ops + _prefill("rescore", rescores, self.sample_lens, chunk) + [("free", r) for r in rescores]
+
+    def calls(self, spec: CaseSpec) -> list[tuple[str, CaseSpec]]:
+        """Every call the rollout makes, as (which, the call's case): what a backend's rules must
+        accept. With a sliding window, each call twice: for the full and the sliding layers."""
+        windows = sorted({TinyLM.window_of(spec, layer) for layer in range(LAYERS)}, key=lambda w: w or 0)
+        return [(f"the rollout's {op.phase} call {i + 1}", spec.replace(batch=op.batch, calls="one", sliding_window=w))
+                for i, op in enumerate(o for o in self.schedule(spec.sliding_window) if isinstance(o, Step))
+                for w in windows]
+
+
+def _prefill(phase: str, requests, lens, chunk: int | None) -> list:
+    """Prefill calls over `requests`, at most `chunk` tokens of each a call."""
+    ops, chunk = [], chunk or max(lens)
+    for start in range(0, max(lens), chunk):
+        part = [(r, start, min(chunk, n - start)) for r, n in zip(requests, lens) if n > start]
+        ops += [("add", r, n) for r, _, n in part]
+        ops.append(Step(phase, *map(tuple, zip(*part))))
+    return ops
 
 
 class TinyLM:
@@ -100,6 +160,12 @@ class TinyLM:
                        for _ in range(LAYERS)]
         self.unembed = w(D_MODEL, VOCAB, std=UNEMBED_GAIN * D_MODEL ** -0.5)
         self._cast: dict[torch.dtype, tuple] = {}
+
+    @staticmethod
+    def window_of(spec: CaseSpec, layer: int) -> int | None:
+        """The keys a layer's query sees: with a sliding window, layers alternate full attention
+        (layer 0) and the window, as Gemma 2's do."""
+        return spec.sliding_window if layer % 2 else None
 
     def _weights(self, dtype: torch.dtype) -> tuple:
         """(embed, layers, unembed) in `dtype`, cast once (a rollout runs the model every decode step)."""
@@ -165,53 +231,204 @@ def reference_logprobs(lm: TinyLM, seqs: list[torch.Tensor], dtype: torch.dtype,
 
     def attention(layer, q, k, v):
         keys = lambda rows: (rnd(k[rows].to(acc)), rnd(v[rows].to(acc)))  # noqa: E731
-        out, _ = attend(one, rnd(q.to(acc)), keys, starts, spec.heads.num_kv_heads, spec.heads.head_dim, rnd)
+        out, _ = attend(one.replace(sliding_window=TinyLM.window_of(spec, layer)), rnd(q.to(acc)), keys, starts,
+                        spec.heads.num_kv_heads, spec.heads.head_dim, rnd)
         return out.to(dtype)
 
     return lm.forward(tokens, positions, attention, dtype)
 
 
-class PagedModel:
-    """The model's caches for one backend, one paged K/V cache per layer, whose blocks a KV-cache
-    manager (managers.py) hands out: its block b is cache block pages[b], a shuffled pick past the
-    null block 0, so tables are never contiguous whatever order the manager takes blocks in."""
+class _Layout:
+    """Where the blocks of a manager of one protocol put the model's K/V: per layer a cache and its
+    block size, and per request and layer the pages of its tokens (NULL_BLOCK where it holds none).
+    A manager's block b is cache page pages[b], a shuffled pick past the null page 0, so tables are
+    never contiguous whatever order the manager takes blocks in. make() gives the managers their
+    pools; build() makes the caches (a dry run over the schedule has none)."""
 
-    def __init__(self, backend, lm: TinyLM, manager, device: torch.device, gen: torch.Generator):
-        spec = lm.spec
-        self.backend, self.lm, self.spec, self.manager = backend, lm, spec, manager
-        self.poison = poison_value(spec.cache_dtype, backend.finite_poison)
-        self.caches = [_allocate_cache(spec, 1 + manager.num_blocks, self.poison, device)[:2] for _ in range(LAYERS)]
-        self.pages = (torch.randperm(manager.num_blocks, generator=gen, device=device) + 1).tolist()
+    forks = False  # whether the protocol has fork()
+    caches: list | None = None
 
-    def allocate(self, request: int, n: int) -> None:
-        """Room for n more tokens of the request; the block copies the manager asks for, made."""
+    def held(self) -> list[int]:
+        """The blocks (slots) each manager holds now."""
+        raise NotImplementedError
+
+    def fork(self, parent: int, child: int) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _pages(n: int, device, gen: torch.Generator) -> list[int]:
+        return (torch.randperm(n, generator=gen, device=device) + 1).tolist()
+
+
+class _Paged(_Layout):
+    """Every layer's blocks from one KVCacheManager, each layer a cache of its own; the block copies
+    the manager asks for (copy-on-write) are made in every layer."""
+
+    forks = True
+
+    def __init__(self, spec: CaseSpec, manager: KVCacheManager):
+        self.spec, self.manager, self.block_sizes = spec, manager, [spec.block_size] * LAYERS
+
+    @classmethod
+    def make(cls, manager: type, spec: CaseSpec, pools) -> "_Paged":
+        return cls(spec, manager(pools[0], spec.block_size))
+
+    def build(self, poison: float, device, gen) -> None:
+        n = self.manager.num_blocks
+        self.caches = [_allocate_cache(self.spec, 1 + n, poison, device)[:2] for _ in range(LAYERS)]
+        self.pages = self._pages(n, device, gen)
+
+    def held(self):
+        return [self.manager.num_blocks - self.manager.num_free_blocks()]
+
+    def add(self, request, n):
         for src, dst in self.manager.allocate(request, n):
-            for k, v in self.caches:
+            for k, v in self.caches or ():
                 k[self.pages[dst]], v[self.pages[dst]] = k[self.pages[src]], v[self.pages[src]]
 
-    def table(self, request: int) -> list[int]:
+    def fork(self, parent, child):
+        self.manager.fork(parent, child)
+
+    def free(self, request):
+        self.manager.free(request)
+
+    def table(self, request, layer):
         return [self.pages[b] for b in self.manager.block_table(request)]
 
-    def step(self, tokens, positions, requests: list[int], seq_lens: list[int], query_lens: list[int], call):
-        """One call per layer: the new tokens (packed) of these requests, whose tables and lengths the
-        manager holds. call(backend, case) runs the backend (the runner's checked call)."""
-        spec, bs, dev = self.spec, self.spec.block_size, tokens.device
-        one = spec.replace(batch=BatchSpec(seq_lens, query_lens), calls="one")
-        tables = [self.table(r) for r in requests]
-        width = max(len(t) for t in tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev)
-        seq = torch.repeat_interleave(torch.arange(len(tables), device=dev), torch.tensor(query_lens, device=dev))
-        slots = table[seq, positions // bs].to(torch.int64) * bs + positions % bs
+
+class _Hybrid(_Layout):
+    """A HybridManager's full and sliding tables. Both kinds of layer share one cache, as in vLLM's
+    hybrid allocator (a block is one kind's or the other's): a sliding block given back too soon is
+    overwritten by the next request that takes it."""
+
+    def __init__(self, spec: CaseSpec, manager: HybridManager):
+        self.spec, self.manager, self.block_sizes = spec, manager, [spec.block_size] * LAYERS
+
+    @classmethod
+    def make(cls, manager: type, spec: CaseSpec, pools) -> "_Hybrid":
+        return cls(spec, manager(pools[0], spec.block_size, spec.sliding_window))
+
+    def build(self, poison, device, gen):
+        self.caches = [_allocate_cache(self.spec, 1 + self.manager.num_blocks, poison, device)[:2]] * LAYERS
+        self.pages = self._pages(self.manager.num_blocks, device, gen)
+
+    def held(self):
+        return [self.manager.num_blocks - self.manager.num_free_blocks()]
+
+    def add(self, request, n):
+        self.manager.allocate(request, n)
+
+    def free(self, request):
+        self.manager.free(request)
+
+    def table(self, request, layer):
+        kind = KINDS_OF_LAYER[TinyLM.window_of(self.spec, layer) is not None]
+        return [self.pages[b] if b >= 0 else NULL_BLOCK for b in self.manager.block_table(request, kind)]
+
+
+class _Ring(_Layout):
+    """Sliding layers' K/V in a RingBufferManager's slots, a cache of one-slot blocks (token p's
+    table entry is its slot while the ring holds it, the null page before); full layers' blocks
+    from the suite's RefCountedBlocks. A windowed rollout prefills in calls of `window` tokens, so a
+    ring of 2 * window - 1 slots holds every key a call's queries see while the call writes."""
+
+    def __init__(self, spec: CaseSpec, blocks: RefCountedBlocks, ring: RingBufferManager):
+        self.spec, self.full, self.ring = spec, _Paged(spec, blocks), ring
+        self.block_sizes = [1 if TinyLM.window_of(spec, layer) else spec.block_size for layer in range(LAYERS)]
+
+    @classmethod
+    def make(cls, manager: type, spec: CaseSpec, pools) -> "_Ring":
+        return cls(spec, RefCountedBlocks(pools[0], spec.block_size), manager(pools[1], 2 * spec.sliding_window - 1))
+
+    def build(self, poison, device, gen):
+        self.full.build(poison, device, gen)
+        ring = _allocate_cache(self.spec.replace(block_size=1), 1 + self.ring.num_slots, poison, device)[:2]
+        self.caches = [ring if TinyLM.window_of(self.spec, layer) else self.full.caches[layer] for layer in range(LAYERS)]
+        self.pages = self._pages(self.ring.num_slots, device, gen)
+
+    def held(self):
+        return self.full.held() + [self.ring.num_slots - self.ring.num_free_slots()]
+
+    def add(self, request, n):
+        self.full.add(request, n)
+        self.ring.append(request, n)
+
+    def free(self, request):
+        self.full.free(request)
+        self.ring.release(request)
+
+    def table(self, request, layer):
+        if not TinyLM.window_of(self.spec, layer):
+            return self.full.table(request, layer)
+        window = self.ring.window_slots(request)
+        return [NULL_BLOCK] * (self.ring.position(request) - len(window)) + [self.pages[s] for s in window]
+
+
+_LAYOUTS = {KVCacheManager: (_Paged, RefCountedBlocks), HybridManager: (_Hybrid, HybridBlocks),
+            RingBufferManager: (_Ring, RingSlots)}
+_LARGE_POOL = 1 << 14
+
+
+def check_manager(manager: type, spec: CaseSpec) -> type:
+    """The protocol of `manager` (managers.py), which must be able to hand out the blocks of the
+    rollout `spec`: raises ValueError (a usage error, not the backend's) when it cannot."""
+    protocol = next((p for p in _LAYOUTS if isinstance(manager, type) and issubclass(manager, p)), None)
+    if protocol is None:
+        raise ValueError(f"manager = {manager!r}: must be a subclass of one of {', '.join(p.__name__ for p in _LAYOUTS)}")
+    if protocol is not KVCacheManager and spec.sliding_window is None:
+        raise ValueError(f"CaseSpec.sliding_window = None: a {protocol.__name__} ({manager.name}) hands out the "
+                         f"blocks of a rollout with a sliding window only (its model's sliding layers)")
+    if Rollout.of(spec.batch).forked and not _LAYOUTS[protocol][0].forks:
+        raise ValueError(f"CaseSpec.batch.shared_prefix_lens = {spec.batch.shared_prefix_lens}: a {protocol.__name__} "
+                         f"({manager.name}) has no fork; its rollout needs a batch without shared prompts")
+    return protocol
+
+
+def layout(manager: type, spec: CaseSpec, schedule: list) -> _Layout:
+    """The layout of `manager`'s blocks for a rollout's schedule, its pools as large as the most
+    blocks the suite's own manager of that protocol holds at once over it (so that freed blocks
+    come back into use soon)."""
+    cls, reference = _LAYOUTS[check_manager(manager, spec)]
+    dry = cls.make(reference, spec, (_LARGE_POOL, _LARGE_POOL))
+    peak = dry.held()
+    for op in schedule:
+        if not isinstance(op, Step):
+            getattr(dry, op[0])(*op[1:])
+            peak = [max(a, b) for a, b in zip(peak, dry.held())]
+    return cls.make(manager, spec, peak)
+
+
+class PagedModel:
+    """The model's caches for one backend, laid out by a manager's blocks (_Layout)."""
+
+    def __init__(self, backend, lm: TinyLM, blocks: _Layout, device: torch.device, gen: torch.Generator):
+        self.backend, self.lm, self.spec, self.blocks = backend, lm, lm.spec, blocks
+        self.poison = poison_value(lm.spec.cache_dtype, backend.finite_poison)
+        blocks.build(self.poison, device, gen)
+
+    def step(self, op: Step, tokens: torch.Tensor, call) -> torch.Tensor:
+        """One call per layer: the step's tokens (packed), whose tables and lengths the manager
+        holds. call(backend, case) runs the backend (the runner's checked call)."""
+        spec, dev = self.spec, tokens.device
+        positions = torch.cat([torch.arange(s, s + n, device=dev) for s, n in zip(op.starts, op.lens)])
+        seq = torch.repeat_interleave(torch.arange(len(op.lens), device=dev), torch.tensor(op.lens, device=dev))
         i32 = dict(dtype=torch.int32, device=dev)
-        qsl = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], **i32)
+        qsl = torch.tensor([0, *torch.tensor(op.lens).cumsum(0).tolist()], **i32)
         h = spec.heads
 
         def attention(layer, q, k, v):
-            k_cache, v_cache = self.caches[layer]
-            case = Case(spec=one, q=q.contiguous(), block_table=table, slot_mapping=slots,
-                        seq_lens=torch.tensor(seq_lens, **i32),
+            one = spec.replace(batch=op.batch, calls="one", block_size=self.blocks.block_sizes[layer],
+                               sliding_window=TinyLM.window_of(spec, layer))
+            bs = one.block_size
+            tables = [self.blocks.table(r, layer) for r in op.requests]
+            width = max(len(t) for t in tables)
+            table = torch.tensor([t + [NULL_BLOCK] * (width - len(t)) for t in tables], **i32)
+            k_cache, v_cache = self.blocks.caches[layer]
+            case = Case(spec=one, q=q.contiguous(), block_table=table,
+                        slot_mapping=table[seq, positions // bs].to(torch.int64) * bs + positions % bs,
+                        seq_lens=torch.tensor(one.batch.seq_lens, **i32),
                         context_lens=torch.tensor(one.batch.context_lens, **i32),
-                        query_start_loc=qsl, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+                        query_start_loc=qsl, max_query_len=max(op.lens), max_seq_len=max(one.batch.seq_lens),
                         out=torch.full((len(tokens), h.num_q_heads, h.head_dim), math.nan, dtype=spec.dtype,
                                        device=dev),
                         poison=self.poison, k_new=k.contiguous(), v_new=v.contiguous(), k_cache=k_cache,
@@ -254,71 +471,63 @@ class Scores:
 
 
 def roll_out(backend, spec: CaseSpec, device: torch.device, seed: int, call, manager=RefCountedBlocks) -> Generated:
-    """Generate through `backend` and rescore through it, the blocks handed out by a `manager` (a
-    KVCacheManager class). call(backend, case) -> (out, lse) runs one checked call."""
+    """Generate through `backend` and rescore through it (Rollout.schedule), the blocks handed out by
+    a `manager` (a class of one of the protocols of managers.py). call(backend, case) -> (out, lse)
+    runs one checked call."""
     gen = torch.Generator(device=device).manual_seed(seed)
     lm = TinyLM(spec, device, seed)
     r = Rollout.of(spec.batch)
-    bs = spec.block_size
     prompts = [torch.randint(VOCAB, (n,), generator=gen, device=device) for n in r.prompt_lens]
     noise = gumbel(len(r.prompt_of), max(r.generated), device, gen)
-    seq_lens = [r.prompt_lens[p] + n - 1 for p, n in zip(r.prompt_of, r.generated)]  # what the rescore reads
-    # Requests: the prompts 0..P-1, the samples P.., the rescore's P + S..
-    prompt_ids, sample_ids = range(len(prompts)), range(len(prompts), len(prompts) + len(r.prompt_of))
-    rescore_ids = [len(prompts) + len(r.prompt_of) + s for s in range(len(r.prompt_of))]
-    # The most blocks held at once: the prompts and each sample's own (its copy of a partial prompt
-    # block, its new tokens) during the rollout, or every sample whole in the rescore.
-    own = [math.ceil((r.prompt_lens[p] % bs + n) / bs) for p, n in zip(r.prompt_of, r.generated)]
-    need = max(sum(math.ceil(n / bs) for n in r.prompt_lens) + sum(own), sum(math.ceil(n / bs) for n in seq_lens))
-    model = PagedModel(backend, lm, manager(need, bs), device, gen)
+    schedule = r.schedule(spec.sliding_window)
+    model = PagedModel(backend, lm, layout(manager, spec, schedule), device, gen)
+    blocks, bs = model.blocks, spec.block_size
+    prompt_ids, sample_ids, rescore_ids = r.requests()
+    sample_of = {request: s for s, request in enumerate(sample_ids)}
+    last: dict[int, torch.Tensor] = {}  # per prompt, the log-probs after its last token
+    tokens: list[list[int]] = []  # per sample, its generated tokens
+    rollout: list[list[float]] = []  # ... and their log-probs
+    rescored: dict[int, list[torch.Tensor]] = {q: [] for q in rescore_ids}
+    seqs, shared, before, shared_overwritten = None, [], [], 0
 
-    # The rollout: the prompts' prefill; each prompt forked into its samples (its blocks shared, a
-    # partly filled last one copied at a sample's first write) and ended; then decode, each sample
-    # ending when its tokens are in.
-    for p, n in zip(prompt_ids, r.prompt_lens):
-        model.allocate(p, n)
-    lp = model.step(torch.cat(prompts), torch.cat([torch.arange(n, device=device) for n in r.prompt_lens]),
-                    list(prompt_ids), list(r.prompt_lens), list(r.prompt_lens), call)
-    last_rows = torch.tensor(r.prompt_lens, device=device).cumsum(0) - 1
-    shared = [b for p in prompt_ids for b in model.table(p)[:r.prompt_lens[p] // bs]]
-    before = [(k[shared].clone(), v[shared].clone()) for k, v in model.caches]
-    for s, p in zip(sample_ids, r.prompt_of):
-        model.manager.fork(p, s)
-    for p in prompt_ids:
-        model.manager.free(p)
-    first = lp[last_rows[list(r.prompt_of)]]  # [S, V]: each sample's first token, from its prompt's last row
-    tokens = [[int(t)] for t in torch.argmax(first + noise[:, 0], -1)]
-    rollout = [[float(first[s, tokens[s][0]])] for s in range(len(tokens))]
-    for step in range(1, max(r.generated) + 1):
-        for s, n in enumerate(r.generated):
-            if n == step:  # its last token is chosen: it leaves, and its blocks go back
-                model.manager.free(sample_ids[s])
-        live = [s for s, n in enumerate(r.generated) if n > step]
-        if not live:
-            break
-        pos = [r.prompt_lens[r.prompt_of[s]] + step - 1 for s in live]  # where the last token goes
-        for s in live:
-            model.allocate(sample_ids[s], 1)
-        lp = model.step(torch.tensor([tokens[s][-1] for s in live], device=device), torch.tensor(pos, device=device),
-                        [sample_ids[s] for s in live], [p + 1 for p in pos], [1] * len(live), call)
-        picks = torch.argmax(lp + noise[live, step], -1).tolist()
-        for i, s in enumerate(live):
-            tokens[s].append(picks[i])
-            rollout[s].append(float(lp[i, picks[i]]))
-    shared_overwritten = sum(int((bits(now[shared]) != bits(was)).reshape(len(shared), bs, -1).any(-1).sum())
-                             for layer, old in zip(model.caches, before) for now, was in zip(layer, old))
-
-    # The rescore: new requests, every sample's prompt and generated tokens (but the last) in one
-    # prefill, in blocks the rollout's requests held before (stale data that must not be read).
-    seqs = [torch.cat([prompts[p], torch.tensor(t[:-1], dtype=torch.int64, device=device)])
-            for p, t in zip(r.prompt_of, tokens)]
-    for request, n in zip(rescore_ids, seq_lens):
-        model.allocate(request, n)
-    lp = model.step(torch.cat(seqs), torch.cat([torch.arange(n, device=device) for n in seq_lens]),
-                    rescore_ids, seq_lens, seq_lens, call)
+    for op in schedule:
+        if not isinstance(op, Step):
+            if op[0] == "fork" and not before:  # the prompts' full blocks as the prefill left them, to be kept
+                shared = [b for p in prompt_ids for b in blocks.table(p, 0)[:r.prompt_lens[p] // bs]]
+                before = [(k[shared].clone(), v[shared].clone()) for k, v in blocks.caches]
+            elif op[:2] == ("add", rescore_ids[0]) and shared:  # the rollout is over: were they kept?
+                shared_overwritten = sum(int((bits(now[shared]) != bits(was)).reshape(len(shared), bs, -1).any(-1).sum())
+                                         for layer, old in zip(blocks.caches, before) for now, was in zip(layer, old))
+            getattr(blocks, op[0])(*op[1:])
+            continue
+        parts = list(zip(op.requests, op.starts, op.lens))
+        if op.phase == "prompt":
+            lp = model.step(op, torch.cat([prompts[p][s:s + n] for p, s, n in parts]), call)
+            ends = torch.tensor(op.lens).cumsum(0) - 1
+            last.update({p: lp[int(end)] for (p, s, n), end in zip(parts, ends) if s + n == r.prompt_lens[p]})
+            if len(last) == len(prompt_ids):  # each sample's first token, from its prompt's last row
+                first = torch.stack([last[p] for p in r.prompt_of])  # [S, V]
+                tokens = [[int(t)] for t in torch.argmax(first + noise[:, 0], -1)]
+                rollout = [[float(first[s, tokens[s][0]])] for s in range(len(tokens))]
+        elif op.phase == "decode":
+            live = [sample_of[q] for q in op.requests]
+            lp = model.step(op, torch.tensor([tokens[s][-1] for s in live], device=device), call)
+            picks = torch.argmax(lp + noise[live, len(tokens[live[0]])], -1).tolist()
+            for i, s in enumerate(live):
+                tokens[s].append(picks[i])
+                rollout[s].append(float(lp[i, picks[i]]))
+        else:
+            if seqs is None:  # the rollout is done: each sample's prompt and its tokens but the last
+                seqs = [torch.cat([prompts[p], torch.tensor(t[:-1], dtype=torch.int64, device=device)])
+                        for p, t in zip(r.prompt_of, tokens)]
+            index = {q: i for i, q in enumerate(rescore_ids)}
+            lp = model.step(op, torch.cat([seqs[index[q]][s:s + n] for q, s, n in parts]), call)
+            for (q, _, _), rows in zip(parts, lp.split(list(op.lens))):
+                rescored[q].append(rows)
     del model
+    lp = torch.cat([torch.cat(rescored[q]) for q in rescore_ids])
     # Row of each generated token's prediction: its sample's prompt's last position on.
-    starts = [0, *torch.tensor(seq_lens).cumsum(0).tolist()]
+    starts = [0, *torch.tensor(r.sample_lens).cumsum(0).tolist()]
     rows = torch.tensor([starts[s] + r.prompt_lens[p] - 1 + i for s, (p, t) in enumerate(zip(r.prompt_of, tokens))
                          for i in range(len(t))], device=device)
     chosen = torch.tensor([x for t in tokens for x in t], device=device)

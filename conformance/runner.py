@@ -15,12 +15,12 @@ import torch
 from .calls import call_spec, path, sub_case, token_rows, variants
 from .graphs import Captured, load, replays
 from .kinds import kind_of, make_inputs, reference_attention
-from .managers import KVCacheManager, RefCountedBlocks
+from .managers import RefCountedBlocks
 from .memory import SMALL_CASE, DeviceMemory, case_bytes, shrink_local_memory, too_big
 from .paged import Pages, PagedBatch, bits
 from .reference import Reference
 from .registry import Backend, Unsupported
-from .rollout import AMPLIFICATION, Generated, Rollout, Scores, roll_out, score
+from .rollout import AMPLIFICATION, Generated, Rollout, Scores, check_manager, roll_out, score
 from .spec import CaseSpec
 from .tolerance import DEFAULT_TOLERANCE, Comparison, compare, ulp_difference
 
@@ -146,13 +146,13 @@ class Runner:
     (memory.DeviceMemory), so processes sharing the GPU wait for room instead of running out."""
 
     def __init__(self, device: str | torch.device = "cpu", base_seed: int = 0, keep: int = 2,
-                 finite_poison: bool = False, manager: type[KVCacheManager] = RefCountedBlocks):
+                 finite_poison: bool = False, manager: type = RefCountedBlocks):
         self.device = torch.device(device)
         self.base_seed = base_seed
         # Poison unused cache slots with a large finite value for every backend, not NaN: then only
         # reads that change the output fail (a backend's own finite_poison says the same for itself).
         self.finite_poison = finite_poison
-        self.manager = manager  # what hands out the blocks of rollouts (managers.py)
+        self.manager = manager  # what hands out the blocks of rollouts: a class of a protocol of managers.py
         self.results: list[Result] = []  # every result of this runner, in order (reports are written from it)
         self._keep = keep
         self._prepared: OrderedDict[tuple, _Prepared] = OrderedDict()
@@ -231,6 +231,7 @@ class Runner:
 
     def _roll_out(self, backend: Backend, spec: CaseSpec, measured: dict, t0: float) -> Verdict:
         """The tiny LM's rollout and rescore through the backend, judged against the float64 model."""
+        check_manager(self.manager, spec)  # a manager that cannot run this rollout is the caller's error
         got, refused = self._timed(lambda: roll_out(backend, spec, self.device, spec.seed(self.base_seed), self._call,
                                                     self.manager), measured)
         if refused:
@@ -395,8 +396,7 @@ def refused_call(backend: Backend, spec: CaseSpec, device: torch.device) -> str 
         calls = [("the captured batch", spec)] + [(f"the {name} replay", spec.replace(batch=batch))
                                                   for name, batch in replays(spec.batch).items()]
     elif spec.calls == "rollout":
-        calls = zip(("the rollout's prompt prefill", "the rollout's decode steps", "the rollout's rescore prefill"),
-                    Rollout.of(spec.batch).calls(spec))
+        calls = Rollout.of(spec.batch).calls(spec)
     elif spec.calls in ("chunks", "tokens"):
         steps = path(spec.batch, spec.calls)
         calls = ((f"call {i + 1} of {len(steps)} ({spec.calls})", call_spec(spec, picks))

@@ -292,11 +292,12 @@ class CaseSpec:
         _require(self.calls in CALLS, "CaseSpec.calls", self.calls, f"must be one of {CALLS}")
         _require(self.calls in ("one", "invariance") or self.causal, "CaseSpec.calls", self.calls,
                  "needs a causal case (a chunk's queries would see tokens not yet in the cache)")
-        plain_causal = (self.kind == "mha" and self.features == {"causal"} and self.kv_dtype == "auto"
+        plain_causal = (self.kind == "mha" and self.features <= {"causal", "sliding_window"} and self.kv_dtype == "auto"
                         and self.kv_layout == "nhd" and self.logit_std == 1.0 and not self.far_pages)
         _require(self.calls != "rollout" or plain_causal, "CaseSpec.calls", self.calls,
-                 "a rollout runs a dense model of plain causal attention (no window, softcap, sinks, empty "
-                 "sequences, fp8 cache, other layout or adversarial variant)")
+                 "a rollout runs a dense model of causal attention, its layers alternating full attention and "
+                 "the sliding window if one is given (no softcap, sinks, empty sequences, fp8 cache, other "
+                 "layout or adversarial variant)")
         if self.calls == "graph":
             _require(not self.batch.shared_prefix_lens and self.batch.batch_size >= 2, "CaseSpec.batch", self.batch,
                      "a graph case's batch needs 2 sequences or more and no shared prompts (its replays reverse "

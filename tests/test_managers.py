@@ -9,7 +9,7 @@ attention runs through a backend, judged against the float64 model.
 import pytest
 
 from conformance import Runner, Status, get_backend
-from fixtures import MANAGER_ROLLOUT
+from fixtures import MANAGER_ROLLOUT, WINDOW_ROLLOUT
 
 
 # kv_manager, ring_manager, hybrid_manager: each registered manager class of that protocol (the
@@ -28,8 +28,24 @@ def test_hybrid_manager_contract(hybrid_manager):
     _run("hybrid_contract", hybrid_manager)
 
 
-def test_manager_rollout(kv_manager):
-    result = Runner("cpu", manager=kv_manager).run(get_backend("sdpa"), MANAGER_ROLLOUT)
+# The rollouts (conformance/rollout.py) whose blocks the manager hands out: a paged manager's with
+# shared prompts (forks, copy-on-write) and with a sliding window (its tables for every layer); a
+# ring buffer's and a hybrid manager's with the window (they have no fork).
+@pytest.mark.parametrize("rollout", [MANAGER_ROLLOUT, WINDOW_ROLLOUT], ids=["shared_prompts", "sliding_window"])
+def test_manager_rollout(kv_manager, rollout):
+    _roll_out(kv_manager, rollout)
+
+
+def test_ring_manager_rollout(ring_manager):
+    _roll_out(ring_manager, WINDOW_ROLLOUT)
+
+
+def test_hybrid_manager_rollout(hybrid_manager):
+    _roll_out(hybrid_manager, WINDOW_ROLLOUT)
+
+
+def _roll_out(manager, rollout):
+    result = Runner("cpu", manager=manager).run(get_backend("sdpa"), rollout)
     assert result.status == Status.PASS, result.reason
 
 
