@@ -20,6 +20,7 @@ import torch
 
 from conformance import Capabilities, MLABackend, MLACase, register_backend
 from conformance.mla import BatchPart, absorb_queries, causal_softmax, gather_latents, project, split_batch, up_project
+from conformance.spec import KV_DTYPES, SPLIT_LATENT
 from conformance.triton_rules import interpreter_refuses, no_triton_here
 
 DECODE_THRESHOLD = 4  # vLLM: 1 + the number of speculative tokens; 3 draft tokens here
@@ -74,8 +75,7 @@ class MLATorch(MLACommon):
     name = "mla-torch"
     description = (f"plain torch MLA: absorbed decode (up to {DECODE_THRESHOLD} new tokens) over the paged latents, "
                    "expanded prefill over latents gathered through the block table")
-    capabilities = Capabilities(features=frozenset({"causal"}), kv_dtypes=frozenset({"auto", "fp8_e4m3"}),
-                                returns_lse=True)
+    capabilities = Capabilities(features=frozenset({"causal"}), kv_dtypes=frozenset(KV_DTYPES), returns_lse=True)
 
     def latent_attention(self, case, part, q_abs):
         L = case.spec.heads.kv_lora_rank
@@ -94,8 +94,8 @@ class MLATriton(MLACommon):
     name = "mla-triton"
     description = (f"our split-KV Triton MLA decode kernel (up to {DECODE_THRESHOLD} new tokens) over the paged "
                    "latents; prefill expanded in torch")
-    capabilities = Capabilities(features=frozenset({"causal"}), kv_dtypes=frozenset({"auto", "fp8_e4m3"}),
-                                returns_lse=True, requires=("triton",))
+    capabilities = Capabilities(features=frozenset({"causal"}), kv_dtypes=frozenset(KV_DTYPES), returns_lse=True,
+                                requires=("triton",))
 
     def __init__(self, kernels=None):
         self._kernels = kernels  # a module like backends.triton_mla_kernels (self-tests pass broken copies)
@@ -117,8 +117,10 @@ class MLATriton(MLACommon):
 
     def latent_attention(self, case, part, q_abs):
         o_lat = torch.empty(*q_abs.shape[:2], case.spec.heads.kv_lora_rank, dtype=q_abs.dtype, device=case.device)
+        split = SPLIT_LATENT.get(case.spec.kv_dtype)
         lse = self.kernels().mla_decode(q_abs, case.latent_cache, part.block_table, part.seq_lens,
-                                        part.query_start_loc, o_lat, scale=case.scale, kv_scale=case.kv_scale)
+                                        part.query_start_loc, o_lat, scale=case.scale, kv_scale=case.kv_scale,
+                                        scale_tile=split and (split.tile or case.spec.heads.kv_lora_rank))
         return o_lat, lse
 
 

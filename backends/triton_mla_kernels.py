@@ -1,6 +1,7 @@
 """Our Triton MLA decode: absorbed attention over the paged latent cache, split-KV.
 
-The cache is [num_blocks, block_size, L + R] (kv_c then k_pe per token, vLLM's layout); queries
+The cache is [num_blocks, block_size, L + R] (kv_c then k_pe per token, vLLM's layout), or a split
+one of bytes (fp8 codes with fp32 tile scales, k_pe in the queries' dtype: fp8_ds_mla); queries
 are absorbed, [T, H, L + R] (q_nope @ W_UK, then q_pe). Every query head reads the same latent,
 so a program owns BLOCK_H heads of one query token and reads each latent tile once for all of
 them: scores = q_lat . kv_c + q_pe . k_pe, output = softmax . kv_c ([BLOCK_H, L]). Each key
@@ -29,7 +30,7 @@ def _mla_decode_kernel(
     num_seqs, num_heads, block_size, scale, kv_scale,
     stride_q_t, stride_q_h, stride_c_block, stride_c_slot, stride_bt,
     LORA: tl.constexpr, ROPE: tl.constexpr, BLOCK_H: tl.constexpr, TILE: tl.constexpr,
-    KV_FP8: tl.constexpr, NUM_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr, SCALE_TILE: tl.constexpr, NUM_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     token = tl.program_id(0)
     head_block = tl.program_id(1)
@@ -71,8 +72,16 @@ def _mla_decode_kernel(
         k_ok = k_pos <= q_pos
         block = tl.load(block_table_ptr + seq * stride_bt + k_pos // block_size, mask=k_ok, other=0).to(tl.int64)
         row = cache_ptr + block * stride_c_block + (k_pos % block_size) * stride_c_slot
-        kv = tl.load(row[:, None] + c[None, :], mask=k_ok[:, None], other=0.0)  # [TILE, L]
-        kpe = tl.load(row[:, None] + LORA + r[None, :], mask=k_ok[:, None], other=0.0)  # [TILE, R]
+        if SCALE_TILE:  # a split entry of bytes: fp8 codes, fp32 scales (one per SCALE_TILE codes), k_pe
+            codes = tl.load(row[:, None] + c[None, :], mask=k_ok[:, None], other=0).to(tl.float8e4nv, bitcast=True)
+            scales = tl.load((row + LORA).to(tl.pointer_type(tl.float32))[:, None] + (c // SCALE_TILE)[None, :],
+                             mask=k_ok[:, None], other=0.0)
+            kv = (codes.to(tl.float32) * scales).to(q_lat.dtype)  # [TILE, L]
+            kpe = tl.load((row + LORA + 4 * (LORA // SCALE_TILE)).to(q_ptr.dtype)[:, None] + r[None, :],
+                          mask=k_ok[:, None], other=0.0)  # [TILE, R], k_pe's own bits
+        else:
+            kv = tl.load(row[:, None] + c[None, :], mask=k_ok[:, None], other=0.0)  # [TILE, L]
+            kpe = tl.load(row[:, None] + LORA + r[None, :], mask=k_ok[:, None], other=0.0)  # [TILE, R]
         if KV_FP8:
             kv = (kv.to(tl.float32) * kv_scale).to(q_lat.dtype)
             kpe = (kpe.to(tl.float32) * kv_scale).to(q_lat.dtype)
@@ -98,17 +107,23 @@ def num_segments(max_seq_len: int) -> int:
     return min(MAX_SEGMENTS, triton.next_power_of_2(triton.cdiv(max_seq_len, SEGMENT_KEYS)))
 
 
-def mla_decode(q, latent_cache, block_table, seq_lens, query_start_loc, out, *, scale, kv_scale=1.0):
+def mla_decode(q, latent_cache, block_table, seq_lens, query_start_loc, out, *, scale, kv_scale=1.0,
+               scale_tile=None):
     """Absorbed MLA of packed queries q [T, H, L + R] over the paged latent cache
     [num_blocks, block_size, L + R] (q's dtype or fp8 e4m3 codes standing for code * kv_scale) into
-    out [T, H, L]; returns the LSE [T, H] (natural log). Causal, bottom-right."""
+    out [T, H, L]; returns the LSE [T, H] (natural log). Causal, bottom-right. With `scale_tile`,
+    the cache is a split one of bytes [num_blocks, block_size, entry] (spec.SplitLatent): L fp8
+    codes, an fp32 scale per `scale_tile` of them, k_pe in q's dtype."""
     T, H, width = q.shape
     lora = out.shape[2]
     rope = width - lora
+    entry = lora + 4 * (lora // scale_tile) + rope * q.element_size() if scale_tile else width
     for ok, field, value, rule in (
-        (latent_cache.shape[2] == width, "latent_cache.shape[2]", latent_cache.shape[2], f"must be q's width ({width})"),
-        (latent_cache.dtype in (q.dtype, torch.float8_e4m3fn), "latent_cache.dtype", latent_cache.dtype,
-         f"must be q's dtype ({q.dtype}) or float8_e4m3fn"),
+        (latent_cache.shape[2] == entry, "latent_cache.shape[2]", latent_cache.shape[2],
+         f"must be {entry} (q's width, or a split entry's bytes)"),
+        (latent_cache.dtype == torch.uint8 if scale_tile else latent_cache.dtype in (q.dtype, torch.float8_e4m3fn),
+         "latent_cache.dtype", latent_cache.dtype, f"must be uint8 (split) or q's dtype ({q.dtype}) or float8_e4m3fn"),
+        (not scale_tile or lora % scale_tile == 0, "scale_tile", scale_tile, f"must divide L ({lora})"),
         (all(d >= 16 and d & (d - 1) == 0 for d in (lora, rope)), "(L, R)", (lora, rope),
          "must be powers of two >= 16"),
         (q.stride(2) == latent_cache.stride(2) == 1, "q/latent_cache.stride(2)", (q.stride(2), latent_cache.stride(2)),
@@ -129,6 +144,7 @@ def mla_decode(q, latent_cache, block_table, seq_lens, query_start_loc, out, *, 
         seq_lens.numel(), H, latent_cache.shape[1], scale, kv_scale,
         q.stride(0), q.stride(1), latent_cache.stride(0), latent_cache.stride(1), block_table.stride(0),
         LORA=lora, ROPE=rope, BLOCK_H=block_h, TILE=tile, KV_FP8=latent_cache.dtype == torch.float8_e4m3fn,
+        SCALE_TILE=scale_tile or 0,
         NUM_SEGMENTS=segments, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     lse = torch.empty(T, H, dtype=torch.float32, device=q.device)

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 import torch
 
 from .kinds import KINDS
-from .spec import KV_LAYOUTS, CaseSpec, HeadConfig, MLAHeads, Scenario, SpecError
+from .spec import KV_LAYOUTS, SPLIT_LATENT, CaseSpec, HeadConfig, MLAHeads, Scenario, SpecError
 
 
 @dataclass(frozen=True)
 class MLAProfile:
     """The MLA cases of a profile: its scenarios x heads x dtypes x block sizes, each with the
-    latent cache in the case's dtype and in fp8 (e4m3, one scale)."""
+    latent cache in the case's dtype and in fp8 (e4m3, one scale); some also in the split layouts."""
 
     scenarios: tuple[str, ...]
     heads: tuple[MLAHeads, ...]
@@ -24,6 +24,8 @@ class MLAProfile:
     # In many calls (calls_cases), on the first heads and block size, latents in the dtype.
     calls_scenarios: tuple[str, ...] = ()
     calls_dtypes: tuple[torch.dtype, ...] | None = None  # None: every dtype
+    # With each split latent cache (spec.SPLIT_LATENT), on the first heads, 16-bit dtypes, every block size.
+    split_scenarios: tuple[str, ...] = ()
 
     def cases(self, scenarios: dict[str, Scenario], sizes: str) -> list[CaseSpec]:
         out = []
@@ -36,6 +38,10 @@ class MLAProfile:
                 out += [CaseSpec(sc.name, batch, heads, dtype, bs, kv_dtype=kv_dtype)
                         for heads in (self.heads if every else self.heads[:1]) for dtype in self.dtypes for bs in self.block_sizes
                         for kv_dtype in ("auto", "fp8_e4m3")]
+            if sc.name in self.split_scenarios:
+                out += [CaseSpec(sc.name, batch, self.heads[0], dtype, bs, kv_dtype=kv_dtype)
+                        for dtype in self.dtypes if dtype != torch.float32 for bs in self.block_sizes
+                        for kv_dtype in SPLIT_LATENT]
             if sc.name in self.long_scenarios:
                 out += [CaseSpec(sc.name, batch, self.heads[0], dtype, self.block_sizes[0]) for dtype in self.dtypes]
             if sc.name in self.calls_scenarios:
@@ -110,6 +116,8 @@ class Profile:
     calls_scenarios: tuple[str, ...] = ()
     rollout_scenarios: tuple[str, ...] = ()
     calls_dtypes: tuple[torch.dtype, ...] | None = None  # None: every dtype
+    # With each split latent cache (spec.SPLIT_LATENT), on the first heads, 16-bit dtypes, every block size.
+    split_scenarios: tuple[str, ...] = ()
     mla: MLAProfile | None = None
 
     def __post_init__(self):
@@ -183,7 +191,7 @@ class Profile:
                                                  + self.calls_scenarios + self.rollout_scenarios)
         if self.mla:
             names |= set(self.mla.scenarios + self.mla.long_scenarios + (self.mla.all_heads_scenarios or ())
-                         + self.mla.calls_scenarios)
+                         + self.mla.calls_scenarios + self.mla.split_scenarios)
         return names
 
 

@@ -79,7 +79,7 @@ def case_bytes(spec: CaseSpec) -> int:
 
 
 def _cache_bytes(spec: CaseSpec) -> int:
-    return spec.pool_blocks * spec.block_size * spec.heads.cache_elements_per_token * spec.cache_dtype.itemsize
+    return spec.pool_blocks * spec.block_size * spec.cache_bytes_per_token
 
 
 def gib(n: int) -> str:

@@ -26,7 +26,7 @@ import torch
 
 from .paged import Pages, PagedBatch, copy_shared_prefix, dequantize, draw_pages, fp8_scale, poison_value, quantize
 from .reference import Reference, attend, precision_of
-from .spec import CaseSpec, SpecError
+from .spec import SPLIT_LATENT, CaseSpec, SpecError
 
 
 @dataclass
@@ -56,15 +56,16 @@ class MLAInputs(Pages):
     truth: Reference | None = field(default=None, repr=False)  # the float64 reference, once computed
 
     def stored(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
-        """Rows of the packed latents as the cache stores them (fp8 codes for an fp8 cache)."""
-        return quantize(self.latent[rows], self.kv_scale, self.spec.cache_dtype)
+        """Rows of the packed latents as the cache stores them (fp8 codes for an fp8 cache, entries
+        of bytes for a split one)."""
+        return store_latent(self.latent[rows], self.spec, self.kv_scale)
 
     def materialize(self, finite_poison: bool = False) -> MLACase:
         spec, heads = self.spec, self.spec.heads
         bs = spec.block_size
         poison = poison_value(spec.cache_dtype, finite_poison)
-        cache = torch.full((self.num_blocks, bs, heads.latent_dim), poison, dtype=spec.cache_dtype,
-                           device=self.q.device)
+        width = spec.cache_bytes_per_token // spec.cache_dtype.itemsize
+        cache = torch.full((self.num_blocks, bs, width), poison, dtype=spec.cache_dtype, device=self.q.device)
         cache[self.context_slots // bs, self.context_slots % bs] = self.stored(self.context_index)
         new = self.latent[self.new_token_index]
         return MLACase(
@@ -80,11 +81,43 @@ class MLAInputs(Pages):
 
 def scatter_latent(case: MLACase) -> None:
     """The default MLA cache write (vLLM's concat_and_cache_mla): [kv_c, k_pe] of each new token
-    into its slot, quantized for an fp8 cache."""
+    into its slot, quantized for an fp8 cache, packed for a split one."""
     bs = case.latent_cache.shape[1]
     new = torch.cat([case.kv_c_new, case.k_pe_new], -1)
-    case.latent_cache[case.slot_mapping // bs, case.slot_mapping % bs] = quantize(new, case.kv_scale,
-                                                                                  case.latent_cache.dtype)
+    case.latent_cache[case.slot_mapping // bs, case.slot_mapping % bs] = store_latent(new, case.spec, case.kv_scale)
+
+
+def store_latent(x: torch.Tensor, spec: CaseSpec, kv_scale: float) -> torch.Tensor:
+    """What the cache stores for latents x [..., L + R] of the case's dtype: x itself, fp8 codes of
+    x / kv_scale, or split entries (spec.SplitLatent) [..., entry bytes]: the kv_c codes (each
+    round-to-nearest-even of the correctly rounded fp32 quotient, as in quantize), the fp32 tile
+    scales, k_pe's own bits."""
+    split = SPLIT_LATENT.get(spec.kv_dtype)
+    if split is None:
+        return quantize(x, kv_scale, spec.cache_dtype)
+    L = spec.heads.kv_lora_rank
+    kv_c = x[..., :L].double().unflatten(-1, (split.tiles(L), -1))
+    # amax / 448 correctly rounded to fp32 (from float64); a tile of zeros gets the smallest normal scale.
+    scale = (kv_c.abs().amax(-1) / torch.finfo(torch.float8_e4m3fn).max).float()
+    scale = scale.clamp_min(torch.finfo(torch.float32).tiny)
+    if split.pow2_scales:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    codes = (kv_c / scale.double()[..., None]).float().to(torch.float8_e4m3fn).flatten(-2)
+    return torch.cat([codes.view(torch.uint8), scale.view(torch.uint8), x[..., L:].contiguous().view(torch.uint8)], -1)
+
+
+def latent_values(stored: torch.Tensor, spec: CaseSpec, kv_scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Cache contents [..., width] as the latents [..., L + R] they stand for, in `dtype` (each value
+    code * scale exactly, then rounded once to `dtype`)."""
+    split = SPLIT_LATENT.get(spec.kv_dtype)
+    if split is None:
+        return dequantize(stored, kv_scale, dtype)
+    L, tiles = spec.heads.kv_lora_rank, split.tiles(spec.heads.kv_lora_rank)
+    codes = stored[..., :L].contiguous().view(torch.float8_e4m3fn).double()
+    scales = stored[..., L:L + 4 * tiles].contiguous().view(torch.float32).double()
+    k_pe = stored[..., L + 4 * tiles:].contiguous().view(spec.dtype).double()
+    kv_c = (codes.unflatten(-1, (tiles, -1)) * scales[..., None]).flatten(-2)
+    return torch.cat([kv_c, k_pe], -1).to(dtype)
 
 
 def make_mla_inputs(spec: CaseSpec, device: torch.device | str, seed: int) -> MLAInputs:
@@ -132,7 +165,7 @@ def mla_reference(inputs: MLAInputs, precision: str = "float64", form: str | Non
     q_nope, q_pe = q[..., :h.qk_nope_head_dim], q[..., h.qk_nope_head_dim:]
 
     def latents(rows):  # [B, C, L + R] as the cache holds them, in the kernel's dtype
-        return rnd(dequantize(inputs.stored(rows), inputs.kv_scale, acc))
+        return rnd(latent_values(inputs.stored(rows), spec, inputs.kv_scale, acc))
 
     if form == "expanded":
         def keys(rows):
@@ -201,7 +234,9 @@ def gather_latents(case: MLACase, seq: int, dtype: torch.dtype) -> torch.Tensor:
     bs = case.latent_cache.shape[1]
     pos = torch.arange(int(case.seq_lens[seq]), device=case.device)
     lat = case.latent_cache[case.block_table[seq, pos // bs].long(), pos % bs]
-    return (lat.float() * case.kv_scale).to(dtype) if lat.dtype == torch.float8_e4m3fn else lat.to(dtype)
+    if lat.dtype == torch.float8_e4m3fn:
+        return (lat.float() * case.kv_scale).to(dtype)
+    return latent_values(lat, case.spec, case.kv_scale, dtype)
 
 
 def project(equation: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

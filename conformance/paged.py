@@ -47,7 +47,11 @@ def dequantize(stored: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.
 
 def poison_value(dtype: torch.dtype, finite: bool) -> float:
     """NaN shows any read of an unused slot; finite poison (for backends that mask by multiplying
-    with 0, where NaN * 0 = NaN) is still large enough that an unmasked read ruins the output."""
+    with 0, where NaN * 0 = NaN) is still large enough that an unmasked read ruins the output. A
+    cache of bytes (a split latent cache) is filled with 0xFF, NaN in each of its fp8, fp32 and
+    16-bit fields, or 0x5F (30 as fp8, about 1.6e19 as fp32 and bf16, 472 as fp16)."""
+    if dtype == torch.uint8:
+        return 0x5F if finite else 0xFF
     return min(1e4, torch.finfo(dtype).max / 4) if finite else math.nan
 
 
@@ -232,8 +236,9 @@ def make_dense_inputs(spec: CaseSpec, device: torch.device | str, seed: int) -> 
 
 def fp8_scale(x: torch.Tensor, spec: CaseSpec) -> float:
     """A calibrated per-tensor scale, as an engine would set it: amax over the fp8 range's half,
-    rounded to fp32 so that every implementation holds the same scale. 1 for a cache of the case's dtype."""
-    if spec.kv_dtype == "auto":
+    rounded to fp32 so that every implementation holds the same scale. 1 for a cache of the case's dtype
+    (or a split latent cache, whose scales are in its entries)."""
+    if spec.kv_dtype not in FP8_CACHE_DTYPES:  # the dtype's own, or a split cache's scales of its own
         return 1.0
     fp8_max = torch.finfo(spec.cache_dtype).max
     return float(torch.tensor(float(x.abs().max()) / (fp8_max / 2), dtype=torch.float32))

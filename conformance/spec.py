@@ -27,8 +27,32 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # KV-cache storage types: "auto" stores the cache in the case's dtype; fp8 caches store codes that
 # read back as code * scale, with one scale per tensor (k_scale, v_scale).
-KV_DTYPES = ("auto", "fp8_e4m3")
 FP8_CACHE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn}
+
+
+@dataclass(frozen=True)
+class SplitLatent:
+    """A split latent cache (MLA only; DeepSeek V3.2 / V4 engines), one entry of bytes per token:
+    kv_c as fp8 e4m3 codes, then their fp32 scales (one per tile of `tile` values; None: one for the
+    whole kv_c), then k_pe in the case's 16-bit dtype, unquantized. A tile's scale is its amax / 448
+    (rounded up to a power of two if `pow2_scales`) and its codes round(kv_c / scale)."""
+
+    tile: int | None
+    pow2_scales: bool = False
+
+    def tiles(self, kv_lora_rank: int) -> int:
+        return kv_lora_rank // self.tile if self.tile else 1
+
+    def entry_bytes(self, heads) -> int:
+        return heads.kv_lora_rank + 4 * self.tiles(heads.kv_lora_rank) + 2 * heads.qk_rope_head_dim
+
+
+SPLIT_LATENT = {
+    "fp8_ds_mla": SplitLatent(128),  # vLLM's, read by FlashMLA's sparse kernels: 656 bytes for DeepSeek
+    "fp8_ds_mla_e8m0": SplitLatent(128, pow2_scales=True),  # the same with SM100's e8m0 (power-of-two) scales
+    "fp8_ds_mla_entry": SplitLatent(None),  # one scale per entry, DeepSeek-V4 style
+}
+KV_DTYPES = ("auto", "fp8_e4m3", *SPLIT_LATENT)
 # How the paged cache lies in memory. "nhd": separate K and V caches [num_blocks, block_size, Hkv, D]
 # (vLLM's); "hnd": separate, [num_blocks, Hkv, block_size, D]; "combined_nhd" / "combined_hnd": one
 # [num_blocks, 2, ...] tensor holding each page's K then V (FlashInfer's single-tensor form).
@@ -272,6 +296,14 @@ class CaseSpec:
         _require(isinstance(self.block_size, int) and self.block_size >= 1, "CaseSpec.block_size", self.block_size,
                  "must be an int >= 1")
         _require(self.kv_dtype in KV_DTYPES, "CaseSpec.kv_dtype", self.kv_dtype, f"must be one of {KV_DTYPES}")
+        split = SPLIT_LATENT.get(self.kv_dtype)
+        if split:
+            _require(isinstance(self.heads, MLAHeads), "CaseSpec.kv_dtype", self.kv_dtype,
+                     "a split latent cache needs MLAHeads")
+            _require(self.dtype in (torch.float16, torch.bfloat16), "CaseSpec.kv_dtype", self.kv_dtype,
+                     f"keeps k_pe in the case's dtype, which must be 16-bit (not {DTYPE_NAMES.get(self.dtype)})")
+            _require(not split.tile or self.heads.kv_lora_rank % split.tile == 0, "CaseSpec.kv_dtype", self.kv_dtype,
+                     f"has tiles of {split.tile} values: kv_lora_rank {self.heads.kv_lora_rank} must be a multiple")
         _require(self.kv_layout in KV_LAYOUTS, "CaseSpec.kv_layout", self.kv_layout, f"must be one of {KV_LAYOUTS}")
         if self.sliding_window is not None:
             _require(isinstance(self.sliding_window, int) and self.sliding_window >= 1, "CaseSpec.sliding_window",
@@ -317,8 +349,15 @@ class CaseSpec:
 
     @property
     def cache_dtype(self) -> torch.dtype:
-        """The dtype of the paged K/V cache tensors."""
-        return FP8_CACHE_DTYPES.get(self.kv_dtype, self.dtype)
+        """The dtype of the paged K/V cache tensors (bytes for a split latent cache)."""
+        return torch.uint8 if self.kv_dtype in SPLIT_LATENT else FP8_CACHE_DTYPES.get(self.kv_dtype, self.dtype)
+
+    @property
+    def cache_bytes_per_token(self) -> int:
+        split = SPLIT_LATENT.get(self.kv_dtype)
+        if split:
+            return split.entry_bytes(self.heads)
+        return self.heads.cache_elements_per_token * self.cache_dtype.itemsize
 
     @property
     def is_plain(self) -> bool:
@@ -359,7 +398,9 @@ class CaseSpec:
     def id(self) -> str:
         """The part of a test id after the backend name, e.g. 'mixed_small-bf16-bs16-gqa4-d128-sw32'."""
         parts = [self.scenario, self.dtype_name, f"bs{self.block_size}", self.heads.id]
-        if self.kv_dtype != "auto":
+        if self.kv_dtype in SPLIT_LATENT:  # kvfp8_ds_mla...: `-k ds_mla` picks them
+            parts.append(f"kv{self.kv_dtype}")
+        elif self.kv_dtype != "auto":
             parts.append(f"kv{self.kv_dtype.replace('_', '')}")
         if self.kv_layout != "nhd":
             parts.append(self.kv_layout)

@@ -9,6 +9,7 @@ import torch
 
 from conformance import Capabilities, MLABackend, MLACase, scatter_latent
 from conformance.paged import quantize
+from conformance.spec import KV_DTYPES, SPLIT_LATENT
 
 BUGS = {
     "w_uv_wrong_transpose": "values up-projected before the weighted sum with W_UV's [L, H, V] memory read as [H, L, V]",
@@ -19,14 +20,18 @@ BUGS = {
     "top_left_causal": "expanded path's causal mask aligned top-left",
     "latent_not_written": "the new tokens' latents never reach the cache",
     "rope_key_not_cached": "the cache write stores kv_c but not k_pe",
+    # Split latent caches (fp8_ds_mla ...):
+    "one_tile_scale": "the first tile's scale applied to the whole kv_c",
+    "rope_quantized": "the cache write rounds k_pe through fp8 (it must stay exact in the case's dtype)",
+    "scales_of_previous_token": "each token's codes read with the scales of the token before it",
 }
 
 
 class LatentTorch(MLABackend):
     description = "plain torch MLA, per sequence, both forms (self-test adapter)"
     # Graph replays on the CPU only (the prepared call called again: graphs.py), with their padding.
-    capabilities = Capabilities(features=frozenset({"causal", "empty_sequences"}),
-                                kv_dtypes=frozenset({"auto", "fp8_e4m3"}), cuda_graphs=True)
+    capabilities = Capabilities(features=frozenset({"causal", "empty_sequences"}), kv_dtypes=frozenset(KV_DTYPES),
+                                cuda_graphs=True)
 
     def __init__(self, bug: str | None = None):
         assert bug is None or bug in BUGS, bug
@@ -42,6 +47,26 @@ class LatentTorch(MLABackend):
             case.latent_cache[case.slot_mapping // bs, case.slot_mapping % bs, :kv_c.shape[1]] = kv_c
             return
         scatter_latent(case)
+        if self.bug == "rope_quantized" and case.spec.kv_dtype in SPLIT_LATENT:
+            bs, rope = case.latent_cache.shape[1], case.k_pe_new.to(torch.float8_e4m3fn).to(case.k_pe_new.dtype)
+            rope_bytes = rope.view(torch.uint8).shape[-1]
+            case.latent_cache[case.slot_mapping // bs, case.slot_mapping % bs, -rope_bytes:] = rope.view(torch.uint8)
+
+    def _latents(self, case: MLACase, slots: torch.Tensor, kv_scale: float) -> torch.Tensor:
+        """The cache's latents at `slots` [n, L + R], float64, decoded here (not by the harness)."""
+        bs, L = case.latent_cache.shape[1], case.spec.heads.kv_lora_rank
+        raw = case.latent_cache[slots // bs, slots % bs]
+        split = SPLIT_LATENT.get(case.spec.kv_dtype)
+        if split is None:
+            return raw.double() * kv_scale
+        tiles = split.tiles(L)
+        scales = raw[:, L:L + 4 * tiles].contiguous().view(torch.float32).double()  # [n, tiles]
+        if self.bug == "one_tile_scale":
+            scales = scales[:, :1].expand(-1, tiles)
+        elif self.bug == "scales_of_previous_token":
+            scales = scales.roll(1, 0)
+        kv_c = raw[:, :L].contiguous().view(torch.float8_e4m3fn).double().view(len(raw), tiles, -1) * scales[..., None]
+        return torch.cat([kv_c.view(len(raw), L), raw[:, L + 4 * tiles:].contiguous().view(case.spec.dtype).double()], 1)
 
     def run(self, case: MLACase):
         h, bug = case.spec.heads, self.bug
@@ -60,7 +85,7 @@ class LatentTorch(MLABackend):
                 slots = (first + pos) % case.latent_cache[:, :, 0].numel()
             else:
                 slots = case.block_table[b, pos // bs].long() * bs + pos % bs
-            lat = case.latent_cache[slots // bs, slots % bs].double() * kv_scale  # [n, L + R]
+            lat = self._latents(case, slots, kv_scale)  # [n, L + R]
             kv_c, k_pe = lat[:, :L], lat[:, L:]
             q = case.q[qsl[b]:qsl[b + 1]].double()
             q_nope, q_pe = q[..., :P], q[..., P:]

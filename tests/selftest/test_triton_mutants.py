@@ -64,6 +64,11 @@ MLA_MUTANTS = {
         "kv = (kv.to(tl.float32) * kv_scale).to(q_lat.dtype)",
         "kv = kv.to(tl.float32).to(q_lat.dtype)",
         ["small_decode-fp16-bs16-h16-kvfp8e4m3"]),
+    "one_tile_scale": (
+        "a split entry's codes all read with its first tile's scale",
+        "+ (c // SCALE_TILE)[None, :],",
+        "+ (c * 0)[None, :],",
+        ["small_decode-fp16-bs16-h16-kvfp8_ds_mla"]),
 }
 CASES = {c.id: c for c in CATALOG.cases("cpu")}
 
