@@ -19,7 +19,8 @@ import math
 import torch
 
 from conformance import Capabilities, MLABackend, MLACase, register_backend
-from conformance.mla import BatchPart, absorb_queries, causal_softmax, gather_latents, project, split_batch, up_project
+from conformance.mla import (BatchPart, absorb_queries, causal_softmax, gather_latents, latent_values, project,
+                             sparse_slots, split_batch, up_project)
 from conformance.spec import KV_DTYPES, SPLIT_LATENT
 from conformance.triton_rules import interpreter_refuses, no_triton_here
 
@@ -31,6 +32,10 @@ class MLACommon(MLABackend):
     uniform_decode = False  # True: the decode kernel takes one query length per batch
 
     def run(self, case: MLACase):
+        if case.spec.topk is not None:  # sparse: every query over its listed tokens (vLLM's sparse backends)
+            o_lat, lse = self.sparse_attention(case, absorb_queries(case, case.q), sparse_slots(case))
+            case.out[:] = up_project(case, o_lat)
+            return case.out, lse
         lse = torch.full(case.out.shape[:2], math.nan, dtype=torch.float32, device=case.device)
         decode, prefill = split_batch(case, self.decode_threshold, self.uniform_decode)
         for part, path in ((decode, self.decode), (prefill, self.prefill)):
@@ -50,6 +55,13 @@ class MLACommon(MLABackend):
                          q_abs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The decode kernel: absorbed queries [t, H, L + R] over the part's paged latents, causal
         (bottom-right). Returns o_lat [t, H, L] and lse [t, H] (natural log)."""
+        raise NotImplementedError
+
+    def sparse_attention(self, case: MLACase, q_abs: torch.Tensor,
+                         slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse MLA (a backend that declares the "sparse" feature): absorbed queries [T, H, L + R],
+        each over the latents at its cache slots [T, topk] (sparse_slots; -1: none). Returns o_lat
+        [T, H, L] and lse [T, H] (natural log)."""
         raise NotImplementedError
 
     def prefill(self, case: MLACase, part: BatchPart) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +87,8 @@ class MLATorch(MLACommon):
     name = "mla-torch"
     description = (f"plain torch MLA: absorbed decode (up to {DECODE_THRESHOLD} new tokens) over the paged latents, "
                    "expanded prefill over latents gathered through the block table")
-    capabilities = Capabilities(features=frozenset({"causal"}), kv_dtypes=frozenset(KV_DTYPES), returns_lse=True)
+    capabilities = Capabilities(features=frozenset({"causal", "sparse"}), kv_dtypes=frozenset(KV_DTYPES),
+                                returns_lse=True)
 
     def latent_attention(self, case, part, q_abs):
         L = case.spec.heads.kv_lora_rank
@@ -89,13 +102,20 @@ class MLATorch(MLACommon):
             lses.append(lse)
         return torch.cat(outs), torch.cat(lses)
 
+    def sparse_attention(self, case, q_abs, slots):
+        L = case.spec.heads.kv_lora_rank
+        lat = latent_values(case.latent_cache.flatten(0, 1)[slots.clamp(min=0)], case.spec, case.kv_scale,
+                            case.spec.dtype).float().masked_fill(slots[..., None] < 0, 0.0)  # [T, topk, L + R]
+        s = (torch.einsum("thd,tkd->thk", q_abs.float(), lat) * case.scale).masked_fill(slots[:, None, :] < 0, -math.inf)
+        return torch.einsum("thk,tkl->thl", torch.softmax(s, -1), lat[..., :L]), torch.logsumexp(s, -1)
+
 
 class MLATriton(MLACommon):
     name = "mla-triton"
     description = (f"our split-KV Triton MLA decode kernel (up to {DECODE_THRESHOLD} new tokens) over the paged "
                    "latents; prefill expanded in torch")
-    capabilities = Capabilities(features=frozenset({"causal"}), kv_dtypes=frozenset(KV_DTYPES), returns_lse=True,
-                                requires=("triton",))
+    capabilities = Capabilities(features=frozenset({"causal", "sparse"}), kv_dtypes=frozenset(KV_DTYPES),
+                                returns_lse=True, requires=("triton",))
 
     def __init__(self, kernels=None):
         self._kernels = kernels  # a module like backends.triton_mla_kernels (self-tests pass broken copies)
@@ -115,13 +135,16 @@ class MLATriton(MLACommon):
             self._kernels = triton_mla_kernels
         return self._kernels
 
-    def latent_attention(self, case, part, q_abs):
+    def latent_attention(self, case, part, q_abs, slots=None):
         o_lat = torch.empty(*q_abs.shape[:2], case.spec.heads.kv_lora_rank, dtype=q_abs.dtype, device=case.device)
         split = SPLIT_LATENT.get(case.spec.kv_dtype)
         lse = self.kernels().mla_decode(q_abs, case.latent_cache, part.block_table, part.seq_lens,
                                         part.query_start_loc, o_lat, scale=case.scale, kv_scale=case.kv_scale,
-                                        scale_tile=split and (split.tile or case.spec.heads.kv_lora_rank))
+                                        scale_tile=split and (split.tile or case.spec.heads.kv_lora_rank), slots=slots)
         return o_lat, lse
+
+    def sparse_attention(self, case, q_abs, slots):
+        return self.latent_attention(case, case, q_abs, slots)  # the case has a part's fields (its whole batch)
 
 
 register_backend(MLATorch)

@@ -26,11 +26,12 @@ MAX_SEGMENTS = 16  # ... in at most this many segments
 @triton.jit
 def _mla_decode_kernel(
     acc_ptr, stats_ptr,  # partials: acc [T, H, S, L] fp32 unnormalised, stats [T, H, S, 2] (max base 2, sum)
-    q_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, query_start_loc_ptr,
-    num_seqs, num_heads, block_size, scale, kv_scale,
+    q_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, query_start_loc_ptr, slots_ptr,
+    num_seqs, num_heads, block_size, scale, kv_scale, topk,
     stride_q_t, stride_q_h, stride_c_block, stride_c_slot, stride_bt,
     LORA: tl.constexpr, ROPE: tl.constexpr, BLOCK_H: tl.constexpr, TILE: tl.constexpr,
-    KV_FP8: tl.constexpr, SCALE_TILE: tl.constexpr, NUM_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr, SCALE_TILE: tl.constexpr, SPARSE: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     token = tl.program_id(0)
     head_block = tl.program_id(1)
@@ -58,7 +59,10 @@ def _mla_decode_kernel(
     q_lat = tl.load(q_row + c[None, :], mask=h_ok[:, None], other=0.0)
     q_pe = tl.load(q_row + LORA + r[None, :], mask=h_ok[:, None], other=0.0)
 
-    num_tiles = (q_pos + TILE) // TILE
+    if SPARSE:  # the token's list of `topk` cache slots (-1: none) instead of its keys 0..q_pos
+        num_tiles = (topk + TILE - 1) // TILE
+    else:
+        num_tiles = (q_pos + TILE) // TILE
     per_segment = (num_tiles + NUM_SEGMENTS - 1) // NUM_SEGMENTS
     tile_lo = segment * per_segment
     tile_hi = tl.minimum(tile_lo + per_segment, num_tiles)
@@ -68,10 +72,18 @@ def _mla_decode_kernel(
     l = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, LORA], dtype=tl.float32)
     for tile in range(tile_lo, tile_hi):
-        k_pos = tile * TILE + tl.arange(0, TILE)
-        k_ok = k_pos <= q_pos
-        block = tl.load(block_table_ptr + seq * stride_bt + k_pos // block_size, mask=k_ok, other=0).to(tl.int64)
-        row = cache_ptr + block * stride_c_block + (k_pos % block_size) * stride_c_slot
+        if SPARSE:
+            j = tile * TILE + tl.arange(0, TILE)
+            slot = tl.load(slots_ptr + token.to(tl.int64) * topk + j, mask=j < topk, other=-1)
+            k_ok = slot >= 0
+            block = slot // block_size
+            offset = slot % block_size
+        else:
+            k_pos = tile * TILE + tl.arange(0, TILE)
+            k_ok = k_pos <= q_pos
+            block = tl.load(block_table_ptr + seq * stride_bt + k_pos // block_size, mask=k_ok, other=0).to(tl.int64)
+            offset = k_pos % block_size
+        row = cache_ptr + block * stride_c_block + offset * stride_c_slot
         if SCALE_TILE:  # a split entry of bytes: fp8 codes, fp32 scales (one per SCALE_TILE codes), k_pe
             codes = tl.load(row[:, None] + c[None, :], mask=k_ok[:, None], other=0).to(tl.float8e4nv, bitcast=True)
             scales = tl.load((row + LORA).to(tl.pointer_type(tl.float32))[:, None] + (c // SCALE_TILE)[None, :],
@@ -108,12 +120,13 @@ def num_segments(max_seq_len: int) -> int:
 
 
 def mla_decode(q, latent_cache, block_table, seq_lens, query_start_loc, out, *, scale, kv_scale=1.0,
-               scale_tile=None):
+               scale_tile=None, slots=None):
     """Absorbed MLA of packed queries q [T, H, L + R] over the paged latent cache
     [num_blocks, block_size, L + R] (q's dtype or fp8 e4m3 codes standing for code * kv_scale) into
     out [T, H, L]; returns the LSE [T, H] (natural log). Causal, bottom-right. With `scale_tile`,
     the cache is a split one of bytes [num_blocks, block_size, entry] (spec.SplitLatent): L fp8
-    codes, an fp32 scale per `scale_tile` of them, k_pe in q's dtype."""
+    codes, an fp32 scale per `scale_tile` of them, k_pe in q's dtype. With `slots` [T, topk] (int64
+    cache slots, -1 for none), sparse: each query attends exactly its listed tokens."""
     T, H, width = q.shape
     lora = out.shape[2]
     rope = width - lora
@@ -131,7 +144,10 @@ def mla_decode(q, latent_cache, block_table, seq_lens, query_start_loc, out, *, 
     ):
         if not ok:
             raise ValueError(f"mla_decode: {field} = {value}: {rule}")
-    segments = num_segments(int(seq_lens.max()))
+    if slots is not None and not (slots.shape == (T, slots.shape[1]) and slots.dtype == torch.int64
+                                  and slots.is_contiguous()):
+        raise ValueError(f"mla_decode: slots = {tuple(slots.shape)} {slots.dtype}: must be contiguous int64 [T, topk]")
+    segments = num_segments(int(seq_lens.max()) if slots is None else slots.shape[1])
     block_h = 16  # tl.dot's least M
     # fp32 at "ieee" precision runs on CUDA cores: 32-key tiles spilled 11 KB a thread on sm_90
     # (kept by the driver as local memory for every thread of the GPU); 16 spill nothing. The
@@ -140,11 +156,11 @@ def mla_decode(q, latent_cache, block_table, seq_lens, query_start_loc, out, *, 
     acc = torch.empty(T, H, segments, lora, dtype=torch.float32, device=q.device)
     stats = torch.empty(T, H, segments, 2, dtype=torch.float32, device=q.device)
     _mla_decode_kernel[(T, triton.cdiv(H, block_h), segments)](
-        acc, stats, q, latent_cache, block_table, seq_lens, query_start_loc,
-        seq_lens.numel(), H, latent_cache.shape[1], scale, kv_scale,
+        acc, stats, q, latent_cache, block_table, seq_lens, query_start_loc, q if slots is None else slots,
+        seq_lens.numel(), H, latent_cache.shape[1], scale, kv_scale, 0 if slots is None else slots.shape[1],
         q.stride(0), q.stride(1), latent_cache.stride(0), latent_cache.stride(1), block_table.stride(0),
         LORA=lora, ROPE=rope, BLOCK_H=block_h, TILE=tile, KV_FP8=latent_cache.dtype == torch.float8_e4m3fn,
-        SCALE_TILE=scale_tile or 0,
+        SCALE_TILE=scale_tile or 0, SPARSE=slots is not None,
         NUM_SEGMENTS=segments, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     lse = torch.empty(T, H, dtype=torch.float32, device=q.device)

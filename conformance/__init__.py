@@ -13,8 +13,8 @@ from .kinds import make_inputs, reference_attention
 from .managers import KVCacheManager, OutOfBlocks, load_managers, register_manager
 from .matrix import Catalog
 from .paged import Case, Inputs, gather_kv, scatter_to_cache
-from .mla import (BatchPart, MLACase, MLAInputs, absorb_queries, causal_softmax, gather_latents, scatter_latent,
-                  split_batch, up_project)
+from .mla import (BatchPart, MLACase, MLAInputs, absorb_queries, causal_softmax, gather_latents, latent_values,
+                  scatter_latent, sparse_slots, split_batch, up_project)
 from .reference import Reference
 from .registry import (ENTRY_POINT_GROUP, Backend, Capabilities, MLABackend, RegistryError, get_backend,
                        load_backends, register_backend, Unsupported)
@@ -27,6 +27,6 @@ __all__ = [
     "HeadConfig", "Inputs", "KVCacheManager", "MLABackend", "MLACase", "MLAHeads", "MLAInputs", "OutOfBlocks",
     "Reference", "RegistryError", "Result", "Runner", "Scenario", "SpecError", "Status", "Tolerance", "Unsupported",
     "absorb_queries", "causal_softmax", "compare", "gather_kv", "gather_latents", "get_backend", "load_backends",
-    "load_managers", "make_inputs", "reference_attention", "register_backend", "register_manager", "scatter_latent",
-    "scatter_to_cache", "split_batch", "up_project",
+    "latent_values", "load_managers", "make_inputs", "reference_attention", "register_backend", "register_manager",
+    "scatter_latent", "scatter_to_cache", "sparse_slots", "split_batch", "up_project",
 ]

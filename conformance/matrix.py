@@ -26,6 +26,11 @@ class MLAProfile:
     calls_dtypes: tuple[torch.dtype, ...] | None = None  # None: every dtype
     # With each split latent cache (spec.SPLIT_LATENT), on the first heads, 16-bit dtypes, every block size.
     split_scenarios: tuple[str, ...] = ()
+    # Sparse (CaseSpec.topk), on the first heads, every dtype, cache in the dtype and as fp8_ds_mla (16-bit
+    # dtypes): each of sparse_topk at each of sparse_block_sizes.
+    sparse_scenarios: tuple[str, ...] = ()
+    sparse_topk: tuple[int, ...] = ()
+    sparse_block_sizes: tuple[int, ...] = ()
 
     def cases(self, scenarios: dict[str, Scenario], sizes: str) -> list[CaseSpec]:
         out = []
@@ -42,6 +47,10 @@ class MLAProfile:
                 out += [CaseSpec(sc.name, batch, self.heads[0], dtype, bs, kv_dtype=kv_dtype)
                         for dtype in self.dtypes if dtype != torch.float32 for bs in self.block_sizes
                         for kv_dtype in SPLIT_LATENT]
+            if sc.name in self.sparse_scenarios:
+                out += [CaseSpec(sc.name, batch, self.heads[0], dtype, bs, kv_dtype=kv_dtype, topk=k)
+                        for dtype in self.dtypes for bs in self.sparse_block_sizes for k in self.sparse_topk
+                        for kv_dtype in ("auto", "fp8_ds_mla") if kv_dtype == "auto" or dtype != torch.float32]
             if sc.name in self.long_scenarios:
                 out += [CaseSpec(sc.name, batch, self.heads[0], dtype, self.block_sizes[0]) for dtype in self.dtypes]
             if sc.name in self.calls_scenarios:
@@ -116,8 +125,6 @@ class Profile:
     calls_scenarios: tuple[str, ...] = ()
     rollout_scenarios: tuple[str, ...] = ()
     calls_dtypes: tuple[torch.dtype, ...] | None = None  # None: every dtype
-    # With each split latent cache (spec.SPLIT_LATENT), on the first heads, 16-bit dtypes, every block size.
-    split_scenarios: tuple[str, ...] = ()
     mla: MLAProfile | None = None
 
     def __post_init__(self):
@@ -191,7 +198,7 @@ class Profile:
                                                  + self.calls_scenarios + self.rollout_scenarios)
         if self.mla:
             names |= set(self.mla.scenarios + self.mla.long_scenarios + (self.mla.all_heads_scenarios or ())
-                         + self.mla.calls_scenarios + self.mla.split_scenarios)
+                         + self.mla.calls_scenarios + self.mla.split_scenarios + self.mla.sparse_scenarios)
         return names
 
 

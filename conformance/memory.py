@@ -54,7 +54,7 @@ def case_bytes(spec: CaseSpec) -> int:
     accumulators (a ragged batch pads every sequence to the longest query) and chunked working set,
     an adapter's copies of the cache (a gather; K and V padded up to twice the slots), each
     sequence's keys expanded to every query head, the cache check's masks, a second cache for a
-    path's one-call twin, and a margin. A rollout: its largest call, and a cache per layer. A graph:
+    path's one-call twin, a sparse case's listed keys, and a margin. A rollout: its largest call, and a cache per layer. A graph:
     the captured case and its two replays (each prepared, its fresh cache copied into the captured one)."""
     if spec.calls == "graph":
         return 3 * case_bytes(spec.replace(calls="one"))
@@ -75,6 +75,8 @@ def case_bytes(spec: CaseSpec) -> int:
     cache_check = 2 * spec.pool_blocks * spec.block_size * token
     if spec.calls in ("chunks", "tokens"):
         cache *= 2  # the one call over the whole batch runs on a cache of its own
+    if spec.topk:  # sparse: the reference's mask of listed keys; an adapter's gathered latents (fp32, twice)
+        adapter += b.batch_size * max(b.query_lens) * max(b.seq_lens) + 2 * b.num_query_tokens * spec.topk * token * 4
     return cache + logical + references + padded + reference_chunks + adapter + cache_check + GiB // 4
 
 

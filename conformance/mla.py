@@ -43,6 +43,9 @@ class MLACase(PagedBatch):
     w_uk: torch.Tensor  # [L, H, P]: k_nope[n, h] = kv_c[n] @ w_uk[:, h]
     w_uv: torch.Tensor  # [L, H, V]: v[n, h] = kv_c[n] @ w_uv[:, h]
     kv_scale: float = 1.0
+    # Sparse cases (spec.topk): [T, topk] int32, the positions in its sequence each query attends
+    # (each one it can see, none twice), -1 entries anywhere for none; else None.
+    topk_indices: torch.Tensor | None = None
 
 
 @dataclass
@@ -53,7 +56,18 @@ class MLAInputs(Pages):
     w_uk: torch.Tensor
     w_uv: torch.Tensor
     kv_scale: float = 1.0
+    topk_indices: torch.Tensor | None = None  # sparse cases: as MLACase's
     truth: Reference | None = field(default=None, repr=False)  # the float64 reference, once computed
+
+    def allowed(self) -> torch.Tensor:
+        """The keys each query of a sparse case may see, [B, max_q, max_kv] bool: its index list."""
+        b, idx = self.spec.batch, self.topk_indices.long()
+        q_lens = torch.tensor(b.query_lens, device=idx.device)
+        seq = torch.repeat_interleave(torch.arange(b.batch_size, device=idx.device), q_lens)
+        local = torch.arange(len(idx), device=idx.device) - (torch.cumsum(q_lens, 0) - q_lens)[seq]
+        mask = torch.zeros(b.batch_size, max(b.query_lens), max(b.seq_lens) + 1, dtype=torch.bool, device=idx.device)
+        mask[seq[:, None], local[:, None], torch.where(idx >= 0, idx, max(b.seq_lens))] = True  # -1: a spare column
+        return mask[..., :-1]
 
     def stored(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
         """Rows of the packed latents as the cache stores them (fp8 codes for an fp8 cache, entries
@@ -76,6 +90,7 @@ class MLAInputs(Pages):
             w_uk=self.w_uk.clone(),
             w_uv=self.w_uv.clone(),
             kv_scale=self.kv_scale,
+            topk_indices=None if self.topk_indices is None else self.topk_indices.clone(),
         )
 
 
@@ -141,7 +156,27 @@ def make_mla_inputs(spec: CaseSpec, device: torch.device | str, seed: int) -> ML
     # Rounded to bf16 as well: FlashInfer's MLA kernels multiply the codes by the scale cast to
     # bf16, and a scale every implementation holds exactly keeps the comparison about the kernel.
     kv_scale = float(torch.tensor(fp8_scale(latent, spec)).to(torch.bfloat16))
-    return MLAInputs(spec=spec, q=q, latent=latent, w_uk=w_uk, w_uv=w_uv, kv_scale=kv_scale, **pages)
+    topk = None if spec.topk is None else _draw_topk(spec, gen, device)
+    return MLAInputs(spec=spec, q=q, latent=latent, w_uk=w_uk, w_uv=w_uv, kv_scale=kv_scale, topk_indices=topk,
+                     **pages)
+
+
+def _draw_topk(spec: CaseSpec, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Index lists [T, topk] as an indexer gives them: for each query a random pick of min(topk,
+    keys it sees) of the positions 0..its own (half as many for every other query), each list
+    shuffled with its -1 padding, so lists are full, half padding, or (topk past the context)
+    mostly padding, and no two queries' lists agree."""
+    b, n = spec.batch, max(spec.batch.seq_lens)
+    q_pos = torch.cat([torch.arange(c, c + q, device=device) for c, q in zip(b.context_lens, b.query_lens)])
+    visible = torch.arange(n, device=device)[None, :] <= q_pos[:, None]
+    score = torch.rand(len(q_pos), n, generator=gen, device=device).masked_fill(~visible, -1.0)
+    picks = score.topk(min(spec.topk, n), -1).indices  # the visible positions first, in random order
+    count = torch.clamp(q_pos + 1, max=spec.topk)
+    count[1::2] = (count[1::2] + 1) // 2
+    idx = torch.full((len(q_pos), spec.topk), -1, dtype=torch.int64, device=device)
+    idx[:, :picks.shape[1]] = torch.where(torch.arange(picks.shape[1], device=device)[None, :] < count[:, None], picks, -1)
+    order = torch.rand(idx.shape, generator=gen, device=device).argsort(-1)
+    return idx.gather(1, order).to(torch.int32)
 
 
 def mla_reference(inputs: MLAInputs, precision: str = "float64", form: str | None = None) -> Reference:
@@ -163,6 +198,7 @@ def mla_reference(inputs: MLAInputs, precision: str = "float64", form: str | Non
     w_uk, w_uv = inputs.w_uk.to(acc), inputs.w_uv.to(acc)
     q = inputs.q.to(acc)
     q_nope, q_pe = q[..., :h.qk_nope_head_dim], q[..., h.qk_nope_head_dim:]
+    allowed = None if spec.topk is None else inputs.allowed()  # sparse: exactly the listed keys
 
     def latents(rows):  # [B, C, L + R] as the cache holds them, in the kernel's dtype
         return rnd(latent_values(inputs.stored(rows), spec, inputs.kv_scale, acc))
@@ -176,14 +212,14 @@ def mla_reference(inputs: MLAInputs, precision: str = "float64", form: str | Non
             k = torch.cat([k_nope, lat[:, None, L:].expand(-1, h.num_q_heads, -1)], -1)
             return k[where], rnd(torch.einsum("nl,lhv->nhv", lat[:, :L], w_uv))[where]
 
-        out, lse = attend(spec, q, keys, inputs.kv_start_loc, h.num_q_heads, h.v_head_dim, rnd)
+        out, lse = attend(spec, q, keys, inputs.kv_start_loc, h.num_q_heads, h.v_head_dim, rnd, allowed=allowed)
     else:
         def keys(rows):
             lat = latents(rows)[:, :, None]  # one KV head
             return lat, lat[..., :L]
 
         q_abs = torch.cat([rnd(torch.einsum("thp,lhp->thl", q_nope, w_uk)), q_pe], -1)
-        o_lat, lse = attend(spec, q_abs, keys, inputs.kv_start_loc, 1, L, rnd)
+        o_lat, lse = attend(spec, q_abs, keys, inputs.kv_start_loc, 1, L, rnd, allowed=allowed)
         out = torch.einsum("thl,lhv->thv", rnd(o_lat), w_uv)
     return Reference(out=out.to(spec.dtype) if precision == "lowp" else out, lse=lse)
 
@@ -237,6 +273,16 @@ def gather_latents(case: MLACase, seq: int, dtype: torch.dtype) -> torch.Tensor:
     if lat.dtype == torch.float8_e4m3fn:
         return (lat.float() * case.kv_scale).to(dtype)
     return latent_values(lat, case.spec, case.kv_scale, dtype)
+
+
+def sparse_slots(case: MLACase) -> torch.Tensor:
+    """Each query's listed tokens as cache slots [T, topk] int64 (block_table[seq, pos // bs] * bs +
+    pos % bs; -1 stays -1), as vLLM's convert_req_index_to_global_index gives a sparse kernel."""
+    bs, qsl = case.latent_cache.shape[1], case.query_start_loc.long()
+    seq = torch.repeat_interleave(torch.arange(len(qsl) - 1, device=qsl.device), qsl[1:] - qsl[:-1])
+    idx = case.topk_indices.long()
+    pos = idx.clamp(min=0)
+    return torch.where(idx >= 0, case.block_table[seq[:, None], pos // bs].long() * bs + pos % bs, -1)
 
 
 def project(equation: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

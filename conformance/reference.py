@@ -54,11 +54,13 @@ def precision_of(spec, precision: str):
     return torch.float32, lambda x: x.to(spec.dtype).to(torch.float32)
 
 
-def attend(spec, q: torch.Tensor, keys, kv_start_loc: torch.Tensor, hkv: int, v_dim: int, rnd, sinks=None):
+def attend(spec, q: torch.Tensor, keys, kv_start_loc: torch.Tensor, hkv: int, v_dim: int, rnd, sinks=None,
+           allowed=None):
     """Attention of the packed queries q [T, Hq, Dqk] (already in the accumulation dtype) over each
     sequence's keys, as spec's batch, scale and masks say. keys(rows) gives (k [B, C, Hkv, Dqk],
     v [B, C, Hkv, v_dim]) of the packed rows [B, C], in the accumulation dtype. rnd rounds the
-    scores and probabilities as a low-precision kernel would (identity for float64).
+    scores and probabilities as a low-precision kernel would (identity for float64). allowed
+    [B, max_q, max_kv] (bool), if given: the only keys each query may see (sparse attention).
     Returns out [T, Hq, v_dim] and lse [T, Hq]."""
     b = spec.batch
     dev, acc_dtype = q.device, q.dtype
@@ -109,6 +111,8 @@ def attend(spec, q: torch.Tensor, keys, kv_start_loc: torch.Tensor, hkv: int, v_
             visible = visible & (kpos <= qpos)
         if spec.sliding_window is not None:
             visible = visible & (qpos - kpos < spec.sliding_window)
+        if allowed is not None:
+            visible = visible & allowed[:, None, None, :, j0:j1]
         s = s.masked_fill(~visible, float("-inf"))
         m_new = torch.maximum(m, s.amax(-1))
         shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows with no key yet

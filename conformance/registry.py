@@ -21,7 +21,8 @@ from .tolerance import Tolerance
 
 ENTRY_POINT_GROUP = "attention_conformance.backends"
 ALL_KV_LAYOUTS = frozenset(KV_LAYOUTS)
-ALL_FEATURES = frozenset({"causal", "non_causal", "sliding_window", "softcap", "sinks", "empty_sequences"})
+ALL_FEATURES = frozenset({"causal", "non_causal", "sliding_window", "softcap", "sinks", "empty_sequences",
+                          "sparse"})
 # What Capabilities() claims unless told otherwise. Features the suite adds later (sinks, batches
 # holding empty sequences) are opt-in, so an adapter written before them is not suddenly failing
 # cases it never claimed.

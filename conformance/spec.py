@@ -173,7 +173,7 @@ class HeadConfig:
     """Attention heads of one layer (per tensor-parallel rank). Query head h reads KV head h // group."""
 
     kind: ClassVar[str] = "mha"  # CaseSpec.kind of a case with these heads (conformance/kinds.py)
-    fixed_case_fields: ClassVar[dict] = {}  # CaseSpec fields its cases must leave at these values
+    fixed_case_fields: ClassVar[dict] = {"topk": None}  # CaseSpec fields its cases must leave at these values
 
     num_q_heads: int
     num_kv_heads: int
@@ -287,6 +287,9 @@ class CaseSpec:
     far_pages: bool = False
     page_order: str = "shuffled"
     calls: str = "one"
+    # Sparse MLA (DeepSeek V3.2's indexer): each query attends only the keys its index list names,
+    # at most topk positions of its sequence (MLACase.topk_indices, -1 padded).
+    topk: int | None = None
 
     def __post_init__(self):
         _require(isinstance(self.batch, BatchSpec), "CaseSpec.batch", self.batch, "must be a BatchSpec")
@@ -322,6 +325,11 @@ class CaseSpec:
         _require(self.page_order in PAGE_ORDERS, "CaseSpec.page_order", self.page_order,
                  f"must be one of {PAGE_ORDERS}")
         _require(self.calls in CALLS, "CaseSpec.calls", self.calls, f"must be one of {CALLS}")
+        if self.topk is not None:
+            _require(isinstance(self.topk, int) and not isinstance(self.topk, bool) and self.topk >= 1, "CaseSpec.topk",
+                     self.topk, "must be None or an int >= 1")
+            _require(self.calls == "one", "CaseSpec.topk", self.topk,
+                     f"needs calls='one' (its index lists are drawn per query of the whole batch), not {self.calls!r}")
         _require(self.calls in ("one", "invariance") or self.causal, "CaseSpec.calls", self.calls,
                  "needs a causal case (a chunk's queries would see tokens not yet in the cache)")
         plain_causal = (self.kind == "mha" and self.features <= {"causal", "sliding_window"} and self.kv_dtype == "auto"
@@ -392,6 +400,8 @@ class CaseSpec:
             f.add("sinks")
         if self.batch.has_empty:
             f.add("empty_sequences")
+        if self.topk is not None:
+            f.add("sparse")
         return frozenset(f)
 
     @property
@@ -418,6 +428,8 @@ class CaseSpec:
             parts.append("farpages")
         if self.page_order != "shuffled":
             parts.append(self.page_order)
+        if self.topk is not None:
+            parts.append(f"sparse{self.topk}")
         if self.calls != "one":
             parts.append(self.calls)
         return "-".join(parts)

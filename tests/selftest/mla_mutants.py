@@ -24,14 +24,19 @@ BUGS = {
     "one_tile_scale": "the first tile's scale applied to the whole kv_c",
     "rope_quantized": "the cache write rounds k_pe through fp8 (it must stay exact in the case's dtype)",
     "scales_of_previous_token": "each token's codes read with the scales of the token before it",
+    # Sparse MLA (index lists):
+    "padding_read_as_key_0": "a -1 entry of an index list read as position 0",
+    "request_ids_off_by_one": "each request's listed positions looked up in the block table of the request before it",
+    "topk_length_from_seq_len": "only the first min(topk, seq_len) entries of a list read, as if its -1s were all "
+                                "at the end",
 }
 
 
 class LatentTorch(MLABackend):
     description = "plain torch MLA, per sequence, both forms (self-test adapter)"
     # Graph replays on the CPU only (the prepared call called again: graphs.py), with their padding.
-    capabilities = Capabilities(features=frozenset({"causal", "empty_sequences"}), kv_dtypes=frozenset(KV_DTYPES),
-                                cuda_graphs=True)
+    capabilities = Capabilities(features=frozenset({"causal", "empty_sequences", "sparse"}),
+                                kv_dtypes=frozenset(KV_DTYPES), cuda_graphs=True)
 
     def __init__(self, bug: str | None = None):
         assert bug is None or bug in BUGS, bug
@@ -81,10 +86,11 @@ class LatentTorch(MLABackend):
         for b, (n, ctx) in enumerate(zip(case.seq_lens.tolist(), case.context_lens.tolist())):
             pos = torch.arange(n)
             first = int(case.block_table[b, 0]) * bs
+            table = case.block_table[b - 1 if bug == "request_ids_off_by_one" and case.spec.topk else b]
             if bug == "block_table_ignored":
                 slots = (first + pos) % case.latent_cache[:, :, 0].numel()
             else:
-                slots = case.block_table[b, pos // bs].long() * bs + pos % bs
+                slots = table[pos // bs].long() * bs + pos % bs
             lat = self._latents(case, slots, kv_scale)  # [n, L + R]
             kv_c, k_pe = lat[:, :L], lat[:, L:]
             q = case.q[qsl[b]:qsl[b + 1]].double()
@@ -93,6 +99,13 @@ class LatentTorch(MLABackend):
             m = q.shape[0]
             qpos = torch.arange(m)[:, None] + (0 if bug == "top_left_causal" and m > 1 else ctx)
             visible = pos[None, :] <= qpos  # [m, n]
+            if case.spec.topk is not None:  # exactly the listed positions
+                idx = case.topk_indices[qsl[b]:qsl[b + 1]].long()
+                if bug == "topk_length_from_seq_len":
+                    idx = idx[:, :n]
+                elif bug == "padding_read_as_key_0":
+                    idx = idx.clamp(min=0)
+                visible = torch.zeros(m, n + 1, dtype=torch.bool).scatter_(1, torch.where(idx >= 0, idx, n), True)[:, :n]
             if m == 1:  # absorbed: over the latents themselves
                 q_lat = torch.einsum("mhp,lhp->mhl", q_nope, w_uk)
                 s = torch.einsum("mhl,nl->hmn", q_lat, kv_c) + rope * torch.einsum("mhr,nr->hmn", q_pe, k_pe)
