@@ -106,7 +106,8 @@ class MLATorch(MLACommon):
         L = case.spec.heads.kv_lora_rank
         lat = latent_values(case.latent_cache.flatten(0, 1)[slots.clamp(min=0)], case.spec, case.kv_scale,
                             case.spec.dtype).float().masked_fill(slots[..., None] < 0, 0.0)  # [T, topk, L + R]
-        s = (torch.einsum("thd,tkd->thk", q_abs.float(), lat) * case.scale).masked_fill(slots[:, None, :] < 0, -math.inf)
+        s = torch.einsum("thd,tkd->thk", q_abs.float(), lat) * case.scale
+        s = s.masked_fill(slots[:, None, :] < 0, -math.inf)
         return torch.einsum("thk,tkl->thl", torch.softmax(s, -1), lat[..., :L]), torch.logsumexp(s, -1)
 
 

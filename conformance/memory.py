@@ -54,7 +54,8 @@ def case_bytes(spec: CaseSpec) -> int:
     accumulators (a ragged batch pads every sequence to the longest query) and chunked working set,
     an adapter's copies of the cache (a gather; K and V padded up to twice the slots), each
     sequence's keys expanded to every query head, the cache check's masks, a second cache for a
-    path's one-call twin, a sparse case's listed keys, and a margin. A rollout: its largest call, and a cache per layer. A graph:
+    path's one-call twin, a sparse case's listed keys, and a margin. A rollout: its largest call,
+    and a cache per layer. A graph:
     the captured case and its two replays (each prepared, its fresh cache copied into the captured one)."""
     if spec.calls == "graph":
         return 3 * case_bytes(spec.replace(calls="one"))

@@ -174,7 +174,8 @@ def _draw_topk(spec: CaseSpec, gen: torch.Generator, device: torch.device) -> to
     count = torch.clamp(q_pos + 1, max=spec.topk)
     count[1::2] = (count[1::2] + 1) // 2
     idx = torch.full((len(q_pos), spec.topk), -1, dtype=torch.int64, device=device)
-    idx[:, :picks.shape[1]] = torch.where(torch.arange(picks.shape[1], device=device)[None, :] < count[:, None], picks, -1)
+    listed = torch.arange(picks.shape[1], device=device)[None, :] < count[:, None]
+    idx[:, :picks.shape[1]] = torch.where(listed, picks, -1)
     order = torch.rand(idx.shape, generator=gen, device=device).argsort(-1)
     return idx.gather(1, order).to(torch.int32)
 

@@ -343,7 +343,8 @@ class _Ring(_Layout):
     def build(self, poison, device, gen):
         self.full.build(poison, device, gen)
         ring = _allocate_cache(self.spec.replace(block_size=1), 1 + self.ring.num_slots, poison, device)[:2]
-        self.caches = [ring if TinyLM.window_of(self.spec, layer) else self.full.caches[layer] for layer in range(LAYERS)]
+        self.caches = [ring if TinyLM.window_of(self.spec, layer) else self.full.caches[layer]
+                       for layer in range(LAYERS)]
         self.pages = self._pages(self.ring.num_slots, device, gen)
 
     def held(self):
@@ -374,7 +375,8 @@ def check_manager(manager: type, spec: CaseSpec) -> type:
     rollout `spec`: raises ValueError (a usage error, not the backend's) when it cannot."""
     protocol = next((p for p in _LAYOUTS if isinstance(manager, type) and issubclass(manager, p)), None)
     if protocol is None:
-        raise ValueError(f"manager = {manager!r}: must be a subclass of one of {', '.join(p.__name__ for p in _LAYOUTS)}")
+        raise ValueError(f"manager = {manager!r}: must be a subclass of one of "
+                         f"{', '.join(p.__name__ for p in _LAYOUTS)}")
     if protocol is not KVCacheManager and spec.sliding_window is None:
         raise ValueError(f"CaseSpec.sliding_window = None: a {protocol.__name__} ({manager.name}) hands out the "
                          f"blocks of a rollout with a sliding window only (its model's sliding layers)")
@@ -496,8 +498,9 @@ def roll_out(backend, spec: CaseSpec, device: torch.device, seed: int, call, man
                 shared = [b for p in prompt_ids for b in blocks.table(p, 0)[:r.prompt_lens[p] // bs]]
                 before = [(k[shared].clone(), v[shared].clone()) for k, v in blocks.caches]
             elif op[:2] == ("add", rescore_ids[0]) and shared:  # the rollout is over: were they kept?
-                shared_overwritten = sum(int((bits(now[shared]) != bits(was)).reshape(len(shared), bs, -1).any(-1).sum())
-                                         for layer, old in zip(blocks.caches, before) for now, was in zip(layer, old))
+                shared_overwritten = sum(
+                    int((bits(now[shared]) != bits(was)).reshape(len(shared), bs, -1).any(-1).sum())
+                    for layer, old in zip(blocks.caches, before) for now, was in zip(layer, old))
             getattr(blocks, op[0])(*op[1:])
             continue
         parts = list(zip(op.requests, op.starts, op.lens))

@@ -71,7 +71,8 @@ class LatentTorch(MLABackend):
         elif self.bug == "scales_of_previous_token":
             scales = scales.roll(1, 0)
         kv_c = raw[:, :L].contiguous().view(torch.float8_e4m3fn).double().view(len(raw), tiles, -1) * scales[..., None]
-        return torch.cat([kv_c.view(len(raw), L), raw[:, L + 4 * tiles:].contiguous().view(case.spec.dtype).double()], 1)
+        k_pe = raw[:, L + 4 * tiles:].contiguous().view(case.spec.dtype).double()
+        return torch.cat([kv_c.view(len(raw), L), k_pe], 1)
 
     def run(self, case: MLACase):
         h, bug = case.spec.heads, self.bug
@@ -105,7 +106,8 @@ class LatentTorch(MLABackend):
                     idx = idx[:, :n]
                 elif bug == "padding_read_as_key_0":
                     idx = idx.clamp(min=0)
-                visible = torch.zeros(m, n + 1, dtype=torch.bool).scatter_(1, torch.where(idx >= 0, idx, n), True)[:, :n]
+                listed = torch.zeros(m, n + 1, dtype=torch.bool).scatter_(1, torch.where(idx >= 0, idx, n), True)
+                visible = listed[:, :n]
             if m == 1:  # absorbed: over the latents themselves
                 q_lat = torch.einsum("mhp,lhp->mhl", q_nope, w_uk)
                 s = torch.einsum("mhl,nl->hmn", q_lat, kv_c) + rope * torch.einsum("mhr,nr->hmn", q_pe, k_pe)
