@@ -7,9 +7,11 @@ The contract: q [B, s_q, H_q, 576] (absorbed), k_cache [num_blocks, 64, H_k = 1,
 its value); causal is bottom-right (query i of s_q sees keys 0..seqlen - s_q + i); softmax_scale
 multiplies q . k. Returns out [B, s_q, H_q, 512] in q's dtype and lse [B, H_q, s_q] float32,
 natural log, +inf for a row that sees no key. get_mla_metadata(cache_seqlens,
-num_q_tokens_per_head_k, num_heads_k) returns (tile_scheduler_metadata, num_splits).
+num_q_tokens_per_head_k, num_heads_k) returns (tile_scheduler_metadata, num_splits). The sparse
+prefill kernel flash_mla_sparse_fwd: below.
 """
 import importlib.machinery
+import math
 import types
 
 import torch
@@ -42,6 +44,22 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     return out, lse
 
 
+def flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_length=None):
+    """The sparse prefill kernel: q [s_q, h_q, d_qk] bf16 (h_q 64 or 128), kv [s_kv, h_kv = 1, d_qk]
+    bf16, indices [s_q, h_kv, topk] int32 (-1 or >= s_kv: none). Returns (out [s_q, h_q, d_v] bf16,
+    max_logits [s_q, h_q], lse [s_q, h_q] float32, log base 2)."""
+    s_q, h_q, d_qk = q.shape
+    assert q.dtype == kv.dtype == torch.bfloat16 and h_q in (64, 128) and kv.shape[1:] == (1, d_qk)
+    assert indices.dtype == torch.int32 and indices.shape[:2] == (s_q, 1) and d_v == 512
+    idx = indices[:, 0].long()
+    valid = (idx >= 0) & (idx < kv.shape[0])
+    keys = kv[idx.clamp(0, kv.shape[0] - 1), 0].double().masked_fill(~valid[..., None], 0.0)  # [s_q, topk, d_qk]
+    s = (torch.einsum("qhd,qkd->qhk", q.double(), keys) * sm_scale).masked_fill(~valid[:, None, :], float("-inf"))
+    out = torch.einsum("qhk,qkv->qhv", torch.softmax(s, -1), keys[..., :d_v]).to(q.dtype)
+    return out, s.amax(-1).float(), (torch.logsumexp(s, -1) / math.log(2)).float()
+
+
 MODULE = types.ModuleType("flash_mla")
 MODULE.__spec__ = importlib.machinery.ModuleSpec("flash_mla", None)  # so find_spec sees it installed
 MODULE.get_mla_metadata, MODULE.flash_mla_with_kvcache = get_mla_metadata, flash_mla_with_kvcache
+MODULE.flash_mla_sparse_fwd = flash_mla_sparse_fwd
