@@ -26,8 +26,8 @@ class MLAProfile:
     calls_dtypes: tuple[torch.dtype, ...] | None = None  # None: every dtype
     # With each split latent cache (spec.SPLIT_LATENT), on the first heads, 16-bit dtypes, every block size.
     split_scenarios: tuple[str, ...] = ()
-    # Sparse (CaseSpec.topk), on the first heads, every dtype, cache in the dtype and as fp8_ds_mla (16-bit
-    # dtypes): each of sparse_topk at each of sparse_block_sizes.
+    # Sparse (CaseSpec.topk), on the first heads, every dtype, cache in the dtype, in fp8 (one scale, not 1)
+    # and as fp8_ds_mla (16-bit dtypes): each of sparse_topk at each of sparse_block_sizes.
     sparse_scenarios: tuple[str, ...] = ()
     sparse_topk: tuple[int, ...] = ()
     sparse_block_sizes: tuple[int, ...] = ()
@@ -50,7 +50,8 @@ class MLAProfile:
             if sc.name in self.sparse_scenarios:
                 out += [CaseSpec(sc.name, batch, self.heads[0], dtype, bs, kv_dtype=kv_dtype, topk=k)
                         for dtype in self.dtypes for bs in self.sparse_block_sizes for k in self.sparse_topk
-                        for kv_dtype in ("auto", "fp8_ds_mla") if kv_dtype == "auto" or dtype != torch.float32]
+                        for kv_dtype in ("auto", "fp8_e4m3", "fp8_ds_mla")
+                        if kv_dtype != "fp8_ds_mla" or dtype != torch.float32]
             if sc.name in self.long_scenarios:
                 out += [CaseSpec(sc.name, batch, self.heads[0], dtype, self.block_sizes[0]) for dtype in self.dtypes]
             if sc.name in self.calls_scenarios:
