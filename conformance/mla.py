@@ -16,6 +16,11 @@ and W_UV into the output, attending over the latent itself as one KV head shared
 Both are computed (float64 agrees to rounding; a self-test holds them to it). The low-precision
 reference, which calibrates the tolerance, is whichever form lands farther from the truth when
 computed the way kernels in the case's dtype do: a backend may take either path.
+
+The cache holds the latents in the case's dtype, as fp8 codes with one scale, or as split entries
+of bytes (spec.SPLIT_LATENT: fp8 codes with their own scales, k_pe exact; store_latent and
+latent_values); the truth attends over what the cache holds, dequantized exactly. A sparse case
+(spec.topk) gives each query an index list and the truth attends exactly the listed keys.
 """
 from __future__ import annotations
 
@@ -38,7 +43,8 @@ class MLACase(PagedBatch):
     kv_c_new: torch.Tensor  # [T, L], the new tokens' latents, to be written to the cache
     k_pe_new: torch.Tensor  # [T, R], their rope keys
     # [num_blocks, block_size, L + R] of spec.cache_dtype: kv_c then k_pe per token; context
-    # pre-written, the rest poisoned. fp8: a stored code c stands for c * kv_scale.
+    # pre-written, the rest poisoned. fp8: a stored code c stands for c * kv_scale. A split cache:
+    # uint8 [num_blocks, block_size, entry bytes] (store_latent).
     latent_cache: torch.Tensor
     w_uk: torch.Tensor  # [L, H, P]: k_nope[n, h] = kv_c[n] @ w_uk[:, h]
     w_uv: torch.Tensor  # [L, H, V]: v[n, h] = kv_c[n] @ w_uv[:, h]
