@@ -1,6 +1,7 @@
 """`python -m conformance run`: every registered backend over a profile on this machine's device.
 `python -m conformance list`: backends (with availability), KV-cache managers and scenarios.
 `python -m conformance report A.json [B.json.xz ...]`: several JSON reports as one Markdown table.
+`python -m conformance diff last.json tonight.json`: the pairs that changed; exit 1 on a regression.
 `python -m conformance bench --scenario large_decode --backend triton,flashinfer-decode-fa2`: latency and GB/s.
 `python -m conformance warm-up --backend flashinfer-prefill-fa2 -j 8`: only build JIT-compiled kernels.
 `python -m conformance flake-check --seeds 20`: the same cases over 20 base seeds; any pair that
@@ -16,6 +17,7 @@ from fixtures import CATALOG
 
 from .bench import bench, format_bench
 from .config import RunConfig, add_run_options, add_selection_options
+from .diff import RATIO_FACTOR, RATIO_FLOOR, diff_reports
 from .managers import load_managers
 from .matrix import default_device, default_profile, split_names
 from .registry import RegistryError, load_backends, select_backends
@@ -61,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="backend(s) the 'vs' column compares with: the first that passed on a case")
     b.add_argument("--json", default="", help="also write the rows as JSON here")
     b.add_argument("--load", action="append", default=[], help="also import this adapter module")
+    d = sub.add_parser("diff", help="what changed between two JSON reports (regressions first; exit 1 if any)")
+    d.add_argument("before", help="the earlier report (e.g. last night's, merged with `report --json`)")
+    d.add_argument("after", help="the later report")
+    d.add_argument("--ratio-factor", type=float, default=RATIO_FACTOR,
+                   help=f"a passing pair's err/tol that grew this many times ... (default {RATIO_FACTOR:g})")
+    d.add_argument("--ratio-floor", type=float, default=RATIO_FLOOR,
+                   help=f"... to at least this is a regression (default {RATIO_FLOOR:g})")
     lst = sub.add_parser("list", help="list registered backends, KV-cache managers and scenarios")
     lst.add_argument("--load", action="append", default=[], help="also import this adapter module")
     return p
@@ -70,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "report":
         return _flakes(args.reports) if args.flakes else _report(args.reports, args.json)
+    if args.command == "diff":
+        text, code = diff_reports(args.before, args.after, args.ratio_factor, args.ratio_floor)
+        print(text)
+        return code
     if args.command == "list":
         return _list(load_backends(tuple(args.load)), load_managers())
     if args.command == "bench":
