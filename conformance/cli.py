@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     config.warm_up()
     pairs = config.pairs()
+    ids = [f"{b.name}-{s.id}" for b, s in pairs]
+    pairs = [pair for pair, keep in zip(pairs, config.in_shard(ids, ids)) if keep]
     print(f"{len(pairs)} backend x case pairs ({len(config.cases)} cases, {len(config.backends)} backends) on "
           f"{config.device} (profile {config.profile})", file=sys.stderr)
     if args.command == "flake-check":

@@ -14,6 +14,7 @@ from .isolation import make_runner
 from .matrix import PROFILE_HELP, Catalog, default_device, default_profile, split_names
 from .registry import Backend, select_backends
 from .report import environment
+from .shard import load_durations, parse_shard, shard_of
 from .spec import CaseSpec
 from .warmup import warm_up
 
@@ -27,6 +28,10 @@ def add_selection_options(add_option) -> None:
     add_option("--profile", help=PROFILE_HELP)
     add_option("--device", help="torch device (default: cuda if available, else cpu)")
     add_option("--load", action="append", default=[], help="also import this adapter module")
+    add_option("--shard", metavar="I/N", help="run only shard I of N (1 <= I <= N): every test in exactly one shard, "
+                                            "the same split everywhere (conformance/shard.py)")
+    add_option("--shard-durations", action="append", default=[], metavar="REPORT",
+               help="JSON report(s) of an earlier run whose durations balance the shards (default: by count)")
 
 
 def add_run_options(add_option) -> None:
@@ -55,6 +60,8 @@ class RunConfig:
     isolate: str = "auto"
     case_timeout: float = 300.0
     poison: str = "nan"
+    shard: tuple[int, int] | None = None  # (I, N) of --shard
+    shard_durations: tuple[str, ...] = ()  # --shard-durations reports
 
     @classmethod
     def from_options(cls, option: Option, catalog: Catalog, main_job: bool = False) -> "RunConfig":
@@ -63,14 +70,27 @@ class RunConfig:
         profile = option("profile", None) or default_profile(main_job)
         how = {name: option(name, getattr(cls, name)) for name in ("seed", "warm_up_jobs", "isolate", "case_timeout",
                                                                    "poison")}
+        shard = option("shard", None)
         return cls(backends=tuple(select_backends(split_names(option("backend", None)), modules)),
                    cases=tuple(catalog.cases(profile, split_names(option("scenario", None)))),
-                   profile=profile, device=default_device(option("device", None)), modules=modules, **how)
+                   profile=profile, device=default_device(option("device", None)), modules=modules,
+                   shard=parse_shard(shard) if shard else None,
+                   shard_durations=tuple(option("shard_durations", ())), **how)
 
     def pairs(self) -> list[tuple[Backend, CaseSpec]]:
         """Every backend on every case of its kind. Backends vary fastest: a runner computes a
         case's references once for all of them."""
         return [(b, spec) for spec in self.cases for b in self.backends if b.kind == spec.kind]
+
+    def in_shard(self, keys: list[str], result_ids: list[str | None]) -> list[bool]:
+        """Which tests (unique keys; result_ids: the Result id of each, None for a test that is no
+        backend x case pair) this run's --shard keeps: all of them without one."""
+        if not self.shard:
+            return [True] * len(keys)
+        i, n = self.shard
+        seconds = load_durations(self.shard_durations)
+        known = {k: seconds[r] for k, r in zip(keys, result_ids) if r in seconds}
+        return [s == i - 1 for s in shard_of(keys, n, known)]
 
     def runner(self, seed: int | None = None):
         return make_runner(self.device, self.seed if seed is None else seed, self.isolate, self.case_timeout,
