@@ -10,6 +10,7 @@ if not torch.cuda.is_available():
 
 # isort: split
 from .kinds import make_inputs, reference_attention
+from .known import KnownFailure
 from .managers import KVCacheManager, OutOfBlocks, load_managers, register_manager
 from .matrix import Catalog
 from .paged import Case, Inputs, gather_kv, scatter_to_cache
@@ -24,8 +25,8 @@ from .tolerance import Tolerance, compare
 
 __all__ = [
     "BatchPart", "BatchSpec", "Backend", "Capabilities", "Case", "Catalog", "Category", "CaseSpec", "ENTRY_POINT_GROUP",
-    "HeadConfig", "Inputs", "KVCacheManager", "MLABackend", "MLACase", "MLAHeads", "MLAInputs", "OutOfBlocks",
-    "Reference", "RegistryError", "Result", "Runner", "Scenario", "SpecError", "Status", "Tolerance", "Unsupported",
+    "HeadConfig", "Inputs", "KVCacheManager", "KnownFailure", "MLABackend", "MLACase", "MLAHeads", "MLAInputs",
+    "OutOfBlocks", "Reference", "RegistryError", "Result", "Runner", "Scenario", "SpecError", "Status", "Tolerance", "Unsupported",
     "absorb_queries", "causal_softmax", "compare", "gather_kv", "gather_latents", "get_backend", "load_backends",
     "latent_values", "load_managers", "make_inputs", "reference_attention", "register_backend", "register_manager",
     "scatter_latent", "scatter_to_cache", "sparse_slots", "split_batch", "up_project",

@@ -21,7 +21,7 @@ from .diff import RATIO_FACTOR, RATIO_FLOOR, diff_reports
 from .managers import load_managers
 from .matrix import default_device, default_profile, split_names
 from .registry import RegistryError, load_backends, select_backends
-from .report import BAD, environment, flake_summary, format_table, read_json, summarize, write_json
+from .report import environment, failing, flake_summary, format_table, read_json, summarize, write_json
 from .runner import Runner
 from .spec import DTYPES, KV_DTYPES, CaseSpec, SpecError
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json(args.json, results, config.report_meta())
         print(f"JSON report: {args.json}")
-    return 1 if any(r.status in BAD for r in results) else 0
+    return 1 if any(failing(r) for r in results) else 0
 
 
 def _run_pairs(pairs, runner, label: str = "") -> list:
@@ -123,7 +123,7 @@ def _run_pairs(pairs, runner, label: str = "") -> list:
             results.append(runner.run(backend, spec))
             now = time.time()
             if now - last > 5 or len(results) == len(pairs):
-                bad = sum(r.status in BAD for r in results)
+                bad = sum(failing(r) for r in results)
                 print(f"{label}[{len(results)}/{len(pairs)}] {now - start:.0f}s, {bad} failing; at {results[-1].id}",
                       file=sys.stderr, flush=True)
                 last = now
@@ -178,10 +178,10 @@ def _report(paths: list[str], merged_path: str = "") -> int:
                                           "merged_from": [n for _, names in runs.values() for n in names]})
     lines = ["# Conformance results", ""]
     lines += [f"- {', '.join(f'`{n}`' for n in names)}: {run}" for run, (_, names) in runs.items()]
-    lines += ["", "Cell: passed/run, r = worst err/tol (at most 1 passes), s = skipped.", "",
+    lines += ["", "Cell: passed/run, r = worst err/tol (at most 1 passes), xf = known failures, s = skipped.", "",
               format_table(results, markdown=True), "", "```", summarize(results), "```"]
     print("\n".join(lines))
-    return 1 if any(r.status in BAD for r in results) else 0
+    return 1 if any(failing(r) for r in results) else 0
 
 
 def _list(backends, managers) -> int:

@@ -15,6 +15,7 @@ from importlib.metadata import entry_points
 import torch
 
 from .kinds import KINDS, kind_of
+from .known import KnownFailure
 from .paged import Case
 from .spec import DTYPE_NAMES, KV_LAYOUTS, CaseSpec
 from .tolerance import Tolerance
@@ -114,6 +115,7 @@ class Backend:
     capabilities: Capabilities = Capabilities()
     tolerance: Tolerance | None = None  # an override of the pass rule, with its reason
     finite_poison: bool = False  # the kernel masks by multiplying with 0, so NaN poison would leak
+    known_failures: tuple[KnownFailure, ...] = ()  # pairs it is known to fail, with their issue (known.py)
 
     def unavailable(self) -> str | None:
         """Why this backend cannot run at all on this machine (missing library ...), or None. Asked
@@ -216,6 +218,9 @@ def _check_vocabulary(backend: Backend) -> None:
     if unknown:
         raise RegistryError(f"{backend.name}: Capabilities.bit_exact = {sorted(backend.capabilities.bit_exact)}: "
                             f"{unknown} unknown; must be some of {sorted(BIT_EXACT)}")
+    if not all(isinstance(k, KnownFailure) for k in backend.known_failures):
+        raise RegistryError(f"{backend.name}.known_failures = {backend.known_failures!r}: must be a tuple of "
+                            f"conformance.KnownFailure")
     caps = backend.capabilities
     if caps.cuda_graphs and "empty_sequences" not in caps.features:
         raise RegistryError(f"{backend.name}: Capabilities.cuda_graphs needs 'empty_sequences' in features (a graph "

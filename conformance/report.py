@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
+from .known import known_outcome
 from .runner import Result, Status
 
 # Libraries of the built-in backends, by their distribution names (what records a version).
@@ -34,6 +35,13 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def failing(r: Result) -> bool:
+    """Whether a result fails its run: a bad status that is no (unexpired) known failure, or a known
+    failure that passes or has expired (known.py)."""
+    known = known_outcome(r)
+    return known[0] != "xfail" if known else r.status in BAD
+
+
 def write_json(path: str, results: list[Result], meta: dict) -> None:
     with open(path, "w") as f:
         json.dump({"schema": REPORT_SCHEMA, **meta, "results": [r.to_dict() for r in results]}, f, indent=1)
@@ -44,6 +52,7 @@ def _cell(rs: list[Result]) -> str:
     if not ran:
         return "skip"
     passed = sum(r.status == Status.PASS for r in ran)
+    expected = sum((known_outcome(r) or ("",))[0] == "xfail" for r in ran)
     ratios = [r.ratio for r in ran if r.ratio is not None]
     text = f"{passed}/{len(ran)}"
     if ratios:
@@ -54,7 +63,9 @@ def _cell(rs: list[Result]) -> str:
     unsteady = sum(r.deterministic is False for r in ran)
     if unsteady:
         text += f" nd{unsteady}"
-    if passed < len(ran):
+    if expected:
+        text += f" xf{expected}"
+    if passed + expected < len(ran):
         text = "FAIL " + text
     skipped = len(rs) - len(ran)
     return text + (f" s{skipped}" if skipped else "")
@@ -126,8 +137,9 @@ def summarize(results: list[Result]) -> str:
     # Bad results grouped by backend, status and the first line of the reason, one example each.
     bad = defaultdict(list)
     for r in results:
-        if r.status in BAD:
-            what = f"{r.status.value} [{', '.join(c.value for c in r.categories)}]"
+        known = known_outcome(r)
+        if known or r.status in BAD:
+            what = f"{known[0].upper() if known else r.status.value} [{', '.join(c.value for c in r.categories)}]"
             bad[(r.backend, what, r.reason.splitlines()[0] if r.reason else "")].append(r.id)
     for (backend, what, reason), ids in list(bad.items())[:30]:
         lines.append(f"  {what} {ids[0]}{f' (and {len(ids) - 1} more of {backend})' if len(ids) > 1 else ''}: {reason}")

@@ -15,6 +15,7 @@ import torch
 from .calls import call_spec, path, sub_case, token_rows, variants
 from .graphs import Captured, load, replays
 from .kinds import kind_of, make_inputs, reference_attention
+from .known import known_failure
 from .managers import RefCountedBlocks
 from .memory import SMALL_CASE, DeviceMemory, case_bytes, shrink_local_memory, too_big
 from .paged import Pages, PagedBatch, bits
@@ -100,6 +101,7 @@ class Result:
     calls_ulp: int | None = None  # many calls: the largest difference from the one call's output (ulp_difference)
     deterministic: bool | None = None  # "invariance": the same call twice gave the same bits
     rescore_diff: float | None = None  # "rollout": max |rollout - rescore| of the generated tokens' log-probs
+    known_failure: dict | None = None  # the backend's KnownFailure entry that matches this case (known.py)
 
     @property
     def id(self) -> str:
@@ -174,7 +176,7 @@ class Runner:
         return self._prepared[key]
 
     def run(self, backend: Backend, spec: CaseSpec) -> Result:
-        result = self._run(backend, spec)
+        result = dataclasses.replace(self._run(backend, spec), known_failure=known_failure(backend, spec.id))
         self.results.append(result)
         return result
 

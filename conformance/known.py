@@ -1,0 +1,59 @@
+"""Known failures as data: an adapter lists the pairs it is known to fail (Backend.known_failures),
+each with a reason, a link to the issue and an expiry date.
+
+A pair that matches one and fails is an expected failure (pytest XFAIL; `run` does not count it);
+one that passes is reported as such and fails the test (strict: remove the entry); an entry past
+its date fails the test whatever the pair does (fix the bug or renew the entry, with a reason).
+"""
+from __future__ import annotations
+
+import datetime
+import fnmatch
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class KnownFailure:
+    cases: str  # a glob over the case id (the test id after the backend name), e.g. "*-fp32-*-cap4"
+    reason: str
+    link: str  # the issue that tracks it
+    expires: str  # YYYY-MM-DD: the last day it is expected
+
+    def __post_init__(self):
+        for field, ok, rule in (("cases", bool(self.cases), "must be a non-empty glob over case ids"),
+                                ("reason", bool(self.reason), "must say why the pair fails"),
+                                ("link", self.link.startswith(("https://", "http://")), "must be the issue's URL"),
+                                ("expires", _date(self.expires) is not None, "must be a date, YYYY-MM-DD")):
+            if not ok:
+                raise ValueError(f"KnownFailure.{field} = {getattr(self, field)!r}: {rule}")
+
+    def matches(self, case_id: str) -> bool:
+        return fnmatch.fnmatchcase(case_id, self.cases)
+
+
+def _date(text: str) -> datetime.date | None:
+    try:
+        return datetime.date.fromisoformat(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def known_failure(backend, case_id: str) -> dict | None:
+    """The first of the backend's known failures that matches the case, as a Result records it."""
+    entry = next((k for k in getattr(backend, "known_failures", ()) if k.matches(case_id)), None)
+    return asdict(entry) if entry else None
+
+
+def known_outcome(result, today: datetime.date | None = None) -> tuple[str, str] | None:
+    """For a result whose pair is a known failure: ("expired" | "xfail" | "xpass", what to tell the
+    user); None otherwise, or for a skip."""
+    known = result.known_failure
+    if not known or result.status.value == "SKIP":
+        return None
+    where = f"{known['link']}: {known['reason']}"
+    if (today or datetime.date.today()) > _date(known["expires"]):
+        return "expired", f"the known failure of {result.id} expired on {known['expires']} ({where}): fix the " \
+                          f"bug or renew the entry with a new date"
+    if result.status.value == "PASS":
+        return "xpass", f"{result.id} is listed as a known failure but passes: remove the entry ({where})"
+    return "xfail", f"known failure until {known['expires']} ({where}); {result.status.value}: {result.reason}"
