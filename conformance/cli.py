@@ -21,7 +21,8 @@ from .diff import RATIO_FACTOR, RATIO_FLOOR, diff_reports
 from .managers import load_managers
 from .matrix import default_device, default_profile, split_names
 from .registry import RegistryError, load_backends, select_backends
-from .report import environment, failing, flake_summary, format_table, read_json, summarize, write_json
+from .report import (environment, failing, flake_summary, format_cost, format_table, read_json, summarize,
+                     write_json)
 from .runner import Runner
 from .spec import DTYPES, KV_DTYPES, CaseSpec, SpecError
 
@@ -179,7 +180,8 @@ def _report(paths: list[str], merged_path: str = "") -> int:
     lines = ["# Conformance results", ""]
     lines += [f"- {', '.join(f'`{n}`' for n in names)}: {run}" for run, (_, names) in runs.items()]
     lines += ["", "Cell: passed/run, r = worst err/tol (at most 1 passes), xf = known failures, s = skipped.", "",
-              format_table(results, markdown=True), "", "```", summarize(results), "```"]
+              format_table(results, markdown=True), "", "```", summarize(results), "```", "",
+              "### Cost", "", format_cost(results)]
     print("\n".join(lines))
     return 1 if any(failing(r) for r in results) else 0
 

@@ -122,6 +122,21 @@ def _text_table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def format_cost(results: list[Result]) -> str:
+    """Markdown: the seconds each backend and each scenario cost (the backend's and the harness's
+    time of every pair run, summed over a run's processes: the device time a tier takes), largest first."""
+    lines = []
+    for what in ("backend", "scenario"):
+        seconds, pairs = Counter(), Counter()
+        for r in results:
+            if r.status != Status.SKIP:
+                seconds[getattr(r, what)] += (r.backend_seconds or 0) + (r.harness_seconds or 0)
+                pairs[getattr(r, what)] += 1
+        lines += [f"| {what} | seconds | pairs run |", "| --- | --- | --- |"]
+        lines += [f"| {name} | {s:.1f} | {pairs[name]} |" for name, s in seconds.most_common()] + [""]
+    return "\n".join(lines)
+
+
 def summarize(results: list[Result]) -> str:
     counts = Counter(r.status for r in results)
     lines = ["  ".join(f"{s.value} {counts[s]}" for s in Status if counts[s])]

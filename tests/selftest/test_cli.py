@@ -15,6 +15,7 @@ def test_run_writes_a_report_that_report_turns_into_a_table(tmp_path, capsys):
     assert main(["report", path]) == 0
     md = capsys.readouterr().out
     assert "| scenario | sdpa |" in md and "| small_decode | 66/66 r" in md
+    assert "### Cost" in md and "| sdpa | " in md and " | 66 |" in md  # seconds of the 66 pairs that ran
 
 
 def test_unknown_backend_is_named_and_exits_2(capsys):
