@@ -1,6 +1,7 @@
 """`python -m conformance run`: every registered backend over a profile on this machine's device.
 `python -m conformance list`: backends (with availability), KV-cache managers and scenarios.
-`python -m conformance report A.json [B.json.xz ...]`: several JSON reports as one Markdown table.
+`python -m conformance report A.json [B.json.xz ...] [--html r.html --heatmap h.png]`: several JSON
+reports as one Markdown table (and an HTML report, a heatmap).
 `python -m conformance diff last.json tonight.json`: the pairs that changed; exit 1 on a regression.
 `python -m conformance bench --scenario large_decode --backend triton,flashinfer-decode-fa2`: latency and GB/s.
 `python -m conformance warm-up --backend flashinfer-prefill-fa2 -j 8`: only build JIT-compiled kernels.
@@ -18,6 +19,7 @@ from fixtures import CATALOG
 from .bench import bench, format_bench
 from .config import RunConfig, add_run_options, add_selection_options
 from .diff import RATIO_FACTOR, RATIO_FLOOR, diff_reports
+from .html import write_heatmap, write_html
 from .managers import load_managers
 from .matrix import default_device, default_profile, split_names
 from .registry import RegistryError, load_backends, select_backends
@@ -48,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="merge JSON reports into one Markdown support table")
     rep.add_argument("reports", nargs="+", help="JSON reports written by `run --json` or `pytest --json-report`")
     rep.add_argument("--json", default="", help="also write the merged results as one JSON report here")
+    rep.add_argument("--html", default="", help="also write a self-contained HTML report here (sortable, filterable, "
+                     "each failure with the command that reruns it)")
+    rep.add_argument("--heatmap", default="", help="also write a PNG of the worst err/tol per backend x scenario "
+                     "(needs matplotlib: the `plots` extra)")
     rep.add_argument("--flakes", action="store_true", help="the reports are runs of the same cases over several "
                      "base seeds (flake-check --json, or pytest --seed N --json-report): report the pairs that fail "
                      "on some seed, flaky ones first")
@@ -79,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "report":
-        return _flakes(args.reports) if args.flakes else _report(args.reports, args.json)
+        return _flakes(args.reports) if args.flakes else _report(args.reports, args.json, args.html, args.heatmap)
     if args.command == "diff":
         text, code = diff_reports(args.before, args.after, args.ratio_factor, args.ratio_floor)
         print(text)
@@ -159,9 +165,9 @@ def _print_flakes(by_seed: dict, header: str) -> int:
     return 0 if clean else 1
 
 
-def _report(paths: list[str], merged_path: str = "") -> int:
-    """Markdown on stdout: the runs' environments, then one table over all results. A result for a
-    backend and case that an earlier report also holds replaces it (a rerun)."""
+def _report(paths: list[str], merged_path: str = "", html_path: str = "", heatmap_path: str = "") -> int:
+    """Markdown on stdout: the runs' environments, then one table over all results (and the files
+    asked for). A result for a backend and case that an earlier report also holds replaces it (a rerun)."""
     by_id, runs, backends = {}, {}, {}
     for path in paths:
         meta, rs = read_json(path)
@@ -172,8 +178,13 @@ def _report(paths: list[str], merged_path: str = "") -> int:
             f"{k} {v}" for k, v in env.items() if v is not None)
         runs.setdefault(run, (meta, []))[1].append(path.rsplit("/", 1)[-1])
     results = list(by_id.values())
-    if merged_path:  # first: a reader that stops early (`| head`) must not cost the file
-        first = next(iter(runs.values()))[0]
+    first = next(iter(runs.values()))[0]
+    if html_path:  # first: a reader that stops early (`| head`) must not cost the files
+        write_html(html_path, results, first["profile"], first["seed"],
+                   [f"{', '.join(names)}: {run}" for run, (_, names) in runs.items()])
+    if heatmap_path:
+        write_heatmap(heatmap_path, results)
+    if merged_path:
         write_json(merged_path, results, {"profile": first["profile"], "seed": first["seed"],
                                           "environment": first["environment"], "backends": backends,
                                           "merged_from": [n for _, names in runs.values() for n in names]})

@@ -29,7 +29,7 @@ def test_readme_example_adapter_runs_and_passes(monkeypatch):
 
 
 @pytest.mark.parametrize("command", [
-    'pip install torch==2.13.0 && pip install -e ".[triton]" && python -m conformance run',  # set-up and main job
+    'pip install torch==2.13.0 && pip install -e ".[triton,plots]" && python -m conformance run',  # set-up, main job
     "python -m pytest -n auto",  # the tests
 ])
 def test_readme_commands_are_what_ci_runs(command):
