@@ -14,6 +14,7 @@ from .isolation import make_runner
 from .matrix import PROFILE_HELP, Catalog, default_device, default_profile, split_names
 from .registry import Backend, select_backends
 from .report import environment
+from .probe import probes
 from .shard import load_durations, parse_shard, shard_of
 from .spec import CaseSpec
 from .warmup import warm_up
@@ -28,6 +29,8 @@ def add_selection_options(add_option) -> None:
     add_option("--profile", help=PROFILE_HELP)
     add_option("--device", help="torch device (default: cuda if available, else cpu)")
     add_option("--load", action="append", default=[], help="also import this adapter module")
+    add_option("--probe", action="store_true", help="also run each single-call case a backend declares unsupported, as "
+               "probe-<backend> (conformance/probe.py): does its library refuse it, or accept it silently?")
     add_option("--shard", metavar="I/N", help="run only shard I of N (1 <= I <= N): every test in exactly one shard, "
                                             "the same split everywhere (conformance/shard.py)")
     add_option("--shard-durations", action="append", default=[], metavar="REPORT",
@@ -60,6 +63,7 @@ class RunConfig:
     isolate: str = "auto"
     case_timeout: float = 300.0
     poison: str = "nan"
+    probe: bool = False  # --probe
     shard: tuple[int, int] | None = None  # (I, N) of --shard
     shard_durations: tuple[str, ...] = ()  # --shard-durations reports
 
@@ -69,7 +73,7 @@ class RunConfig:
         modules = tuple(option("load", ()))
         profile = option("profile", None) or default_profile(main_job)
         how = {name: option(name, getattr(cls, name)) for name in ("seed", "warm_up_jobs", "isolate", "case_timeout",
-                                                                   "poison")}
+                                                                   "poison", "probe")}
         shard = option("shard", None)
         return cls(backends=tuple(select_backends(split_names(option("backend", None)), modules)),
                    cases=tuple(catalog.cases(profile, split_names(option("scenario", None)))),
@@ -78,9 +82,10 @@ class RunConfig:
                    shard_durations=tuple(option("shard_durations", ())), **how)
 
     def pairs(self) -> list[tuple[Backend, CaseSpec]]:
-        """Every backend on every case of its kind. Backends vary fastest: a runner computes a
-        case's references once for all of them."""
-        return [(b, spec) for spec in self.cases for b in self.backends if b.kind == spec.kind]
+        """Every backend on every case of its kind (with --probe, then the probes). Backends vary
+        fastest: a runner computes a case's references once for all of them."""
+        pairs = [(b, spec) for spec in self.cases for b in self.backends if b.kind == spec.kind]
+        return pairs + probes(pairs, self.device) if self.probe else pairs
 
     def in_shard(self, keys: list[str], result_ids: list[str | None]) -> list[bool]:
         """Which tests (unique keys; result_ids: the Result id of each, None for a test that is no

@@ -11,7 +11,8 @@ Regressions (the command exits 1 when there is one):
   unchanged backend gives the same numbers).
 Also listed: fixed pairs, pairs new or gone, and every environment field (library, driver,
 torch, GPU) whose value changed. A pair its adapter lists as a known failure (known.py) is no
-regression while it fails and the entry has not expired.
+regression while it fails and the entry has not expired; a probe (probe.py) regresses only when it
+is newly wrong without a word.
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ def changes(before: list[Result], after: list[Result], factor: float = RATIO_FAC
         b = old.get(rid)
         if known_outcome(a) and known_outcome(a)[0] == "xfail":
             continue  # listed by its adapter, with its issue: expected
+        if a.probe and a.status != Status.FAIL:
+            continue  # a probe that passes or is refused does what it may: only a silently wrong one regresses
         if a.status == Status.FAIL and (b is None or b.status not in BAD):
             out.append(Change("now failing", rid, b, a))
         elif a.status in ERRORS and (b is None or b.status != a.status):

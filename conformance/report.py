@@ -38,6 +38,8 @@ def environment(device: torch.device) -> dict:
 def failing(r: Result) -> bool:
     """Whether a result fails its run: a bad status that is no (unexpired) known failure, or a known
     failure that passes or has expired (known.py)."""
+    if r.probe:  # run though declared unsupported: only a silently wrong answer is a failure
+        return r.status == Status.FAIL
     known = known_outcome(r)
     return known[0] != "xfail" if known else r.status in BAD
 
@@ -140,6 +142,10 @@ def format_cost(results: list[Result]) -> str:
 def summarize(results: list[Result]) -> str:
     counts = Counter(r.status for r in results)
     lines = ["  ".join(f"{s.value} {counts[s]}" for s in Status if counts[s])]
+    probed = Counter(("accepted and right" if r.status == Status.PASS else "accepted, silently wrong"
+                      if r.status == Status.FAIL else "refused") for r in results if r.probe and r.status != Status.SKIP)
+    if probed:
+        lines.append("probes (declared unsupported, run anyway): " + ", ".join(f"{k} {n}" for k, n in probed.items()))
     categories = Counter(c.value for r in results for c in r.categories)
     if categories:
         lines.append("what went wrong: " + ", ".join(f"{c} {n}" for c, n in categories.most_common()))
@@ -154,7 +160,8 @@ def summarize(results: list[Result]) -> str:
     for r in results:
         known = known_outcome(r)
         if known or r.status in BAD:
-            what = f"{known[0].upper() if known else r.status.value} [{', '.join(c.value for c in r.categories)}]"
+            status = known[0].upper() if known else ("PROBE " if r.probe else "") + r.status.value
+            what = f"{status} [{', '.join(c.value for c in r.categories)}]"
             bad[(r.backend, what, r.reason.splitlines()[0] if r.reason else "")].append(r.id)
     for (backend, what, reason), ids in list(bad.items())[:30]:
         lines.append(f"  {what} {ids[0]}{f' (and {len(ids) - 1} more of {backend})' if len(ids) > 1 else ''}: {reason}")

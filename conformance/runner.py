@@ -16,6 +16,7 @@ from .calls import call_spec, path, sub_case, token_rows, variants
 from .graphs import Captured, load, replays
 from .kinds import kind_of, make_inputs, reference_attention
 from .known import known_failure
+from .probe import declared
 from .managers import RefCountedBlocks
 from .memory import SMALL_CASE, DeviceMemory, case_bytes, shrink_local_memory, too_big
 from .paged import Pages, PagedBatch, bits
@@ -102,6 +103,7 @@ class Result:
     deterministic: bool | None = None  # "invariance": the same call twice gave the same bits
     rescore_diff: float | None = None  # "rollout": max |rollout - rescore| of the generated tokens' log-probs
     known_failure: dict | None = None  # the backend's KnownFailure entry that matches this case (known.py)
+    probe: str | None = None  # a probe (probe.py): the backend's declared refusal of this case, run anyway
 
     @property
     def id(self) -> str:
@@ -176,7 +178,8 @@ class Runner:
         return self._prepared[key]
 
     def run(self, backend: Backend, spec: CaseSpec) -> Result:
-        result = dataclasses.replace(self._run(backend, spec), known_failure=known_failure(backend, spec.id))
+        result = dataclasses.replace(self._run(backend, spec), known_failure=known_failure(backend, spec.id),
+                                     probe=declared(backend, spec, self.device))
         self.results.append(result)
         return result
 
