@@ -1,6 +1,7 @@
 """Profiles and their expansion into cases: scenario x head config x dtype x block size x features."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -256,7 +257,15 @@ def default_profile(main_job: bool = False) -> str:
 
 
 def default_device(name: str | None = None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """`name`, else the GPU, else the CPU. With several GPUs, pytest-xdist worker gwN takes GPU N mod
+    their count: workers spread over every visible GPU (several per GPU when there are more workers,
+    each GPU's memory shared through its own ledger, memory.DeviceMemory)."""
+    if name or not torch.cuda.is_available():
+        return torch.device(name or "cpu")
+    worker, gpus = os.environ.get("PYTEST_XDIST_WORKER", ""), torch.cuda.device_count()
+    if worker.startswith("gw") and worker[2:].isdigit() and gpus > 1:
+        return torch.device("cuda", int(worker[2:]) % gpus)
+    return torch.device("cuda")
 
 
 def split_names(values: list[str] | None) -> list[str] | None:

@@ -152,6 +152,8 @@ class Runner:
     def __init__(self, device: str | torch.device = "cpu", base_seed: int = 0, keep: int = 2,
                  finite_poison: bool = False, manager: type = RefCountedBlocks):
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # libraries that launch on the current GPU (Triton) follow the case's
         self.base_seed = base_seed
         # Poison unused cache slots with a large finite value for every backend, not NaN: then only
         # reads that change the output fail (a backend's own finite_poison says the same for itself).
