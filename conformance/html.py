@@ -9,7 +9,7 @@ import json
 import re
 
 from .known import known_outcome
-from .report import format_table
+from .report import failing, format_table
 from .runner import Result, Status
 
 
@@ -17,8 +17,9 @@ def reproduce(r: Result, profile: str, seed: int) -> str:
     """The one command that reruns this pair alone."""
     mla = re.match(r"h\d", r.heads)  # MLAHeads ids: h16, h128-l...; dense ones: gqa4-d128 ...
     test = "tests/test_mla_backend.py::test_mla_backend" if mla else "tests/test_backend.py::test_backend"
-    return (f'python -m pytest "{test}[{r.id}]" --backend {r.backend} --scenario {r.scenario} '
-            f"--profile {profile} --seed {seed}")
+    backend = r.backend.removeprefix("probe-") if r.probe else r.backend
+    return (f'python -m pytest "{test}[{r.id}]" --backend {backend} --scenario {r.scenario} '
+            f"--profile {profile} --seed {seed}" + (" --probe" if r.probe else ""))
 
 
 def _status(r: Result) -> str:
@@ -27,10 +28,9 @@ def _status(r: Result) -> str:
 
 
 def write_html(path: str, results: list[Result], profile: str, seed: int, runs: list[str]) -> None:
-    bad = (Status.FAIL, Status.ERROR, Status.CRASH, Status.TIMEOUT)
     rows = [[r.backend, r.scenario, r.case, _status(r), None if r.ratio is None else round(r.ratio, 3),
              r.reason[:300] if r.status != Status.PASS else "",
-             reproduce(r, profile, seed) if r.status in bad else ""] for r in results]
+             reproduce(r, profile, seed) if failing(r) else ""] for r in results]
     data = json.dumps(rows, separators=(",", ":")).replace("</", "<\\/")
     page = _PAGE.replace("@RUNS@", "".join(f"<li>{html.escape(run)}</li>" for run in runs))
     page = page.replace("@TABLE@", _markdown_table_to_html(format_table(results, markdown=True)))
@@ -78,7 +78,7 @@ def write_heatmap(path: str, results: list[Result]) -> None:
         i, j = scenarios.index(r.scenario), backends.index(r.backend)
         if r.ratio is not None and r.status != Status.SKIP:
             worst[i, j] = np.nanmax([worst[i, j], r.ratio])
-        failed[i, j] |= r.status not in (Status.PASS, Status.SKIP) and known_outcome(r) is None
+        failed[i, j] |= failing(r)
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(backends), 1.2 + 0.32 * len(scenarios)))
     cmap = matplotlib.colormaps["viridis"].with_extremes(over="red", bad="lightgrey")
     im = ax.imshow(worst, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
