@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
+from collections import deque
+from itertools import groupby
 
 from fixtures import CATALOG
 
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "flake-check":
         return _flake_check(args, config, pairs)
     start = time.time()
-    results = _run_pairs(pairs, config.runner())
+    results = _run_pairs(pairs, config.runners())
     print(format_table(results))
     print(summarize(results))
     print(f"{len(results)} results in {time.time() - start:.1f}s")
@@ -122,25 +125,44 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(failing(r) for r in results) else 0
 
 
-def _run_pairs(pairs, runner, label: str = "") -> list:
-    """Every (backend, case) pair through the runner, with a progress line every few seconds."""
-    results, start, last = [], time.time(), 0.0
-    with runner:
-        for backend, spec in pairs:
-            results.append(runner.run(backend, spec))
-            now = time.time()
-            if now - last > 5 or len(results) == len(pairs):
-                bad = sum(failing(r) for r in results)
-                print(f"{label}[{len(results)}/{len(pairs)}] {now - start:.0f}s, {bad} failing; at {results[-1].id}",
-                      file=sys.stderr, flush=True)
-                last = now
+def _run_pairs(pairs, runners, label: str = "") -> list:
+    """Every (backend, case) pair through the runners (one a GPU), in pair order, with a progress line
+    every few seconds. Each runner takes the next case's pairs when it is free (a case's backends
+    stay together: its references are computed once)."""
+    cases = deque(list(group) for _, group in groupby(enumerate(pairs), key=lambda ip: ip[1][1]))
+    results: list = [None] * len(pairs)
+    lock, done, failed_ = threading.Lock(), [0], [0]
+
+    def work(runner):
+        with runner:
+            while True:
+                with lock:
+                    if not cases:
+                        return
+                    group = cases.popleft()
+                for i, (backend, spec) in group:
+                    results[i] = runner.run(backend, spec)
+                    with lock:
+                        done[0], failed_[0] = done[0] + 1, failed_[0] + failing(results[i])
+
+    threads = [threading.Thread(target=work, args=(r,), daemon=True) for r in runners]
+    start = time.time()
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        for t in threads:
+            t.join(timeout=5)
+        print(f"{label}[{done[0]}/{len(pairs)}] {time.time() - start:.0f}s, {failed_[0]} failing",
+              file=sys.stderr, flush=True)
+    if None in results:  # a runner thread died: its harness error, not a case's
+        raise RuntimeError(f"{results.count(None)} pairs got no result (a runner failed; see above)")
     return results
 
 
 def _flake_check(args, config: RunConfig, pairs) -> int:
     by_seed, start = {}, time.time()
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        by_seed[seed] = _run_pairs(pairs, config.runner(seed), f"seed {seed} ")
+        by_seed[seed] = _run_pairs(pairs, [config.runner(seed)], f"seed {seed} ")
         if args.json:
             write_json(f"{args.json.removesuffix('.json')}.seed{seed}.json", by_seed[seed], config.report_meta(seed))
     return _print_flakes(by_seed, f"flake check: {len(pairs)} backend x case pairs x {args.seeds} base seeds "

@@ -97,9 +97,17 @@ class RunConfig:
         known = {k: seconds[r] for k, r in zip(keys, result_ids) if r in seconds}
         return [s == i - 1 for s in shard_of(keys, n, known)]
 
-    def runner(self, seed: int | None = None):
-        return make_runner(self.device, self.seed if seed is None else seed, self.isolate, self.case_timeout,
-                           self.poison, self.modules)
+    def runner(self, seed: int | None = None, device: torch.device | None = None):
+        return make_runner(device or self.device, self.seed if seed is None else seed, self.isolate,
+                           self.case_timeout, self.poison, self.modules)
+
+    def runners(self) -> list:
+        """One runner for the device, or, on CUDA without a GPU named (--device) and with several
+        visible, one for each GPU: `run` spreads its cases over them."""
+        gpus = torch.cuda.device_count() if self.device == torch.device("cuda") else 1
+        if gpus < 2:
+            return [self.runner()]
+        return [self.runner(device=torch.device("cuda", i)) for i in range(gpus)]
 
     def warm_up(self, jobs: int | None = None, wanted=None) -> None:
         warm_up(list(self.backends), list(self.cases), self.device, self.warm_up_jobs if jobs is None else jobs,
