@@ -131,7 +131,7 @@ def _run_pairs(pairs, runners, label: str = "") -> list:
     stay together: its references are computed once)."""
     cases = deque(list(group) for _, group in groupby(enumerate(pairs), key=lambda ip: ip[1][1]))
     results: list = [None] * len(pairs)
-    lock, done, failed_ = threading.Lock(), [0], [0]
+    lock, count = threading.Lock(), {"done": 0, "failing": 0}
 
     def work(runner):
         with runner:
@@ -143,7 +143,8 @@ def _run_pairs(pairs, runners, label: str = "") -> list:
                 for i, (backend, spec) in group:
                     results[i] = runner.run(backend, spec)
                     with lock:
-                        done[0], failed_[0] = done[0] + 1, failed_[0] + failing(results[i])
+                        count["done"] += 1
+                        count["failing"] += failing(results[i])
 
     threads = [threading.Thread(target=work, args=(r,), daemon=True) for r in runners]
     start = time.time()
@@ -152,7 +153,7 @@ def _run_pairs(pairs, runners, label: str = "") -> list:
     while any(t.is_alive() for t in threads):
         for t in threads:
             t.join(timeout=5)
-        print(f"{label}[{done[0]}/{len(pairs)}] {time.time() - start:.0f}s, {failed_[0]} failing",
+        print(f"{label}[{count['done']}/{len(pairs)}] {time.time() - start:.0f}s, {count['failing']} failing",
               file=sys.stderr, flush=True)
     if None in results:  # a runner thread died: its harness error, not a case's
         raise RuntimeError(f"{results.count(None)} pairs got no result (a runner failed; see above)")
