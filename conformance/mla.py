@@ -276,10 +276,8 @@ def gather_latents(case: MLACase, seq: int, dtype: torch.dtype) -> torch.Tensor:
     """Sequence `seq`'s latents [n, L + R] read through its block table, dequantized to `dtype`."""
     bs = case.latent_cache.shape[1]
     pos = torch.arange(int(case.seq_lens[seq]), device=case.device)
-    lat = case.latent_cache[case.block_table[seq, pos // bs].long(), pos % bs]
-    if lat.dtype == torch.float8_e4m3fn:
-        return (lat.float() * case.kv_scale).to(dtype)
-    return latent_values(lat, case.spec, case.kv_scale, dtype)
+    return latent_values(case.latent_cache[case.block_table[seq, pos // bs].long(), pos % bs], case.spec,
+                         case.kv_scale, dtype)
 
 
 def sparse_slots(case: MLACase) -> torch.Tensor:

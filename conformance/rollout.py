@@ -486,6 +486,7 @@ def roll_out(backend, spec: CaseSpec, device: torch.device, seed: int, call, man
     blocks, bs = model.blocks, spec.block_size
     prompt_ids, sample_ids, rescore_ids = r.requests()
     sample_of = {request: s for s, request in enumerate(sample_ids)}
+    rescore_of = {request: s for s, request in enumerate(rescore_ids)}
     last: dict[int, torch.Tensor] = {}  # per prompt, the log-probs after its last token
     tokens: list[list[int]] = []  # per sample, its generated tokens
     rollout: list[list[float]] = []  # ... and their log-probs
@@ -523,8 +524,7 @@ def roll_out(backend, spec: CaseSpec, device: torch.device, seed: int, call, man
             if seqs is None:  # the rollout is done: each sample's prompt and its tokens but the last
                 seqs = [torch.cat([prompts[p], torch.tensor(t[:-1], dtype=torch.int64, device=device)])
                         for p, t in zip(r.prompt_of, tokens)]
-            index = {q: i for i, q in enumerate(rescore_ids)}
-            lp = model.step(op, torch.cat([seqs[index[q]][s:s + n] for q, s, n in parts]), call)
+            lp = model.step(op, torch.cat([seqs[rescore_of[q]][s:s + n] for q, s, n in parts]), call)
             for (q, _, _), rows in zip(parts, lp.split(list(op.lens))):
                 rescored[q].append(rows)
     del model
