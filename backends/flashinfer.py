@@ -7,7 +7,8 @@
   speculative decoding);
 - `flashinfer-mla`: BatchMLAPagedAttentionWrapper as the decode path of an MLA backend (vLLM's
   split; prefill expanded in torch, as backends/mla.py says); `flashinfer-mla-absorbed`: every
-  sequence through the wrapper, prefill included (its causal mask is bottom-right).
+  sequence through the wrapper, prefill included (its causal mask is bottom-right);
+  `flashinfer-mla-sparse`: the same wrapper over sparse MLA's index lists (page size 1).
 
 FlashInfer takes pages as CSR (indptr, indices, last_page_len), the cache in any of the suite's
 layouts ("NHD"/"HND", as a (k, v) pair or one [pages, 2, ...] tensor), a window as window_left =
@@ -20,6 +21,7 @@ FlashInfer serves them through a separate wrapper, not adapted here.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -204,23 +206,52 @@ class FlashInferMLA(MLACommon):
         return ("mla", spec.dtype, spec.cache_dtype)  # one module per q / kv dtype (page size, causal: run time)
 
     def latent_attention(self, case, part, q_abs):
+        indptr, indices, _ = _csr_pages(part.block_table, part.seq_lens, case.latent_cache.shape[1])
+        return self._attend(case, q_abs, (part.query_start_loc, indptr, indices, part.seq_lens), case.latent_cache,
+                            causal=True)
+
+    def _attend(self, case, q_abs, csr, kv_cache, causal):
+        """The wrapper over CSR page lists csr = (qo_indptr, kv_indptr, kv_indices, kv_len)."""
         from flashinfer.mla import BatchMLAPagedAttentionWrapper, MLAPlanMetadata
 
         h = case.spec.heads
-        bs = case.latent_cache.shape[1]
-        indptr, indices, _ = _csr_pages(part.block_table, part.seq_lens, bs)
         wrapper = BatchMLAPagedAttentionWrapper(_workspace(case.device), backend="auto")
-        wrapper.plan(metadata=MLAPlanMetadata.csr(part.query_start_loc, indptr, indices, part.seq_lens),
-                     num_heads=h.num_q_heads, head_dim_ckv=h.kv_lora_rank, head_dim_kpe=h.qk_rope_head_dim,
-                     page_size=bs, causal=True, sm_scale=case.scale, q_data_type=case.spec.dtype,
-                     kv_data_type=case.latent_cache.dtype, lse_mode="basee")
+        wrapper.plan(metadata=MLAPlanMetadata.csr(*csr), num_heads=h.num_q_heads, head_dim_ckv=h.kv_lora_rank,
+                     head_dim_kpe=h.qk_rope_head_dim, page_size=kv_cache.shape[1], causal=causal,
+                     sm_scale=case.scale, q_data_type=case.spec.dtype, kv_data_type=kv_cache.dtype, lse_mode="basee")
         scales = dict(ckv_scale=case.kv_scale, kpe_scale=case.kv_scale) if case.spec.kv_dtype != "auto" else {}
-        return wrapper.run(query=q_abs, kv_cache=case.latent_cache, return_lse=True, return_lse_base_on_e=True,
-                           **scales)
+        return wrapper.run(query=q_abs, kv_cache=kv_cache, return_lse=True, return_lse_base_on_e=True, **scales)
+
+
+class FlashInferMLASparse(FlashInferMLA):
+    """Sparse MLA as vLLM's sm_90 FlashInfer backend runs it: page size 1, so each query's listed
+    slots are its page list; each query is a request of its own with its -1 entries dropped (the
+    kernel reads kv_len entries and knows no padding); not causal (the list says what it sees)."""
+
+    capabilities = dataclasses.replace(FlashInferMLA.capabilities, features=frozenset({"causal", "sparse"}))
+
+    def __init__(self):
+        super().__init__("flashinfer-mla-sparse", absorbed_prefill=False)
+        self.description = "FlashInfer BatchMLAPagedAttentionWrapper over each query's listed cache slots (sparse only)"
+
+    def unsupported(self, spec, device):
+        if spec.topk is None:
+            return "sparse cases only (CaseSpec.topk); dense MLA is flashinfer-mla"
+        return super().unsupported(spec, device)
+
+    def sparse_attention(self, case, q_abs, slots):
+        listed = slots >= 0
+        kv_len = listed.sum(1, dtype=torch.int32)
+        kv_indptr = torch.nn.functional.pad(torch.cumsum(kv_len, 0, dtype=torch.int32), (1, 0))
+        qo_indptr = torch.arange(len(slots) + 1, dtype=torch.int32, device=slots.device)
+        slot_cache = case.latent_cache.view(-1, 1, case.latent_cache.shape[-1])
+        return self._attend(case, q_abs, (qo_indptr, kv_indptr, slots[listed].int(), kv_len), slot_cache,
+                            causal=False)
 
 
 register_backend(FlashInferMLA("flashinfer-mla", absorbed_prefill=False))
 register_backend(FlashInferMLA("flashinfer-mla-absorbed", absorbed_prefill=True))
+register_backend(FlashInferMLASparse())
 register_backend(FlashInferBackend("flashinfer-prefill-fa2", "prefill", "fa2"))
 register_backend(FlashInferBackend("flashinfer-prefill-fa3", "prefill", "fa3"))
 register_backend(FlashInferBackend("flashinfer-decode", "decode", None))
