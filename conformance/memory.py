@@ -11,8 +11,12 @@ needs and how much the GPU has.
 
 The ledger knows only what the suite claims, so a big case must also fit in what the GPU really
 has free (memory the claims miss: CUDA contexts, other programs, a spilling kernel's local memory).
-Progress is guaranteed: a process waits only while another runs a big case (which ends); if none
-does, it runs even past the budget (the estimate may be generous).
+Idle claims count too: a process between cases holds its context and what stays prepared, and with
+32 workers on one GPU those alone can fill it (measured on an H200: a big case let in past them ran
+out of memory). So a process drops the prepared cases it will not reuse before it waits (the runner
+does), and a big case waits while the claims leave no room or the GPU has not enough free. Progress
+is guaranteed: when nothing runs and the ledger has not changed for STALL_SECONDS, no one is going
+to give memory back, and the case goes ahead anyway (the estimate may be generous).
 
 Local memory: a kernel that spills registers makes the driver grow the context's per-thread stack
 and keep that much local memory for every thread the GPU can hold, for the context's whole life.
@@ -45,6 +49,7 @@ IDLE_CLAIM = 2 * GiB  # a process between cases: its CUDA context, caching alloc
 SMALL_CASE = GiB  # cases up to this run under the idle claim (two of them may stay prepared)
 BUDGET_FRACTION = 0.95  # of the GPU's memory, for all claims together
 POLL_SECONDS = 0.2
+STALL_SECONDS = 10.0  # nothing runs and no claim changed this long: waiting longer frees nothing
 
 
 @functools.lru_cache(maxsize=4096)  # asked for on every run of a case
@@ -106,8 +111,10 @@ class DeviceMemory:
     between cases (a prepared case's inputs and references). Only running claims are waited for:
     they end with their case, so a wait always ends (an idle process's claim would not)."""
 
-    def __init__(self, path: Path, budget: int, free: Callable[[], int], pid: int | None = None):
+    def __init__(self, path: Path, budget: int, free: Callable[[], int], pid: int | None = None,
+                 stall_seconds: float = STALL_SECONDS):
         self.path, self.budget, self.free, self.pid = path, budget, free, pid or os.getpid()
+        self.stall_seconds = stall_seconds
         self.claim: tuple[int, bool] | None = None
 
     @classmethod
@@ -118,20 +125,26 @@ class DeviceMemory:
                    int(BUDGET_FRACTION * props.total_memory), lambda: torch.cuda.mem_get_info(device)[0])
 
     def admit(self, need: int, on_wait=lambda: None) -> bool:
-        """Claim `need` bytes for the case about to run, waiting while the big cases other processes
-        are running leave no room, in the budget or in what the GPU has free (where their claims
-        count in full: some of it they may not have allocated yet). A small case runs under the idle
-        claim without waiting. on_wait() is called once, when it starts to wait. True when it waited."""
+        """Claim `need` bytes for the case about to run, waiting while the others' claims leave no
+        room in the budget, or the GPU has not that much free beside the big cases running (their
+        claims count in full: some of it they may not have allocated yet). When nothing runs, the
+        GPU's free memory alone decides, until the ledger stalls (see the module docstring). A small
+        case runs under the idle claim without waiting. on_wait() is called once, when it starts to
+        wait. True when it waited."""
         if need <= IDLE_CLAIM:
             self._set((IDLE_CLAIM, False))
             return False
-        waited = False
+        waited, seen, since = False, None, time.monotonic()
         while True:
             with _ledger(self.path) as claims:
-                others = [claim for pid, claim in claims.items() if pid != self.pid]
-                running = sum(n for n, is_running in others if is_running)
-                fits = sum(n for n, _ in others) + need <= self.budget and running + need <= self.free()
-                if fits or not running:
+                others = {pid: claim for pid, claim in claims.items() if pid != self.pid}
+                running = sum(n for n, is_running in others.values() if is_running)
+                free = self.free()
+                fits = sum(n for n, _ in others.values()) + need <= self.budget and running + need <= free
+                if others != seen:
+                    seen, since = others, time.monotonic()
+                stalled = not running and time.monotonic() - since >= self.stall_seconds
+                if fits or (not running and need <= free) or stalled:
                     claims[self.pid] = self.claim = (need, True)
                     return waited
             if not waited:

@@ -169,15 +169,21 @@ class Runner:
     def prepared(self, spec: CaseSpec) -> _Prepared:
         key = (spec, self.base_seed)
         if key not in self._prepared:
-            need = case_bytes(spec)
-            if self._prepared and max(need, *(case_bytes(k[0]) for k in self._prepared)) > SMALL_CASE:
-                self._prepared.clear()  # a big case is kept alone
-                self._give_back()
-            elif len(self._prepared) >= self._keep:
-                self._prepared.popitem(last=False)
+            self._make_room(spec)
             self._prepared[key] = _Prepared(make_inputs(spec, self.device, spec.seed(self.base_seed)))
         self._prepared.move_to_end(key)
         return self._prepared[key]
+
+    def _make_room(self, spec: CaseSpec) -> None:
+        """Drop the prepared cases `spec` will not keep company with: all of them beside a big case
+        (it is kept alone), else the oldest past `keep`."""
+        if (spec, self.base_seed) in self._prepared or not self._prepared:
+            return
+        if max(case_bytes(spec), *(case_bytes(k[0]) for k in self._prepared)) > SMALL_CASE:
+            self._prepared.clear()
+            self._give_back()
+        elif len(self._prepared) >= self._keep:
+            self._prepared.popitem(last=False)
 
     def run(self, backend: Backend, spec: CaseSpec) -> Result:
         result = dataclasses.replace(self._run(backend, spec), known_failure=known_failure(backend, spec.id),
@@ -198,6 +204,8 @@ class Runner:
             return Result.of(who, refused)
         measured = {}
         if self.memory:
+            self._make_room(spec)  # a process waiting for memory holds no case it will not run again
+            self.memory.settle(torch.cuda.memory_allocated(self.device))
             measured["memory_estimate"] = case_bytes(spec)
             if self.memory.admit(measured["memory_estimate"], self.on_waiting):  # waits for room on the GPU
                 self.on_admitted()

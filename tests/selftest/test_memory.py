@@ -11,10 +11,11 @@ from fixtures import CATALOG
 from conformance.memory import GiB, DeviceMemory, _ledger, case_bytes, shrink_local_memory
 
 
-def _two(tmp_path, budget=10 * GiB, free=lambda: 100 * GiB):
+def _two(tmp_path, budget=10 * GiB, free=lambda: 100 * GiB, stall=1.5):
     path = tmp_path / "gpu.ledger"
     # two live processes: this one and its parent
-    return path, DeviceMemory(path, budget, free), DeviceMemory(path, budget, free, pid=os.getppid())
+    return path, DeviceMemory(path, budget, free, stall_seconds=stall), DeviceMemory(
+        path, budget, free, pid=os.getppid(), stall_seconds=stall)
 
 
 def test_a_big_case_waits_while_another_runs_one_and_not_for_idle_claims(tmp_path):
@@ -54,7 +55,28 @@ def test_a_big_case_also_waits_for_what_the_gpu_really_has_free(tmp_path):
     waiter.join(5)
     assert not waiter.is_alive() and b.claim == (4 * GiB, True)
     b.settle(0)
-    assert a.admit(50 * GiB) is False  # nothing else runs: it goes ahead (and says it did not wait)
+    assert a.admit(8 * GiB) is False  # nothing else runs and the GPU has it free: no wait
+
+
+def test_a_big_case_waits_for_the_memory_idle_processes_hold_until_the_ledger_stalls(tmp_path):
+    """32 workers on one H200 between cases held the GPU full, none of them running a big case;
+    one let in past them ran out of memory. It waits for their memory instead, while their claims
+    change (they move on to other cases); when nothing changes any more, it goes ahead."""
+    free = [3 * GiB]
+    path, a, b = _two(tmp_path, budget=100 * GiB, free=lambda: free[0])
+    a.settle(6 * GiB)  # a prepared case, idle
+    waiter = threading.Thread(target=b.admit, args=(4 * GiB,))
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive()  # nothing runs, but 4 GiB > 3 free
+    free[0] = 5 * GiB
+    a.settle(4 * GiB)  # a moved on and gave back 2 GiB
+    waiter.join(1)
+    assert not waiter.is_alive() and b.claim == (4 * GiB, True)
+    b.settle(0)
+    t0 = time.monotonic()
+    assert a.admit(50 * GiB) is True  # more than the GPU has free, and nothing will change: after the stall
+    assert 1.5 <= time.monotonic() - t0 < 5
 
 
 def test_local_memory_a_spilling_kernel_left_is_given_back():
@@ -142,6 +164,12 @@ def test_the_runner_claims_a_big_case_while_it_runs_and_settles_after(tmp_path, 
     assert result.status == Status.PASS and (result.memory_estimate, result.memory_peak) == (6 * GiB, 3 * GiB)
     assert seen == [(6 * GiB, True)] and runner.memory.claim == (IDLE_CLAIM, False)
     assert shrunk == [True]  # after the case: a spilling kernel's local memory back to the GPU
+    held_at_admission = []
+    admit = runner.memory.admit
+    monkeypatch.setattr(runner.memory, "admit",
+                        lambda need, *a: held_at_admission.append(list(runner._prepared)) or admit(need, *a))
+    runner.run(PagedTorch(), CATALOG.cases("cpu", ["small_decode"], kind="mha")[1])
+    assert held_at_admission == [[]]  # the big case it kept was dropped before it asked for memory
 
     def out_of_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
