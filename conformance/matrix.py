@@ -248,7 +248,8 @@ def _lookup(field: str, name: str, known: dict):
 
 
 PROFILE_HELP = ("the cases: quick (every backend family and scenario kind once; the main job's default without "
-                "CUDA), cpu (the full CPU profile; pytest's default without CUDA), gpu (full sizes; the default with CUDA)")
+                "CUDA), pr (the same reach at full sizes: a pull request's GPU tier), cpu (the full CPU profile; "
+                "pytest's default without CUDA), gpu (full sizes; the default with CUDA: the nightly tier)")
 
 
 def default_profile(main_job: bool = False) -> str:
