@@ -10,7 +10,9 @@ chunks with an online softmax, so memory stays bounded for long contexts.
 
 precision="lowp" runs the same math the way a fused kernel in the case's dtype would (scores and
 probabilities rounded to the dtype, fp32 statistics, output rounded): the noise level that
-calibrates the tolerance.
+calibrates the tolerance. precision="tf32" (fp32 cases of a backend that declares
+Capabilities.fp32_precision = "tf32") runs it as a kernel whose matmuls take TF32 operands: Q, K,
+P and V cut to TF32's 10-bit mantissa, the products accumulated and the scores kept in fp32.
 """
 from __future__ import annotations
 
@@ -34,40 +36,52 @@ def dense_reference(inputs: Inputs, precision: str = "float64") -> Reference:
     """A dense case's attention, in float64 (the truth) or "lowp" (as a kernel in the case's dtype would)."""
     spec = inputs.spec
     acc_dtype, rnd = precision_of(spec, precision)
+    rnd_scores = (lambda x: x) if precision == "tf32" else None  # a TF32 matmul's products are fp32
 
     def keys(rows):  # keys and values as the cache holds them, for a low-precision kernel in the case's dtype
         return tuple(rnd(dequantize(inputs.stored(which, rows), scale, acc_dtype))
                      for which, scale in (("k", inputs.k_scale), ("v", inputs.v_scale)))
 
-    out, lse = attend(spec, inputs.q.to(acc_dtype), keys, inputs.kv_start_loc, spec.heads.num_kv_heads,
-                      spec.heads.head_dim, rnd, inputs.sinks)
-    return Reference(out=out.to(spec.dtype) if precision == "lowp" else out, lse=lse)
+    out, lse = attend(spec, rnd(inputs.q.to(acc_dtype)), keys, inputs.kv_start_loc, spec.heads.num_kv_heads,
+                      spec.heads.head_dim, rnd, inputs.sinks, rnd_scores=rnd_scores)
+    return Reference(out=out if precision == "float64" else out.to(spec.dtype), lse=lse)
 
 
 def precision_of(spec, precision: str):
     """(accumulation dtype, rounding function) of a reference precision: "float64" computes exactly
-    enough; "lowp" rounds where a kernel in the case's dtype would, with fp32 statistics."""
-    if precision not in ("float64", "lowp"):
-        raise ValueError(f"precision = {precision!r}: must be 'float64' or 'lowp'")
+    enough; "lowp" rounds where a kernel in the case's dtype would, with fp32 statistics; "tf32"
+    cuts fp32 values to TF32 (to_tf32)."""
+    if precision not in ("float64", "lowp", "tf32"):
+        raise ValueError(f"precision = {precision!r}: must be 'float64', 'lowp' or 'tf32'")
     if precision == "float64":
         return torch.float64, lambda x: x
+    if precision == "tf32":
+        return torch.float32, to_tf32
     return torch.float32, lambda x: x.to(spec.dtype).to(torch.float32)
 
 
+def to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 values as a tensor core reads them in TF32: the low 13 of the 23 mantissa bits dropped
+    (truncated: what it does with an fp32 register; a kernel that rounds to nearest first is less
+    noisy, and judged by the same, looser, model)."""
+    return (x.float().view(torch.int32) & ~0x1FFF).view(torch.float32)
+
+
 def attend(spec, q: torch.Tensor, keys, kv_start_loc: torch.Tensor, hkv: int, v_dim: int, rnd, sinks=None,
-           allowed=None):
+           allowed=None, rnd_scores=None):
     """Attention of the packed queries q [T, Hq, Dqk] (already in the accumulation dtype) over each
     sequence's keys, as spec's batch, scale and masks say. keys(rows) gives (k [B, C, Hkv, Dqk],
     v [B, C, Hkv, v_dim]) of the packed rows [B, C], in the accumulation dtype. rnd rounds the
-    scores and probabilities as a low-precision kernel would (identity for float64). allowed
-    [B, max_q, max_kv] (bool), if given: the only keys each query may see (sparse attention).
-    Returns out [T, Hq, v_dim] and lse [T, Hq]."""
+    scores and probabilities as a low-precision kernel would (identity for float64); rnd_scores,
+    if given, the scores instead. allowed [B, max_q, max_kv] (bool), if given: the only keys each
+    query may see (sparse attention). Returns out [T, Hq, v_dim] and lse [T, Hq]."""
     b = spec.batch
     dev, acc_dtype = q.device, q.dtype
     # Fused kernels hold scores in fp32. Rounding them to the dtype models the rest, but at logits
     # near 1e4 a bf16 score is off by up to 32: the noise, and so the tolerance, would be O(1) and
     # the case could not fail. Extreme-logit cases keep the scores unrounded.
-    rnd_scores = rnd if spec.logit_std == 1.0 else (lambda x: x)
+    rnd_cap = rnd_scores or rnd
+    rnd_scores = rnd_scores or (rnd if spec.logit_std == 1.0 else (lambda x: x))
     B, (_, hq, dqk) = b.batch_size, q.shape
     g = hq // hkv
     max_q, max_kv = max(b.query_lens), max(b.seq_lens)
@@ -104,7 +118,7 @@ def attend(spec, q: torch.Tensor, keys, kv_start_loc: torch.Tensor, hkv: int, v_
         kc, vc = (x.permute(0, 2, 1, 3) for x in keys(rows))  # [B, Hkv, C, D]
         s = rnd_scores(torch.einsum("bhgqd,bhkd->bhgqk", q_pad, kc) * spec.scale)
         if spec.softcap is not None:
-            s = rnd(spec.softcap * torch.tanh(s / spec.softcap))
+            s = rnd_cap(spec.softcap * torch.tanh(s / spec.softcap))
         kpos = torch.arange(j0, j1, device=dev)[None, None, None, None, :]
         visible = kpos < seq_lens[:, None, None, None, None]
         if spec.causal:

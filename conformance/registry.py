@@ -33,6 +33,7 @@ DEFAULT_FEATURES = frozenset({"causal", "non_causal", "sliding_window", "softcap
 # "batch" (reordered, halved, padded), the same call again ("run_to_run"). Undeclared, the
 # difference is reported in ULPs and held to the case's tolerance.
 BIT_EXACT = frozenset({"chunks", "tokens", "batch", "run_to_run"})
+FP32_PRECISIONS = ("ieee", "tf32")  # Capabilities.fp32_precision
 
 
 def _names(values) -> str:
@@ -65,6 +66,10 @@ class Capabilities:
     # the same shape (CaseSpec.calls "graph"); replays pad with empty sequences, so it needs those.
     cuda_graphs: bool = False
     requires: tuple[str, ...] = ()  # importable modules; a missing one skips every case, naming it
+    # The precision of the matmuls (Q.K, P.V) on fp32 inputs (FP32_PRECISIONS): "ieee", true fp32 products (the
+    # default, judged as fp32); "tf32", operands cut to TF32's 10-bit mantissa (Triton's default tl.dot, cuBLAS
+    # with allow_tf32), judged against a reference that does the same. fp16/bf16 inputs multiply exactly.
+    fp32_precision: str = "ieee"
 
     def unsupported(self, spec: CaseSpec, device: torch.device) -> str | None:
         """Every rule that keeps this backend from running `spec` on `device` ("; "-joined), or None."""
@@ -222,6 +227,9 @@ def _check_vocabulary(backend: Backend) -> None:
         raise RegistryError(f"{backend.name}.known_failures = {backend.known_failures!r}: must be a tuple of "
                             f"conformance.KnownFailure")
     caps = backend.capabilities
+    if caps.fp32_precision not in FP32_PRECISIONS:
+        raise RegistryError(f"{backend.name}: Capabilities.fp32_precision = {caps.fp32_precision!r}: must be one of "
+                            f"{', '.join(FP32_PRECISIONS)} (the precision its matmuls run at on fp32 inputs)")
     if caps.cuda_graphs and "empty_sequences" not in caps.features:
         raise RegistryError(f"{backend.name}: Capabilities.cuda_graphs needs 'empty_sequences' in features (a graph "
                             f"is replayed on batches padded with empty sequences); features = {sorted(caps.features)}")

@@ -146,6 +146,10 @@ def summarize(results: list[Result]) -> str:
                       if r.status == Status.FAIL else "refused") for r in results if r.probe and r.status != Status.SKIP)
     if probed:
         lines.append("probes (declared unsupported, run anyway): " + ", ".join(f"{k} {n}" for k, n in probed.items()))
+    declared = Counter(r.backend for r in results if r.noise == "tf32" and r.status != Status.SKIP)
+    if declared:
+        lines.append("fp32 judged against TF32's noise, as declared (Capabilities.fp32_precision): "
+                     + ", ".join(f"{b} {n} pairs" for b, n in declared.items()))
     categories = Counter(c.value for r in results for c in r.categories)
     if categories:
         lines.append("what went wrong: " + ", ".join(f"{c} {n}" for c, n in categories.most_common()))

@@ -58,6 +58,9 @@ class Category(str, Enum):
     NOT_STARTED = "not-started"  # isolated runs: the adapter could not reach a worker, or none started
     CRASH = "crash"
     TIMEOUT = "timeout"
+    # An fp32 case failed as strict fp32, within TF32's noise: the kernel's matmuls ran at TF32 precision
+    # (Triton's default tl.dot, cuBLAS with allow_tf32), undeclared (Capabilities.fp32_precision).
+    FP32_AT_TF32 = "fp32-at-tf32"
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,7 @@ class Result:
     rescore_diff: float | None = None  # "rollout": max |rollout - rescore| of the generated tokens' log-probs
     known_failure: dict | None = None  # the backend's KnownFailure entry that matches this case (known.py)
     probe: str | None = None  # a probe (probe.py): the backend's declared refusal of this case, run anyway
+    noise: str | None = None  # "tf32": tolerances calibrated to TF32's noise, as declared (Capabilities.fp32_precision)
 
     @property
     def id(self) -> str:
@@ -141,6 +145,10 @@ class _Prepared:
     @functools.cached_property
     def ref_lowp(self) -> Reference:
         return reference_attention(self.inputs, "lowp")
+
+    @functools.cached_property
+    def ref_tf32(self) -> Reference:  # an fp32 case computed as by TF32 matmuls (reference.to_tf32)
+        return reference_attention(self.inputs, "tf32")
 
 
 class Runner:
@@ -454,17 +462,33 @@ def _judge(backend: Backend, case, prep: _Prepared, out, lse, measured: dict, tw
 def _problems(backend: Backend, case, prep: _Prepared, out, lse, measured: dict) -> list[tuple[Category, str]]:
     """What is wrong with one call's output, LSE and cache against the references; the numbers go
     into `measured`."""
-    tolerance = backend.tolerance or DEFAULT_TOLERANCE
-    c = compare(out, prep.ref.out, prep.ref_lowp.out, case.spec.dtype, tolerance)
-    measured.update(err=c.err, ref_err=c.ref_err, tol=c.tol, ratio=c.ratio)
+    tolerance, dtype = backend.tolerance or DEFAULT_TOLERANCE, case.spec.dtype
+    fp32 = dtype == torch.float32
+    tf32 = fp32 and backend.capabilities.fp32_precision == "tf32"
+    noise = prep.ref_tf32 if tf32 else prep.ref_lowp
+    if tf32:
+        measured["noise"] = "tf32"
     problems: list[tuple[Category, str]] = []
-    if not c.passed:
-        problems.append((Category.NONFINITE if c.nonfinite else Category.WRONG_OUTPUT, _describe("output", c, case)))
-    if lse is not None:
-        cl = compare(lse, prep.ref.lse, prep.ref_lowp.lse, case.spec.dtype, tolerance)
-        measured.update(lse_err=cl.err, lse_tol=cl.tol)
-        if not cl.passed:
-            problems.append((Category.NONFINITE if cl.nonfinite else Category.WRONG_LSE, _describe("lse", cl, case)))
+    for what, field, got, category in (("output", "out", out, Category.WRONG_OUTPUT),
+                                       ("lse", "lse", lse, Category.WRONG_LSE)):
+        if got is None:
+            continue
+        truth = getattr(prep.ref, field)
+        c = compare(got, truth, getattr(noise, field), dtype, tolerance)
+        if what == "output":
+            measured.update(err=c.err, ref_err=c.ref_err, tol=c.tol, ratio=c.ratio)
+        else:
+            measured.update(lse_err=c.err, lse_tol=c.tol)
+        if c.passed:
+            continue
+        if c.nonfinite:
+            problems.append((Category.NONFINITE, _describe(what, c, case)))
+        elif fp32 and not tf32 and compare(got, truth, getattr(prep.ref_tf32, field), dtype, tolerance).passed:
+            problems.append((Category.FP32_AT_TF32, f"fp32 computed at TF32 precision (within TF32's noise); declare "
+                                                    f"Capabilities.fp32_precision = 'tf32' to be judged against TF32: "
+                                                    f"{_describe(what, c, case)}"))
+        else:
+            problems.append((category, _describe(what, c, case)))
     for name, got, writes in kind_of(case.spec).expected_caches(case, prep.inputs):
         wrong = _cache_mismatch(got, writes, prep.inputs, case.poison)
         if wrong:

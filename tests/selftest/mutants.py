@@ -9,6 +9,7 @@ import torch
 
 from conformance import Backend, Capabilities, Case, scatter_to_cache
 from conformance.paged import quantize
+from conformance.reference import to_tf32
 from conformance.registry import ALL_FEATURES, ALL_KV_LAYOUTS
 
 BUGS = {
@@ -45,6 +46,8 @@ BUGS = {
     "graph_keeps_seq_lens": "the prepared (captured) call keeps a copy of the first batch's sequence lengths",
     "batch_wide_q_scale": "queries divided and multiplied back by one scale from every query row of the call, "
                           "padding rows included (as a per-tensor fp8 quantization of q computes it)",
+    "tf32_matmuls": "fp32 cases: Q.K and P.V on operands cut to TF32 (Triton's default tl.dot), undeclared "
+                    "(Capabilities.fp32_precision)",
 }
 # Bugs that only cases outside the cpu profile can show (its caches are megabytes): those cases.
 NEEDS = {"int32_offsets": "far_pages"}
@@ -116,7 +119,9 @@ class PagedTorch(Backend):
             scale = 1.0 if bug == "scale_ignored" else spec.scale
             if bug == "decode_scale" and case.max_query_len == 1:
                 scale *= 1.1
-            logits = torch.einsum("qhd,khd->hqk", q, k) * scale
+            tf32 = bug == "tf32_matmuls" and spec.dtype == torch.float32
+            cut = (lambda x: to_tf32(x).double()) if tf32 else (lambda x: x)  # noqa: E731
+            logits = torch.einsum("qhd,khd->hqk", cut(q), cut(k)) * scale
             if spec.softcap is not None and bug != "softcap_ignored":
                 logits = spec.softcap * torch.tanh(logits / spec.softcap)
             qpos = torch.arange(q1 - q0)[:, None] + (0 if bug == "top_left_causal" else ctx)
@@ -140,7 +145,7 @@ class PagedTorch(Backend):
                 p = p / p.sum(-1, keepdim=True)
             else:
                 p = torch.softmax(logits, -1)
-            out = torch.einsum("hqk,khd->qhd", p, v)
+            out = torch.einsum("hqk,khd->qhd", cut(p), cut(v))
             if bug == "batch_dependent_split":
                 out = _split_reduction(logits, v, len(qsl) - 1, case.out.dtype)
             rows = slice(qsl[b], qsl[b + 1] - (1 if bug == "rows_unwritten" else 0))
