@@ -108,8 +108,8 @@ def too_big(spec: CaseSpec, device: torch.device) -> str | None:
 class DeviceMemory:
     """This process's claim on one GPU's memory, in the ledger every process of the suite shares.
     A claim is (bytes, running): running while a big case runs, else what the process still holds
-    between cases (a prepared case's inputs and references). Only running claims are waited for:
-    they end with their case, so a wait always ends (an idle process's claim would not)."""
+    between cases (a prepared case's inputs and references). A big case waits for room in both the
+    claims and the GPU's free memory; the stall rule (STALL_SECONDS) ends every wait."""
 
     def __init__(self, path: Path, budget: int, free: Callable[[], int], pid: int | None = None,
                  stall_seconds: float = STALL_SECONDS):

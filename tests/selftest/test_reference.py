@@ -103,7 +103,7 @@ def test_lowp_reference_is_the_dtypes_noise(dtype, bound):
 
 def test_bad_precision_is_named():
     inputs = make_inputs(SPECS[0], "cpu", 0)
-    with pytest.raises(ValueError, match="precision = 'fp8': must be 'float64' or 'lowp'"):
+    with pytest.raises(ValueError, match="precision = 'fp8': must be 'float64', 'lowp' or 'tf32'"):
         reference_attention(inputs, "fp8")
 
 
