@@ -2,7 +2,6 @@
 from each library's documented contract (fake_flash.py), since none of the libraries runs in CI.
 A stand-in that agrees with the ground truth on every case, and a broken translation caught,
 show the translation, not the library."""
-import dataclasses
 import sys
 
 import fake_flash
@@ -12,15 +11,10 @@ import torch
 import backends.flash_attn as fa
 from conformance import Runner, Status
 from fixtures import CATALOG
+from stand_in import CPU, on_cpu
 
 CASES = [c for c in CATALOG.cases("cpu", ["mixed_small", "chunked_context_prefill", "encoder_prefill"], kind="mha")
          if c.dtype != torch.float32 and c.kv_dtype == "auto" and c.kv_layout == "nhd" and c.block_size == 16]
-CPU = dict(devices=frozenset({"cpu"}), compute_capability=None)
-
-
-def _on_cpu(backend):
-    backend.capabilities = dataclasses.replace(backend.capabilities, **CPU)
-    return backend
 
 
 @pytest.fixture
@@ -44,7 +38,7 @@ def torch_adapter(monkeypatch):
     def install(fake):
         monkeypatch.setattr(torch.nn.attention.varlen, "varlen_attn", fake)
         fa._varlen_params.cache_clear()
-        return _on_cpu(fa.FlashTorch())
+        return on_cpu(fa.FlashTorch())
     yield install
     fa._varlen_params.cache_clear()
 

@@ -1,7 +1,6 @@
 """The `flashinfer-mla`, `flashinfer-mla-absorbed` and `flashinfer-mla-sparse` adapters translate an
 MLA case correctly: run on CPU against a stand-in written from FlashInfer's contract
 (fake_flashinfer.py), with broken translations caught (no causal mask; sparse padding read as slot 0)."""
-import dataclasses
 import sys
 
 import fake_flashinfer
@@ -11,6 +10,7 @@ import torch
 from backends.flashinfer import FlashInferMLA, FlashInferMLASparse
 from conformance import Runner, Status
 from fixtures import CATALOG
+from stand_in import on_cpu
 
 # fp16 (bf16 on CPU is slow); the wrapper's fp8 path needs bf16 queries: one of those below.
 MLA_CASES = [c for c in CATALOG.cases("cpu", kind="mla") if c.dtype == torch.float16 and c.kv_dtype == "auto"
@@ -21,12 +21,6 @@ SPARSE = [c for c in MLA_CASES if c.topk] + [
          and c.kv_dtype == "fp8_e4m3")]
 
 
-def _on_cpu(backend):
-    backend.capabilities = dataclasses.replace(backend.capabilities, devices=frozenset({"cpu"}),
-                                               compute_capability=None)
-    return backend
-
-
 @pytest.fixture
 def fake(monkeypatch):
     monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.MODULE)
@@ -35,7 +29,7 @@ def fake(monkeypatch):
 
 def _failures(backend, specs):
     runner = Runner("cpu")
-    results = [runner.run(_on_cpu(backend), spec) for spec in specs]
+    results = [runner.run(on_cpu(backend), spec) for spec in specs]
     assert results
     return [f"{r.id}: {r.status.name} {r.reason}" for r in results if r.status != Status.PASS]
 

@@ -1,7 +1,6 @@
 """The `flashmla` and `flashmla-sparse` adapters translate an MLA case correctly: run on CPU against
 a stand-in written from FlashMLA's contract (fake_flashmla.py), with broken translations caught
 (the dense LSE's [B, H, s_q] read as [B, s_q, H]; the sparse kernel's base-2 LSE read as natural)."""
-import dataclasses
 import math
 import sys
 
@@ -12,17 +11,12 @@ import torch
 from backends.flashmla import FlashMLA, FlashMLASparse
 from conformance import Runner, Status
 from fixtures import CATALOG
+from stand_in import on_cpu
 
 # FlashMLA's dense decode takes bf16/fp16 latents only (fp8 skips with the reason); fp16 here
 # (bf16 on CPU is slow), its one page size.
 CASES = [c for c in CATALOG.cases("cpu", kind="mla") if c.block_size == 64 and c.dtype == torch.float16
          and c.kv_dtype == "auto" and c.topk is None]
-
-
-def _on_cpu(backend):
-    backend.capabilities = dataclasses.replace(backend.capabilities, devices=frozenset({"cpu"}),
-                                               compute_capability=None)
-    return backend
 
 
 @pytest.fixture
@@ -32,7 +26,7 @@ def fake(monkeypatch):
 
 def test_flashmla_adapter_passes_against_its_contract(fake):
     runner = Runner("cpu")
-    results = [runner.run(_on_cpu(FlashMLA()), spec) for spec in CASES]
+    results = [runner.run(on_cpu(FlashMLA()), spec) for spec in CASES]
     bad = [f"{r.id}: {r.reason}" for r in results if r.status != Status.PASS]
     assert not bad, bad[:3]
 
@@ -47,7 +41,7 @@ def test_flashmla_lse_layout_slip_is_caught(fake, monkeypatch, record_property):
 
     monkeypatch.setattr(fake_flashmla.MODULE, "flash_mla_with_kvcache", lse_read_tokens_major)
     runner = Runner("cpu")
-    statuses = {runner.run(_on_cpu(FlashMLA()), spec).status for spec in CASES if spec.scenario == "spec_decode_small"}
+    statuses = {runner.run(on_cpu(FlashMLA()), spec).status for spec in CASES if spec.scenario == "spec_decode_small"}
     assert Status.FAIL in statuses
 
 
@@ -56,7 +50,7 @@ SPARSE = [c for c in CATALOG.cases("cpu", kind="mla") if c.topk and c.dtype == t
 
 def test_flashmla_sparse_adapter_passes_against_its_contract(fake):
     runner = Runner("cpu")
-    results = [runner.run(_on_cpu(FlashMLASparse()), spec) for spec in SPARSE]
+    results = [runner.run(on_cpu(FlashMLASparse()), spec) for spec in SPARSE]
     bad = [f"{r.id}: {r.reason}" for r in results if r.status != Status.PASS]
     assert results and not bad, bad[:3]
 
@@ -65,7 +59,7 @@ def test_flashmla_sparse_lse_base_slip_is_caught(fake, monkeypatch, record_prope
     """The kernel's base-2 LSE taken as a natural log."""
     record_property("mutant", "flashmla-sparse-lse-base-2-as-e")
     monkeypatch.setattr(FlashMLASparse, "sparse_attention", _lse_base_slip)
-    assert Runner("cpu").run(_on_cpu(FlashMLASparse()), SPARSE[0]).status == Status.FAIL
+    assert Runner("cpu").run(on_cpu(FlashMLASparse()), SPARSE[0]).status == Status.FAIL
 
 
 def _lse_base_slip(self, case, q_abs, slots):
