@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .known import known_outcome
+from .known import expected
 from .report import BAD, read_json
 from .runner import Result, Status
 
@@ -54,7 +54,7 @@ def changes(before: list[Result], after: list[Result], factor: float = RATIO_FAC
     out = []
     for rid, a in new.items():
         b = old.get(rid)
-        if known_outcome(a) and known_outcome(a)[0] == "xfail":
+        if expected(a):
             continue  # listed by its adapter, with its issue: expected
         if a.probe and a.status != Status.FAIL:
             continue  # a probe that passes or is refused does what it may: only a silently wrong one regresses

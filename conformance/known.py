@@ -44,6 +44,12 @@ def known_failure(backend, case_id: str) -> dict | None:
     return asdict(entry) if entry else None
 
 
+def expected(result) -> bool:
+    """Whether a result is a known failure that failed as listed, before its date: an XFAIL."""
+    known = known_outcome(result)
+    return known is not None and known[0] == "xfail"
+
+
 def known_outcome(result, today: datetime.date | None = None) -> tuple[str, str] | None:
     """For a result whose pair is a known failure: ("expired" | "xfail" | "xpass", what to tell the
     user); None otherwise, or for a skip."""

@@ -228,7 +228,7 @@ def mla_reference(inputs: MLAInputs, precision: str = "float64", form: str | Non
         q_abs = torch.cat([rnd(torch.einsum("thp,lhp->thl", q_nope, w_uk)), q_pe], -1)
         o_lat, lse = attend(spec, q_abs, keys, inputs.kv_start_loc, 1, L, rnd, allowed=allowed)
         out = torch.einsum("thl,lhv->thv", rnd(o_lat), w_uv)
-    return Reference(out=out.to(spec.dtype) if precision == "lowp" else out, lse=lse)
+    return Reference(out=out if precision == "float64" else out.to(spec.dtype), lse=lse)
 
 
 # Helpers for MLA adapters (vLLM's MLA backends do the same): split a batch into its decode and

@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
-from .known import known_outcome
+from .known import expected, known_outcome
 from .runner import Result, Status
 
 # Libraries of the built-in backends, by their distribution names (what records a version).
@@ -54,7 +54,7 @@ def _cell(rs: list[Result]) -> str:
     if not ran:
         return "skip"
     passed = sum(r.status == Status.PASS for r in ran)
-    expected = sum((known_outcome(r) or ("",))[0] == "xfail" for r in ran)
+    xfailed = sum(expected(r) for r in ran)
     ratios = [r.ratio for r in ran if r.ratio is not None]
     text = f"{passed}/{len(ran)}"
     if ratios:
@@ -65,9 +65,9 @@ def _cell(rs: list[Result]) -> str:
     unsteady = sum(r.deterministic is False for r in ran)
     if unsteady:
         text += f" nd{unsteady}"
-    if expected:
-        text += f" xf{expected}"
-    if passed + expected < len(ran):
+    if xfailed:
+        text += f" xf{xfailed}"
+    if passed + xfailed < len(ran):
         text = "FAIL " + text
     skipped = len(rs) - len(ran)
     return text + (f" s{skipped}" if skipped else "")
@@ -132,7 +132,7 @@ def format_cost(results: list[Result]) -> str:
         seconds, pairs = Counter(), Counter()
         for r in results:
             if r.status != Status.SKIP:
-                seconds[getattr(r, what)] += (r.backend_seconds or 0) + (r.harness_seconds or 0)
+                seconds[getattr(r, what)] += r.seconds
                 pairs[getattr(r, what)] += 1
         lines += [f"| {what} | seconds | pairs run |", "| --- | --- | --- |"]
         lines += [f"| {name} | {s:.1f} | {pairs[name]} |" for name, s in seconds.most_common()] + [""]
@@ -143,7 +143,8 @@ def summarize(results: list[Result]) -> str:
     counts = Counter(r.status for r in results)
     lines = ["  ".join(f"{s.value} {counts[s]}" for s in Status if counts[s])]
     probed = Counter(("accepted and right" if r.status == Status.PASS else "accepted, silently wrong"
-                      if r.status == Status.FAIL else "refused") for r in results if r.probe and r.status != Status.SKIP)
+                      if r.status == Status.FAIL else "refused")
+                     for r in results if r.probe and r.status != Status.SKIP)
     if probed:
         lines.append("probes (declared unsupported, run anyway): " + ", ".join(f"{k} {n}" for k, n in probed.items()))
     declared = Counter(r.backend for r in results if r.noise == "tf32" and r.status != Status.SKIP)

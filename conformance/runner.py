@@ -113,6 +113,11 @@ class Result:
     def id(self) -> str:
         return f"{self.backend}-{self.case}"
 
+    @property
+    def seconds(self) -> float:
+        """What the pair cost: the backend's and the harness's time."""
+        return (self.backend_seconds or 0.0) + (self.harness_seconds or 0.0)
+
     @classmethod
     def of(cls, identity: dict, verdict: Verdict, **measured) -> "Result":
         """The one way a Result is made: who ran what (identify()), how it ended, what was measured."""

@@ -28,7 +28,7 @@ def load_durations(paths) -> dict[str, float]:
     seconds = {}
     for path in paths:
         _, results = read_json(path)
-        seconds.update((r.id, (r.backend_seconds or 0.0) + (r.harness_seconds or 0.0)) for r in results)
+        seconds.update((r.id, r.seconds) for r in results)
     return seconds
 
 
