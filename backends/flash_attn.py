@@ -6,6 +6,9 @@
   page table (its varlen function takes no page table), any page size;
 - `flash-attn4`: flash_attn.cute (FA4), flash_attn_varlen_func with page_table and seqused_k;
   attention sinks (learnable_sink);
+- `vllm-fa2`, `vllm-fa3`: vLLM's own FlashAttention build (vllm.vllm_flash_attn, shipped in vLLM's
+  wheel), flash_attn_varlen_func with block_table and seqused_k and fa_version 2 or 3: the paged
+  path vLLM serves with (pages of a multiple of 16; FA3 takes sinks as s_aux);
 - `flash-torch`: torch's own FlashAttention, torch.nn.attention.varlen.varlen_attn; it reads pages
   through block_table + seqused_k where this torch has them, else the pages are gathered into the
   ragged layout first (the description says which).
@@ -19,6 +22,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import sys
 
 import torch
 
@@ -94,6 +98,33 @@ class FlashAttn4(FlashAttentionBackend):
         return out, _lse_tokens_first(lse, case)
 
 
+class FlashAttnVllm(FlashAttentionBackend):
+    """vLLM's build: one varlen function for FA2 and FA3, chosen by fa_version."""
+
+    def __init__(self, name: str, fa_version: int, caps: dict, module: str = "vllm.vllm_flash_attn"):
+        super().__init__(name, module, f"vLLM's FlashAttention-{fa_version} build ({module}) flash_attn_varlen_func "
+                         "with block_table and seqused_k", dict(block_size_multiple=16, **caps))
+        self.fa_version = fa_version
+
+    def unavailable(self):
+        """Its interface module records why an extension did not load (an ABI mismatch, FA3 off
+        Hopper builds), whether the package then imports (the other one loaded) or not (neither)."""
+        missing = super().unavailable()
+        interface = sys.modules.get(f"{self.module}.flash_attn_interface")
+        if interface is None or getattr(interface, f"FA{self.fa_version}_AVAILABLE", True):
+            return missing
+        why = getattr(interface, f"FA{self.fa_version}_UNAVAILABLE_REASON", "no reason given")
+        return f"{self.module} has no FA{self.fa_version} extension ({why})"
+
+    def run(self, case: Case):
+        out, lse = self.lib().flash_attn_varlen_func(
+            case.q, case.k_cache, case.v_cache, max_seqlen_q=case.max_query_len, cu_seqlens_q=case.query_start_loc,
+            max_seqlen_k=case.max_seq_len, seqused_k=case.seq_lens, block_table=case.block_table,
+            softmax_scale=case.scale, causal=case.spec.causal, window_size=list(_window(case)),
+            softcap=case.spec.softcap or 0.0, return_softmax_lse=True, fa_version=self.fa_version, s_aux=case.sinks)
+        return out, _lse_tokens_first(lse, case)
+
+
 @functools.cache
 def _varlen_params() -> frozenset[str]:
     from torch.nn.attention.varlen import varlen_attn
@@ -159,4 +190,9 @@ register_backend(FlashAttn4(
     dict(compute_capability=((9, 0), (11, 0)), features=DEFAULT_FEATURES | {"sinks"}),
     # Its TMA page loads need finite values past seqused_k in a last page (its docstring).
     finite_poison=True))
+# vLLM's own checks (FlashAttentionBackend): sm_80+, fp16/bf16, head dims a multiple of 8 up to 256,
+# pages of a multiple of 16, sinks from FA3 on; FA3 runs on sm_90 only.
+register_backend(FlashAttnVllm("vllm-fa2", 2, dict(compute_capability=((8, 0), (12, 1)))))
+register_backend(FlashAttnVllm("vllm-fa3", 3, dict(compute_capability=((9, 0), (9, 0)),
+                                                   features=DEFAULT_FEATURES | {"sinks"})))
 register_backend(FlashTorch())

@@ -1,6 +1,6 @@
 """Stand-ins for the FlashAttention libraries, written from their documented contracts (FA2's
-flash_attn_varlen_func, FA3's flash_attn_with_kvcache, FA4's flash_attn.cute varlen function and
-torch's varlen_attn of 2.11 and of later versions), so the adapters' translation of a Case is tested
+flash_attn_varlen_func, FA3's flash_attn_with_kvcache, FA4's flash_attn.cute varlen function, vLLM's
+build of FA2/FA3 and torch's varlen_attn of 2.11 and of later versions), so the adapters' translation of a Case is tested
 on CPU: none of these libraries runs here or on the GPU machine.
 
 The contract: query i of a sequence with sq queries and sk keys sees key j iff
@@ -75,6 +75,22 @@ def _fa4_varlen(q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seql
     return out, (lse if return_lse else None)
 
 
+def _vllm_varlen(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k=None, seqused_k=None, q_v=None,
+                 dropout_p=0.0, softmax_scale=None, causal=False, window_size=None, softcap=0.0, alibi_slopes=None,
+                 deterministic=False, return_attn_probs=False, block_table=None, return_softmax_lse=False, out=None,
+                 scheduler_metadata=None, q_descale=None, k_descale=None, v_descale=None, num_splits=0,
+                 output_scale=None, fa_version=2, s_aux=None, **rest):
+    """vllm.vllm_flash_attn.flash_attn_varlen_func (vLLM 0.33), FA2 and FA3."""
+    assert cu_seqlens_k is not None or seqused_k is not None, "cu_seqlens_k or seqused_k must be provided"
+    assert block_table is None or seqused_k is not None, "seqused_k must be provided if block_table is provided"
+    assert window_size is None or len(window_size) == 2
+    if fa_version == 2 and s_aux is not None:
+        raise NotImplementedError("FA2 does not support s_aux")
+    out, lse = attend(q, k, v, cu_seqlens_q, seqused_k, block_table, softmax_scale, causal,
+                      tuple(window_size or (-1, -1)), softcap, s_aux)
+    return (out, lse) if return_softmax_lse else out
+
+
 def _ragged_as_pages(key, value, cu_seq_k):
     """Packed [N, Hkv, D] keys as a cache of one-slot pages, with the block table that reads them."""
     lens = cu_seq_k.diff()
@@ -104,4 +120,5 @@ MODULES = {
     "fake_flash_attn": types.SimpleNamespace(flash_attn_varlen_func=_fa2_varlen),
     "fake_flash_attn_interface": types.SimpleNamespace(flash_attn_with_kvcache=_fa3_kvcache),
     "fake_flash_attn_cute": types.SimpleNamespace(flash_attn_varlen_func=_fa4_varlen),
+    "fake_vllm_flash_attn": types.SimpleNamespace(flash_attn_varlen_func=_vllm_varlen),
 }

@@ -3,6 +3,7 @@ from each library's documented contract (fake_flash.py), since none of the libra
 A stand-in that agrees with the ground truth on every case, and a broken translation caught,
 show the translation, not the library."""
 import sys
+import types
 
 import fake_flash
 import pytest
@@ -29,6 +30,9 @@ def _adapters():
         "fa2": fa.FlashAttn2("fake-fa2", "fake_flash_attn", "", dict(CPU)),
         "fa3": fa.FlashAttn3("fake-fa3", "fake_flash_attn_interface", "", dict(CPU)),
         "fa4": fa.FlashAttn4("fake-fa4", "fake_flash_attn_cute", "", dict(CPU, features=features | {"sinks"})),
+        "vllm-fa2": fa.FlashAttnVllm("fake-vllm-fa2", 2, dict(CPU), module="fake_vllm_flash_attn"),
+        "vllm-fa3": fa.FlashAttnVllm("fake-vllm-fa3", 3, dict(CPU, features=features | {"sinks"}),
+                                     module="fake_vllm_flash_attn"),
     }
 
 
@@ -48,14 +52,14 @@ def _results(backend, cases):
     return [runner.run(backend, spec) for spec in cases]
 
 
-@pytest.mark.parametrize("flavour", ["fa2", "fa3", "fa4"])
+@pytest.mark.parametrize("flavour", ["fa2", "fa3", "fa4", "vllm-fa2", "vllm-fa3"])
 def test_flash_attn_adapters_pass_against_their_contract(fakes, flavour):
     results = _results(_adapters()[flavour], CASES)
     bad = [f"{r.id}: {r.reason}" for r in results if r.status not in (Status.PASS, Status.SKIP)]
     assert not bad, bad[:3]
     passed = {r.case for r in results if r.status == Status.PASS}
     assert any("-sw" in c for c in passed) and any("-cap" in c for c in passed) and any("encoder" in c for c in passed)
-    assert (flavour == "fa4") == any("-sinks" in c for c in passed)
+    assert (flavour in ("fa4", "vllm-fa3")) == any("-sinks" in c for c in passed)
 
 
 @pytest.mark.parametrize("fake, block_size", [(fake_flash.varlen_attn_211, 16), (fake_flash.varlen_attn_paged, 256)])
@@ -80,3 +84,16 @@ def test_a_broken_translation_is_caught(fakes, monkeypatch, bug, patch, record_p
     monkeypatch.setattr(fa, *patch)
     results = _results(_adapters()["fa2"], [c for c in CASES if "-sw" in c.id or c.heads.num_q_heads == 8][:12])
     assert any(r.status in (Status.FAIL, Status.ERROR) for r in results), bug
+
+
+def test_vllm_build_without_its_extension_skips_with_its_reason(monkeypatch):
+    """vllm.vllm_flash_attn imports with one extension missing (FA3 off Hopper builds, an ABI
+    mismatch): the adapter of that version skips with the reason its interface module recorded."""
+    interface = types.SimpleNamespace(FA2_AVAILABLE=True, FA3_AVAILABLE=False,
+                                      FA3_UNAVAILABLE_REASON="undefined symbol: torch_library_impl")
+    monkeypatch.setitem(sys.modules, "fake_vllm_flash_attn", types.SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "fake_vllm_flash_attn.flash_attn_interface", interface)
+    adapters = _adapters()
+    assert adapters["vllm-fa2"].unavailable() is None
+    assert adapters["vllm-fa3"].unavailable() == (
+        "fake_vllm_flash_attn has no FA3 extension (undefined symbol: torch_library_impl)")
