@@ -1,7 +1,7 @@
 """Stand-ins for the FlashAttention libraries, written from their documented contracts (FA2's
 flash_attn_varlen_func, FA3's flash_attn_with_kvcache, FA4's flash_attn.cute varlen function, vLLM's
-build of FA2/FA3 and torch's varlen_attn of 2.11 and of later versions), so the adapters' translation of a Case is tested
-on CPU: none of these libraries runs here or on the GPU machine.
+build of FA2/FA3 and torch's varlen_attn of 2.11 and of later versions), so the adapters'
+translation of a Case is tested on CPU, where none of these libraries runs.
 
 The contract: query i of a sequence with sq queries and sk keys sees key j iff
 i + sk - sq - left <= j <= i + sk - sq + right (a negative bound is unbounded, causal sets
