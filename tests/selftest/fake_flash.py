@@ -80,7 +80,7 @@ def _vllm_varlen(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k
                  deterministic=False, return_attn_probs=False, block_table=None, return_softmax_lse=False, out=None,
                  scheduler_metadata=None, q_descale=None, k_descale=None, v_descale=None, num_splits=0,
                  output_scale=None, fa_version=2, s_aux=None, **rest):
-    """vllm.vllm_flash_attn.flash_attn_varlen_func (vLLM 0.33), FA2 and FA3."""
+    """vllm.vllm_flash_attn.flash_attn_varlen_func (vLLM 0.26 to 0.33), FA2 and FA3."""
     assert cu_seqlens_k is not None or seqused_k is not None, "cu_seqlens_k or seqused_k must be provided"
     assert block_table is None or seqused_k is not None, "seqused_k must be provided if block_table is provided"
     assert window_size is None or len(window_size) == 2
