@@ -8,8 +8,8 @@ _name=$(basename "$(dirname "$_part")")
 _root=$(cd "$_part/../../.." && pwd)
 _state=/tmp/kits/$_name
 _all=$(seq 1 "$(cat "$_part/parts")")
-mkdir -p "$_state/parts" && cp "$_part"/site.tar.xz.* "$_state/parts/"
 if [ ! -e "$_state/site/.ready" ]; then
+  mkdir -p "$_state/parts" && cp "$_part"/site.tar.xz.* "$_state/parts/"
   _missing=$(for i in $_all; do [ -e "$_state/parts/site.tar.xz.$i" ] || printf '%s ' "$i"; done)
   if [ -n "$_missing" ]; then
     echo "kit $_name: part $(basename "$_part") kept; parts still to send: $_missing"
