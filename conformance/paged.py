@@ -228,8 +228,9 @@ def make_dense_inputs(spec: CaseSpec, device: torch.device | str, seed: int) -> 
     v = randn(n_total, h.num_kv_heads, h.head_dim)
     pages = draw_pages(spec, gen, device)
     copy_shared_prefix(spec, k, v)
-    # Sink logits spread from negligible to dominant: N(0, 2) against scores of about N(0, 1).
-    sinks = 2 * torch.randn(h.num_q_heads, generator=gen, device=device) if spec.sinks else None
+    # Sink logits spread from negligible to dominant: N(0, 2) against scores of about N(0, 1). bf16
+    # values (as gpt-oss stores them) in fp32: exact for a kernel that takes either (vLLM's FA3: bf16 only).
+    sinks = (2 * torch.randn(h.num_q_heads, generator=gen, device=device)).bfloat16().float() if spec.sinks else None
     k_scale, v_scale = (fp8_scale(x, spec) for x in (k, v))
     return Inputs(spec=spec, q=q, k=k, v=v, **pages, k_scale=k_scale, v_scale=v_scale, sinks=sinks)
 

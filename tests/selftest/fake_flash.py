@@ -86,6 +86,8 @@ def _vllm_varlen(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k
     assert window_size is None or len(window_size) == 2
     if fa_version == 2 and s_aux is not None:
         raise NotImplementedError("FA2 does not support s_aux")
+    if s_aux is not None and s_aux.dtype != torch.bfloat16:  # its FA3 extension's check
+        raise RuntimeError("We only support bf16 dtype for S aux.")
     out, lse = attend(q, k, v, cu_seqlens_q, seqused_k, block_table, softmax_scale, causal,
                       tuple(window_size or (-1, -1)), softcap, s_aux)
     return (out, lse) if return_softmax_lse else out

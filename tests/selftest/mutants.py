@@ -55,9 +55,10 @@ NEEDS = {"int32_offsets": "far_pages"}
 
 class PagedTorch(Backend):
     description = "plain torch, per sequence, keys read through the block table (self-test adapter)"
-    # Each sequence alone, in float64: the same bits in any batch and on every run. Its graph
-    # replays run on the CPU only (the prepared call called again: graphs.py).
-    capabilities = Capabilities(kv_dtypes=frozenset({"auto", "fp8_e4m3"}), features=ALL_FEATURES,
+    # Each sequence alone, in float64: the same bits in any batch and on every run. It runs on the
+    # CPU only (its indices live there; its graph replays are the prepared call called again: graphs.py).
+    capabilities = Capabilities(devices=frozenset({"cpu"}), kv_dtypes=frozenset({"auto", "fp8_e4m3"}),
+                                features=ALL_FEATURES,
                                 kv_layouts=ALL_KV_LAYOUTS, returns_lse=True,
                                 bit_exact=frozenset({"batch", "run_to_run"}), cuda_graphs=True)
 

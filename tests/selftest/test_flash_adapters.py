@@ -2,8 +2,11 @@
 from each library's documented contract (fake_flash.py), since none of the libraries runs in CI.
 A stand-in that agrees with the ground truth on every case, and a broken translation caught,
 show the translation, not the library."""
+import json
+import lzma
 import sys
 import types
+from pathlib import Path
 
 import fake_flash
 import pytest
@@ -97,3 +100,13 @@ def test_vllm_build_without_its_extension_skips_with_its_reason(monkeypatch):
     assert adapters["vllm-fa2"].unavailable() is None
     assert adapters["vllm-fa3"].unavailable() == (
         "fake_vllm_flash_attn has no FA3 extension (undefined symbol: torch_library_impl)")
+
+
+def test_fa4_known_failure_names_exactly_the_pairs_that_failed_on_the_h200():
+    """FA4_SM90_KNOWN's glob, against the committed H200 run: every failing pair, and no other."""
+    report = Path(__file__).parents[2] / "results" / "h200-flash-attn4-gpu-profile.json.xz"
+    results = json.loads(lzma.decompress(report.read_bytes()))["results"]
+    ran = [r for r in results if r["status"] != "SKIP"]
+    (entry,) = fa.FA4_SM90_KNOWN
+    failed = {r["case"] for r in ran if r["status"] != "PASS"}
+    assert len(failed) == 18 and failed == {r["case"] for r in ran if entry.matches(r["case"])}

@@ -15,15 +15,18 @@ from conformance.cli import main
 SELFTEST = Path(__file__).parent
 
 
-def test_html_report_reruns_each_failure_and_heatmap(tmp_path, monkeypatch, capsys):
+def test_html_report_reruns_each_failure_and_heatmap(tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="the heatmap needs matplotlib (the plots extra)")
     report, page, png = (str(tmp_path / n) for n in ("r.json", "r.html", "h.png"))
     # A run with failures: the suite's broken adapter that ignores the scale, beside sdpa.
     (tmp_path / "mutant_adapters.py").write_text("import mutants\nfrom conformance import register_backend\n"
                                                  "register_backend(mutants.PagedTorch('scale_ignored'))\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    assert main(["run", "--load", "mutant_adapters", "--backend", "sdpa,mutant-scale-ignored", "--scenario",
-                 "small_decode", "--profile", "cpu", "--json", report]) == 1
+    # On the CPU, where the torch mutants run.
+    cpu = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{SELFTEST}", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, "-m", "conformance", "run", "--load", "mutant_adapters", "--backend",
+                          "sdpa,mutant-scale-ignored", "--scenario", "small_decode", "--profile", "cpu", "--json",
+                          report], capture_output=True, text=True, env=cpu)
+    assert run.returncode == 1, run.stderr[-2000:]
     assert main(["report", report, "--html", page, "--heatmap", png]) == 1
     capsys.readouterr()
     rows = json.loads(re.search(r"const ROWS = (\[.*?\]);\n", Path(page).read_text()).group(1).replace("<\\/", "</"))
@@ -32,5 +35,5 @@ def test_html_report_reruns_each_failure_and_heatmap(tmp_path, monkeypatch, caps
     assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rerun = subprocess.run([sys.executable, *shlex.split(failing[0][6])[1:], "--load", "mutant_adapters", "-q",
                             "-p", "no:cacheprovider"], capture_output=True, text=True,
-                           env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{SELFTEST}"})
+                           env=cpu)
     assert "1 failed" in rerun.stdout, rerun.stdout[-2000:]

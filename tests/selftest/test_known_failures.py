@@ -1,6 +1,7 @@
 """Known failures as data (conformance/known.py): a listed pair that fails is an XFAIL and no
 regression; one that passes fails (strict); an expired entry fails; a bad entry is refused."""
 import datetime
+import os
 import re
 import subprocess
 import sys
@@ -69,8 +70,8 @@ def test_pytest_reports_xfail_and_strict_xpass(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_backend.py",
                           "--load", "known_adapters", "--backend", "listed-broken,listed-correct",
                           "-k", CASE.id, "-rxf"],
-                         capture_output=True, text=True, env={**__import__("os").environ,
-                                                              "PYTHONPATH": str(tmp_path)}).stdout
+                         capture_output=True, text=True,  # on the CPU, where the torch mutants run
+                         env={**os.environ, "PYTHONPATH": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}).stdout
     failed, xfailed = (re.search(rf"(\d+) {word}", out) for word in ("failed", "xfailed"))
     assert failed and xfailed and failed[1] == xfailed[1], out  # each case: listed-broken XFAIL, listed-correct FAIL
     assert "FAILED tests/test_backend.py::test_backend[listed-broken" not in out
