@@ -58,8 +58,7 @@ class PagedTorch(Backend):
     # Each sequence alone, in float64: the same bits in any batch and on every run. It runs on the
     # CPU only (its indices live there; its graph replays are the prepared call called again: graphs.py).
     capabilities = Capabilities(devices=frozenset({"cpu"}), kv_dtypes=frozenset({"auto", "fp8_e4m3"}),
-                                features=ALL_FEATURES,
-                                kv_layouts=ALL_KV_LAYOUTS, returns_lse=True,
+                                features=ALL_FEATURES, kv_layouts=ALL_KV_LAYOUTS, returns_lse=True,
                                 bit_exact=frozenset({"batch", "run_to_run"}), cuda_graphs=True)
 
     def __init__(self, bug: str | None = None):
