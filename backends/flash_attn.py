@@ -81,18 +81,15 @@ class FlashAttn3(FlashAttentionBackend):
         return out, _lse_tokens_first(lse, case)
 
 
-# Seen on an H200 (results/h200-flash-attn4-gpu-profile.md): not causal, head dims 65-96 take 192x144 tiles on
-# sm_90, and pages of another size than 144 load through cp.async, by waves of rows that do not divide 144.
-FA4_SM90_KNOWN = (KnownFailure(
-    cases="encoder_prefill-*-d80*", link="https://github.com/Dao-AILab/flash-attention/pull/2615", expires="2027-03-01",
-    reason="flash-attn-4 4.0.0b36 on sm_90, not causal, head_dim 80, paged through cp.async: a 144-key tile that its "
-           "128 loading threads do not divide (the guard proposed upstream refuses it); wrong output, NaN in fp16"),)
-
-
 class FlashAttn4(FlashAttentionBackend):
-    @property
-    def known_failures(self):
-        return FA4_SM90_KNOWN if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) else ()
+    # Seen on an H200 (results/h200-flash-attn4-gpu-profile.md): not causal, head dims 65-96 take 192x144 tiles
+    # on sm_90, and pages of another size than 144 load through cp.async, by waves of rows that do not divide 144.
+    known_failures = (KnownFailure(
+        cases="encoder_prefill-*-d80*", link="https://github.com/Dao-AILab/flash-attention/pull/2615",
+        expires="2027-03-01", compute_capability=(9, 0),
+        reason="flash-attn-4 4.0.0b36 on sm_90, not causal, head_dim 80, paged through cp.async: a 144-key tile that "
+               "its 128 loading threads do not divide (the guard proposed upstream refuses it); wrong output, NaN in "
+               "fp16"),)
 
     def unsupported(self, spec, device):
         d = spec.heads.head_dim

@@ -1,5 +1,6 @@
 """Known failures as data: an adapter lists the pairs it is known to fail (Backend.known_failures),
-each with a reason, a link to the issue and an expiry date.
+each with a reason, a link to the issue and an expiry date, on every device or on GPUs of one compute
+capability only.
 
 A pair that matches one and fails is an expected failure (pytest XFAIL; `run` does not count it);
 one that passes is reported as such and fails the test (strict: remove the entry); an entry past
@@ -11,6 +12,8 @@ import datetime
 import fnmatch
 from dataclasses import asdict, dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class KnownFailure:
@@ -18,12 +21,17 @@ class KnownFailure:
     reason: str
     link: str  # the issue that tracks it
     expires: str  # YYYY-MM-DD: the last day it is expected
+    compute_capability: tuple[int, int] | None = None  # only on GPUs of this (major, minor), e.g. (9, 0)
 
     def __post_init__(self):
         for field, ok, rule in (("cases", bool(self.cases), "must be a non-empty glob over case ids"),
                                 ("reason", bool(self.reason), "must say why the pair fails"),
                                 ("link", self.link.startswith(("https://", "http://")), "must be the issue's URL"),
-                                ("expires", _date(self.expires) is not None, "must be a date, YYYY-MM-DD")):
+                                ("expires", _date(self.expires) is not None, "must be a date, YYYY-MM-DD"),
+                                ("compute_capability", self.compute_capability is None or (
+                                    isinstance(self.compute_capability, tuple) and len(self.compute_capability) == 2
+                                    and all(isinstance(x, int) for x in self.compute_capability)),
+                                 "must be None (every device) or a (major, minor) pair of ints, e.g. (9, 0)")):
             if not ok:
                 raise ValueError(f"KnownFailure.{field} = {getattr(self, field)!r}: {rule}")
 
@@ -38,9 +46,12 @@ def _date(text: str) -> datetime.date | None:
         return None
 
 
-def known_failure(backend, case_id: str) -> dict | None:
-    """The first of the backend's known failures that matches the case, as a Result records it."""
-    entry = next((k for k in getattr(backend, "known_failures", ()) if k.matches(case_id)), None)
+def known_failure(backend, case_id: str, device: torch.device) -> dict | None:
+    """The first of the backend's known failures that matches the case on this device, as a Result
+    records it."""
+    here = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    entry = next((k for k in getattr(backend, "known_failures", ())
+                  if k.matches(case_id) and k.compute_capability in (None, here)), None)
     return asdict(entry) if entry else None
 
 

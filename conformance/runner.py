@@ -199,8 +199,8 @@ class Runner:
             self._prepared.popitem(last=False)
 
     def run(self, backend: Backend, spec: CaseSpec) -> Result:
-        result = dataclasses.replace(self._run(backend, spec), known_failure=known_failure(backend, spec.id),
-                                     probe=declared(backend, spec, self.device))
+        result = dataclasses.replace(self._run(backend, spec), probe=declared(backend, spec, self.device),
+                                     known_failure=known_failure(backend, spec.id, self.device))
         self.results.append(result)
         return result
 

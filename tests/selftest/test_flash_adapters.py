@@ -103,10 +103,11 @@ def test_vllm_build_without_its_extension_skips_with_its_reason(monkeypatch):
 
 
 def test_fa4_known_failure_names_exactly_the_pairs_that_failed_on_the_h200():
-    """FA4_SM90_KNOWN's glob, against the committed H200 run: every failing pair, and no other."""
+    """flash-attn4's known failure, against the committed H200 run: every failing pair, and no other."""
     report = Path(__file__).parents[2] / "results" / "h200-flash-attn4-gpu-profile.json.xz"
     results = json.loads(lzma.decompress(report.read_bytes()))["results"]
     ran = [r for r in results if r["status"] != "SKIP"]
-    (entry,) = fa.FA4_SM90_KNOWN
+    (entry,) = fa.FlashAttn4.known_failures
     failed = {r["case"] for r in ran if r["status"] != "PASS"}
+    assert entry.compute_capability == (9, 0)  # the H200's
     assert len(failed) == 18 and failed == {r["case"] for r in ran if entry.matches(r["case"])}

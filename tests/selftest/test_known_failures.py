@@ -1,5 +1,6 @@
 """Known failures as data (conformance/known.py): a listed pair that fails is an XFAIL and no
 regression; one that passes fails (strict); an expired entry fails; a bad entry is refused."""
+import dataclasses
 import datetime
 import os
 import re
@@ -8,9 +9,10 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from conformance import KnownFailure, Runner, Status
-from conformance.known import known_outcome
+from conformance.known import known_failure, known_outcome
 from conformance.report import failing
 from fixtures import CATALOG
 
@@ -44,8 +46,22 @@ def test_an_expired_entry_fails_whatever_the_pair_does():
         assert outcome == "expired" and failing(result) and "expired on 2020-01-01" in message
 
 
+def test_an_entry_for_one_compute_capability_applies_on_those_gpus_only(monkeypatch):
+    """An entry of (9, 0) is an XFAIL on an sm_90 GPU, and nothing on another GPU or on the CPU."""
+    adapter = _adapter("scale_ignored")
+    adapter.known_failures = (dataclasses.replace(adapter.known_failures[0], compute_capability=(9, 0)),)
+    on_cpu = Runner("cpu").run(adapter, CASE)
+    assert on_cpu.status == Status.FAIL and on_cpu.known_failure is None and failing(on_cpu)
+    gpu = torch.device("cuda")
+    for capability, listed in (((9, 0), True), ((10, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cc=capability: cc)
+        assert (known_failure(adapter, CASE.id, gpu) is not None) == listed, capability
+
+
 @pytest.mark.parametrize("field, value, rule", [("cases", "", "non-empty glob"), ("link", "issue 7", "URL"),
-                                                ("expires", "next spring", "YYYY-MM-DD"), ("reason", "", "why")])
+                                                ("expires", "next spring", "YYYY-MM-DD"), ("reason", "", "why"),
+                                                ("compute_capability", "sm_90", "pair of ints"),
+                                                ("compute_capability", (9,), "pair of ints")])
 def test_an_entry_names_its_bad_field(field, value, rule):
     entry = dict(cases="*", reason="r", link=ISSUE, expires="2030-01-01")
     with pytest.raises(ValueError, match=f"KnownFailure.{field} = .*{rule}"):
