@@ -18,6 +18,7 @@ CASES = {kind: CATALOG.cases("cpu", kind=kind) for kind in FAMILIES}
 FAR_PAGES = CaseSpec("small_decode", SCENARIOS["small_decode"].cpu, HEAD_CONFIGS["tiny_gqa4_d128"], torch.float16,
                      16, kv_dtype="fp8_e4m3", far_pages=True)
 SPECIAL = {"far_pages": [FAR_PAGES]}
+PARTS = 4  # the correct adapters' cases in parts, so that pytest-xdist spreads the longest self-test
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +30,10 @@ def _cases(kind, bug):
     return SPECIAL[mutants.NEEDS[bug]] if kind == "mha" and bug in mutants.NEEDS else CASES[kind]
 
 
-@pytest.mark.parametrize("kind", FAMILIES)
-def test_correct_adapter_fails_no_case(kind, runner, record_property):
+@pytest.mark.parametrize("kind, part", [(kind, part) for kind in FAMILIES for part in range(PARTS)])
+def test_correct_adapter_fails_no_case(kind, part, runner, record_property):
     adapter = FAMILIES[kind][0]()
-    specs = CASES[kind] + [s for special in SPECIAL.values() for s in special if s.kind == kind]
+    specs = (CASES[kind] + [s for special in SPECIAL.values() for s in special if s.kind == kind])[part::PARTS]
     results = [runner.run(adapter, spec) for spec in specs]
     bad = [f"{r.id}: {r.reason}" for r in results if r.status != Status.PASS]
     record_property("correct_adapter", {"name": adapter.name, "cases": len(results), "false_failures": len(bad)})

@@ -39,7 +39,8 @@ def test_a_bad_shard_names_the_option_and_the_rule(text):
 
 def _collect(*args):
     out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                          "tests/test_backend.py", "-k", "sdpa and small_decode and fp16", *args],
+                          "tests/test_backend.py", "--profile", "quick",  # the smallest: only the split matters
+                          "-k", "sdpa and small_decode and fp16", *args],
                          capture_output=True, text=True, check=True).stdout
     return {line for line in out.splitlines() if "::" in line}
 
@@ -53,7 +54,7 @@ def test_pytest_shards_cover_the_run_exactly_once(tmp_path):
                       status=Status.PASS, backend_seconds=1e6 if n == 0 else 1.0) for n, i in enumerate(ids)]
     assert [r.id for r in results] == ids
     report = tmp_path / "last.json"
-    write_json(str(report), results, {"profile": "cpu", "seed": 0, "environment": {}})
+    write_json(str(report), results, {"profile": "quick", "seed": 0, "environment": {}})
     shards = [_collect("--shard", f"{i}/3", "--shard-durations", str(report)) for i in (1, 2, 3)]
     assert set().union(*shards) == every and sum(map(len, shards)) == len(every)
     assert sorted(map(len, shards)) == [1, (len(every) - 1) // 2, len(every) - 1 - (len(every) - 1) // 2]
