@@ -1,2 +1,2 @@
-# The suite's pytest options and fixtures live in fixtures/pytest_plugin.py.
-pytest_plugins = ["fixtures.pytest_plugin"]
+# The suite's pytest options and fixtures live in fixtures/pytest_plugin.py (imported as conformance.fixtures.pytest_plugin).
+pytest_plugins = ["conformance.fixtures.pytest_plugin"]

@@ -132,7 +132,7 @@ class MLATriton(MLACommon):
 
     def kernels(self):
         if self._kernels is None:
-            from backends import triton_mla_kernels  # imports triton: only once a case runs
+            from conformance.backends import triton_mla_kernels  # imports triton: only once a case runs
             self._kernels = triton_mla_kernels
         return self._kernels
 

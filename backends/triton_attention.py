@@ -63,7 +63,7 @@ class TritonBackend(Backend):
 
     def kernels(self):
         if self._kernels is None:
-            from backends import triton_kernels  # imports triton: only once a case runs
+            from conformance.backends import triton_kernels  # imports triton: only once a case runs
             self._kernels = triton_kernels
         return self._kernels
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from backends.triton_kernels import _reduce_segments_kernel  # absolute: self-tests load edited copies of this file
+from conformance.backends.triton_kernels import _reduce_segments_kernel  # absolute: self-tests load edited copies of this file
 
 SEGMENT_KEYS = 32  # at most about this many keys per segment ...
 MAX_SEGMENTS = 16  # ... in at most this many segments

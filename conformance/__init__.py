@@ -1,5 +1,14 @@
-"""Attention-backend conformance: paged-KV cases, an independent ground truth, and a registry."""
+"""Attention-backend conformance: paged-KV cases, an independent ground truth, and a registry.
+
+The repository's top-level folders backends/, fixtures/ and tests/ are this package's subpackages
+`conformance.backends`, `conformance.fixtures` and `conformance.tests`: an install maps them
+(pyproject.toml's package-dir), and a checkout on PYTHONPATH finds them beside this folder."""
 import os
+from pathlib import Path
+
+_CHECKOUT = Path(__file__).resolve().parent.parent
+if not (Path(__file__).parent / "backends").exists() and (_CHECKOUT / "backends" / "__init__.py").exists():
+    __path__.append(str(_CHECKOUT))  # noqa: F821 - a checkout: conformance.backends is ../backends
 
 import torch
 

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from itertools import groupby
 
-from fixtures import CATALOG
+from conformance.fixtures import CATALOG
 
 from .bench import bench, format_bench
 from .config import RunConfig, add_run_options, add_selection_options

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-import backends  # noqa: F401 - registers the built-in adapters (a plain checkout has no entry points)
+import conformance.backends  # noqa: F401 - registers the built-in adapters (a plain checkout has no entry points)
 
 from .isolation import make_runner
 from .matrix import PROFILE_HELP, Catalog, default_device, default_profile, split_names

@@ -3,7 +3,7 @@
     pytest -k "flex and mixed_small"            one backend, one scenario
     pytest --backend sdpa --profile cpu -n auto the CPU profile of one backend on all cores
 """
-from fixtures.pytest_plugin import check
+from conformance.fixtures.pytest_plugin import check
 
 
 def test_backend(conformance_case, conformance_runner):

@@ -9,7 +9,7 @@ attention runs through a backend, judged against the float64 model.
 import pytest
 
 from conformance import Runner, Status, get_backend
-from fixtures import MANAGER_ROLLOUT, WINDOW_ROLLOUT
+from conformance.fixtures import MANAGER_ROLLOUT, WINDOW_ROLLOUT
 
 
 # kv_manager, ring_manager, hybrid_manager: each registered manager class of that protocol (the

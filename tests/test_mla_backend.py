@@ -3,7 +3,7 @@
     pytest -k mla                                 all of them
     pytest -k "mla-triton and spec_decode"        one backend, one scenario
 """
-from fixtures.pytest_plugin import check
+from conformance.fixtures.pytest_plugin import check
 
 
 def test_mla_backend(mla_case, conformance_runner):

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from backends.sdpa import SdpaBackend
+from conformance.backends.sdpa import SdpaBackend
 from conformance import Backend, Capabilities, Case
 
 CPU_AND_CUDA = Capabilities(devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({torch.float16, torch.float32}))

@@ -83,7 +83,7 @@ def test_ulp_difference_is_at_the_outputs_scale():
 def test_a_decode_only_backend_runs_a_prefill_token_by_token():
     """Its max_query_len refuses one call over the batch, not the decode replay: that is judged
     against the truth, and the comparison with one call is left out with the reason."""
-    import backends  # noqa: F401 - registers sdpa
+    import conformance.backends  # noqa: F401 - registers sdpa
     from conformance import get_backend
 
     class DecodeOnly(type(get_backend("sdpa"))):
@@ -138,7 +138,7 @@ def test_graph_cases_and_declarations_are_checked():
 
     with pytest.raises(RegistryError, match="cuda_graphs needs 'empty_sequences' in features"):
         register_backend(Captures)
-    import backends  # noqa: F401 - registers sdpa
+    import conformance.backends  # noqa: F401 - registers sdpa
     from conformance import get_backend
 
     result = Runner("cpu").run(get_backend("sdpa"), SPEC.replace(calls="graph"))

@@ -21,7 +21,7 @@ def test_run_spreads_cases_over_runners_and_keeps_pair_order():
     CPU runners stand in for two GPUs)."""
     from conformance import Runner, get_backend
     from conformance.cli import _run_pairs
-    from fixtures import CATALOG
+    from conformance.fixtures import CATALOG
 
     specs = [s for s in CATALOG.cases("quick", ["small_decode", "mixed_small"]) if s.kind == "mha"][:6]
     pairs = [(get_backend(name), spec) for spec in specs for name in ("sdpa", "mla-torch")]  # mla-torch: skips

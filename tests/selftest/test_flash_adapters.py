@@ -12,9 +12,9 @@ import fake_flash
 import pytest
 import torch
 
-import backends.flash_attn as fa
+import conformance.backends.flash_attn as fa
 from conformance import Runner, Status
-from fixtures import CATALOG
+from conformance.fixtures import CATALOG
 from stand_in import CPU, on_cpu
 
 CASES = [c for c in CATALOG.cases("cpu", ["mixed_small", "chunked_context_prefill", "encoder_prefill"], kind="mha")

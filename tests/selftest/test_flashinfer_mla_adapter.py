@@ -7,9 +7,9 @@ import fake_flashinfer
 import pytest
 import torch
 
-from backends.flashinfer import FlashInferMLA, FlashInferMLASparse
+from conformance.backends.flashinfer import FlashInferMLA, FlashInferMLASparse
 from conformance import Runner, Status
-from fixtures import CATALOG
+from conformance.fixtures import CATALOG
 from stand_in import on_cpu
 
 # fp16 (bf16 on CPU is slow); the wrapper's fp8 path needs bf16 queries: one of those below.

@@ -8,9 +8,9 @@ import fake_flashmla
 import pytest
 import torch
 
-from backends.flashmla import FlashMLA, FlashMLASparse
+from conformance.backends.flashmla import FlashMLA, FlashMLASparse
 from conformance import Runner, Status
-from fixtures import CATALOG
+from conformance.fixtures import CATALOG
 from stand_in import on_cpu
 
 # FlashMLA's dense decode takes bf16/fp16 latents only (fp8 skips with the reason); fp16 here

@@ -1,6 +1,7 @@
 """Imports inside the library run one way (spec <- paged / reference <- mla <- kinds <- runner <- config
 <- front ends): no cycle, not even one hidden in a function-level import; and the library below the
-front ends receives the catalog and the adapters instead of importing `fixtures` or `backends`."""
+front ends receives the catalog and the adapters instead of importing `conformance.fixtures` or
+`conformance.backends`."""
 import ast
 from pathlib import Path
 
@@ -54,24 +55,29 @@ FRONT_ENDS = {"cli", "config", "__main__"}  # they pick the suite's own catalog 
 
 
 def absolute_imports(path: Path) -> set[str]:
-    """Top-level packages `path` imports by absolute name, anywhere in its body."""
+    """The catalog or adapter packages (`conformance.fixtures`, `conformance.backends`) `path`
+    imports, by absolute or relative name, anywhere in its body."""
     tree = ast.parse(path.read_text())
     names = {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
-    names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 0}
-    names |= {node.args[0].value for node in ast.walk(tree)  # importlib.import_module("backends")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = "conformance." * bool(node.level) + (node.module or "")
+            names |= {base} | {f"{base}.{a.name}".replace("..", ".") for a in node.names}
+    names |= {node.args[0].value for node in ast.walk(tree)  # importlib.import_module("conformance.backends")
               if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module"
               and node.args and isinstance(node.args[0], ast.Constant)}
-    return {n.split(".")[0] for n in names}
+    return {".".join(n.split(".")[:2]) for n in names} & {"conformance.fixtures", "conformance.backends"}
 
 
 def test_the_library_imports_neither_the_catalog_nor_the_adapters():
-    reaching = {p.stem: sorted(absolute_imports(p) & {"fixtures", "backends"})
-                for p in PACKAGE.glob("*.py") if p.stem not in FRONT_ENDS}
+    reaching = {p.stem: sorted(absolute_imports(p)) for p in PACKAGE.glob("*.py") if p.stem not in FRONT_ENDS}
     assert {m: found for m, found in reaching.items() if found} == {}
 
 
 def test_an_import_of_the_catalog_is_found(tmp_path):
-    (tmp_path / "matrix.py").write_text("def catalog():\n    from fixtures import SCENARIOS\n")
-    (tmp_path / "registry.py").write_text("import importlib\nimportlib.import_module('backends')\n")
-    assert absolute_imports(tmp_path / "matrix.py") == {"fixtures"}
-    assert absolute_imports(tmp_path / "registry.py") == {"importlib", "backends"}
+    (tmp_path / "matrix.py").write_text("def catalog():\n    from conformance.fixtures import SCENARIOS\n")
+    (tmp_path / "registry.py").write_text("import importlib\nimportlib.import_module('conformance.backends')\n")
+    (tmp_path / "spec.py").write_text("from . import backends\nfrom .fixtures.heads import HEAD_CONFIGS\n")
+    assert absolute_imports(tmp_path / "matrix.py") == {"conformance.fixtures"}
+    assert absolute_imports(tmp_path / "registry.py") == {"conformance.backends"}
+    assert absolute_imports(tmp_path / "spec.py") == {"conformance.backends", "conformance.fixtures"}

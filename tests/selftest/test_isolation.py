@@ -8,7 +8,7 @@ import torch
 
 from conformance import Backend, Capabilities, Runner, Status, get_backend
 from conformance.isolation import IsolatedRunner
-from fixtures import CATALOG
+from conformance.fixtures import CATALOG
 
 CASES = {c.id: c for c in CATALOG.cases("cpu", ["small_decode"], kind="mha")}
 FP32, FP16 = CASES["small_decode-fp32-bs16-gqa4-d128"], CASES["small_decode-fp16-bs16-gqa4-d128"]

@@ -4,7 +4,7 @@ looks the kind up. The bench's bytes per call come from the kind too (an MLA cas
 from conformance import Runner, Status
 from conformance.bench import bench
 from conformance.kinds import KINDS, kind_of
-from fixtures import CATALOG
+from conformance.fixtures import CATALOG
 from mla_mutants import LatentTorch
 from mutants import PagedTorch
 

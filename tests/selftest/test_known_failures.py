@@ -14,7 +14,7 @@ import torch
 from conformance import KnownFailure, Runner, Status
 from conformance.known import known_failure, known_outcome
 from conformance.report import failing
-from fixtures import CATALOG
+from conformance.fixtures import CATALOG
 
 CASE = next(c for c in CATALOG.cases("cpu") if c.scenario == "mixed_small" and c.is_plain and c.dtype.itemsize == 4)
 LATER = datetime.date.today() + datetime.timedelta(days=30)

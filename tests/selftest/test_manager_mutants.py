@@ -8,7 +8,7 @@ import pytest
 
 from conformance import Category, Runner, Status, get_backend
 from conformance.managers import HybridBlocks, RingSlots
-from fixtures import MANAGER_ROLLOUT, WINDOW_ROLLOUT
+from conformance.fixtures import MANAGER_ROLLOUT, WINDOW_ROLLOUT
 
 
 @pytest.mark.parametrize("broken, machine", [pytest.param(m, c, id=m.name) for m, c in

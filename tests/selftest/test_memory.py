@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from fixtures import CATALOG
+from conformance.fixtures import CATALOG
 from conformance.memory import GiB, DeviceMemory, _ledger, case_bytes, shrink_local_memory
 
 

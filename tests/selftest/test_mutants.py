@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conformance import CaseSpec, Runner, Status
-from fixtures import CATALOG
-from fixtures import HEAD_CONFIGS, SCENARIOS
+from conformance.fixtures import CATALOG
+from conformance.fixtures import HEAD_CONFIGS, SCENARIOS
 
 # kind: (the adapter with a `bug` switch, its bugs)
 FAMILIES = {"mha": (mutants.PagedTorch, mutants.BUGS), "mla": (mla_mutants.LatentTorch, mla_mutants.BUGS)}

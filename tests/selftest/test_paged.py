@@ -12,7 +12,7 @@ import torch
 
 from conformance import BatchSpec, CaseSpec, HeadConfig, make_inputs, scatter_to_cache
 from conformance.paged import NULL_BLOCK
-from fixtures import SCENARIOS
+from conformance.fixtures import SCENARIOS
 
 CASES = [
     CaseSpec(name, SCENARIOS[name].cpu, HeadConfig(4, 2, 16), torch.float16, bs, causal=SCENARIOS[name].causal)
@@ -224,7 +224,7 @@ def _digest(spec) -> str:
 
 
 def _some_cases():
-    from fixtures import CATALOG
+    from conformance.fixtures import CATALOG
 
     specs = [s for s in CATALOG.cases("cpu") if s.scenario == "mixed_small" and s.block_size == 16][:6]
     return specs + [s for s in CATALOG.cases("cpu", kind="mla") if s.scenario == "small_decode"][:2]

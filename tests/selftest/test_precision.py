@@ -12,7 +12,7 @@ from conformance import Capabilities, Runner, Status, register_backend
 from conformance.reference import to_tf32
 from conformance.registry import RegistryError
 from conformance.runner import Category
-from fixtures import CATALOG
+from conformance.fixtures import CATALOG
 from mutants import PagedTorch
 
 FP32 = [c for c in CATALOG.cases("cpu", ["mixed_small", "chunked_context_prefill", "small_decode"], kind="mha")

@@ -11,8 +11,8 @@ import pytest
 from conformance import Runner, Status, Unsupported
 from conformance.probe import probes
 from conformance.report import failing, summarize
-from fixtures import CATALOG
-from fixtures.pytest_plugin import check
+from conformance.fixtures import CATALOG
+from conformance.fixtures.pytest_plugin import check
 
 CPU = torch.device("cpu")
 CASES = [c for c in CATALOG.cases("cpu") if c.scenario == "mixed_small" and c.softcap is not None

@@ -7,7 +7,7 @@ import pytest
 
 import conformance.registry as registry
 from conformance import Runner, Status
-from fixtures import CATALOG
+from conformance.fixtures import CATALOG
 
 README = pathlib.Path(__file__).parents[2] / "README.md"
 
@@ -39,7 +39,7 @@ def test_readme_commands_are_what_ci_runs(command):
     assert "python -m venv" in ci
 
 
-BUILTIN = sorted(name for name, b in registry.load_backends().items() if type(b).__module__.startswith("backends."))
+BUILTIN = sorted(name for name, b in registry.load_backends().items() if type(b).__module__.startswith("conformance.backends."))
 
 
 @pytest.mark.parametrize("name", BUILTIN)

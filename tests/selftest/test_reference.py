@@ -5,7 +5,7 @@ import torch
 
 import conformance.reference as reference
 from conformance import BatchSpec, CaseSpec, HeadConfig, make_inputs, reference_attention
-from fixtures import CATALOG
+from conformance.fixtures import CATALOG
 from conformance.mla import mla_reference
 from conformance.paged import dequantize
 

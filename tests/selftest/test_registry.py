@@ -229,7 +229,7 @@ def test_flex_falling_back_to_eager_is_an_error(monkeypatch):
     """Past dynamo's recompile limit flex runs unfused, uncompiled: that must not pass as flex."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    import backends.flex as flex
+    import conformance.backends.flex as flex
 
     monkeypatch.setattr(flex, "_compiled_flex", lambda dynamic: flex_attention)
     result = Runner(CPU).run(flex.FlexBackend(), SPEC)

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from conformance import BatchSpec, CaseSpec, HeadConfig, SpecError
-from fixtures import CATALOG
-from fixtures import PROFILES, SCENARIOS
+from conformance.fixtures import CATALOG
+from conformance.fixtures import PROFILES, SCENARIOS
 
 H = HeadConfig(4, 1, 64)
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from backends.triton_kernels import paged_attention, write_cache  # noqa: E402
+from conformance.backends.triton_kernels import paged_attention, write_cache  # noqa: E402
 
 Q = torch.zeros(2, 4, 64, dtype=torch.float16)
 CACHE = torch.zeros(3, 16, 2, 64, dtype=torch.float16)
@@ -35,7 +35,7 @@ def test_interpreter_rules_skip_with_their_reasons(monkeypatch):
     """On a CPU: no interpreter, no run; bf16 never; wide batches plain only. A missing numpy
     makes every interpreted case a SKIP naming it, not an ERROR."""
     from conformance.triton_rules import interpreter_refuses, no_triton_here
-    from fixtures import CATALOG
+    from conformance.fixtures import CATALOG
 
     cpu = torch.device("cpu")
     cases = {c.id: c for c in CATALOG.cases("cpu", ["ragged_many_small", "mixed_small"], kind="mha")}

@@ -14,12 +14,12 @@ from conformance import Runner, Status
 from conformance.isolation import IsolatedRunner
 from conformance.matrix import default_device
 from conformance.runner import Category
-from fixtures import CATALOG
+from conformance.fixtures import CATALOG
 
 pytest.importorskip("triton")
-from backends import triton_kernels, triton_mla_kernels  # noqa: E402
-from backends.mla import MLATriton  # noqa: E402
-from backends.triton_attention import TritonBackend  # noqa: E402
+from conformance.backends import triton_kernels, triton_mla_kernels  # noqa: E402
+from conformance.backends.mla import MLATriton  # noqa: E402
+from conformance.backends.triton_attention import TritonBackend  # noqa: E402
 
 # name: (the bug, source line, its broken form, split-KV variant?, cases that can show it)
 MUTANTS = {

@@ -4,9 +4,9 @@ broken translation is caught. (With vLLM installed, tests/test_managers.py runs 
 import fake_vllm
 import pytest
 
-from backends.kv_managers import VLLMBlockPool
+from conformance.backends.kv_managers import VLLMBlockPool
 from conformance import Runner, Status, get_backend
-from fixtures import MANAGER_ROLLOUT
+from conformance.fixtures import MANAGER_ROLLOUT
 
 
 class OnStandIn(VLLMBlockPool):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import conformance.registry as registry
-from fixtures import CATALOG
+from conformance.fixtures import CATALOG
 from conformance.warmup import warm_up, warm_up_plan
 
 CASES = CATALOG.cases("cpu", ["small_decode", "mixed_small"], kind="mha")
@@ -63,7 +63,7 @@ class _Config:
 
 def test_warm_up_takes_exactly_the_collected_conformance_tests(monkeypatch):
     import conformance.config
-    import fixtures.pytest_plugin as plugin
+    import conformance.fixtures.pytest_plugin as plugin
 
     calls = []
     monkeypatch.setattr(conformance.config, "warm_up", lambda backends, specs, *args: calls.append(
