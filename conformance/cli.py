@@ -20,11 +20,12 @@ from itertools import groupby
 from conformance.fixtures import CATALOG
 
 from .bench import bench, format_bench
-from .config import RunConfig, add_run_options, add_selection_options
-from .diff import RATIO_FACTOR, RATIO_FLOOR, diff_reports
+from .config import RunConfig
+from .diff import diff_reports
 from .html import write_heatmap, write_html
 from .managers import load_managers
 from .matrix import default_device, default_profile, split_names
+from .options import add_options, default
 from .registry import RegistryError, load_backends, select_backends
 from .report import (environment, failing, flake_summary, format_cost, format_table, read_json, summarize,
                      write_json)
@@ -32,56 +33,28 @@ from .runner import Runner
 from .spec import DTYPES, KV_DTYPES, CaseSpec, SpecError
 
 
+_COMMANDS = {  # each command's help; its options are the options table's (options.py)
+    "run": "run the conformance matrix and print a backend x scenario table",
+    "flake-check": "run the cases over several base seeds; report pairs that pass on one seed and fail on another",
+    "warm-up": "only build the JIT-compiled kernel variants a run would need",
+    "bench": "latency and GB/s of backends on chosen cases (judged first)",
+    "list": "list registered backends, KV-cache managers and scenarios",
+    "report": "merge JSON reports into one Markdown support table",
+    "diff": "what changed between two JSON reports (regressions first; exit 1 if any)",
+}
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m conformance", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m conformance", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the conformance matrix and print a backend x scenario table")
-    w = sub.add_parser("warm-up", help="only build the JIT-compiled kernel variants a run would need")
-    flake = sub.add_parser("flake-check", help="run the cases over several base seeds; report pairs that pass on "
-                           "one seed and fail on another")
-    for cmd in (run, w, flake):  # what selects the cases, the same for all
-        add_selection_options(cmd.add_argument)
-    for cmd in (run, flake):  # how the cases run
-        add_run_options(cmd.add_argument)
-    run.add_argument("--seed", type=int, default=0, help="base seed mixed into every case's seed (default 0)")
-    run.add_argument("--json", default="conformance-report.json", help="JSON report path ('' to skip)")
-    flake.add_argument("--seeds", type=int, default=20, help="how many base seeds (default 20)")
-    flake.add_argument("--first-seed", type=int, default=0, help="the first base seed (default 0)")
-    flake.add_argument("--json", default="", help="also write every seed's results here, one JSON report per seed "
-                       "(PATH with .seed<N> before .json)")
-    w.add_argument("-j", "--jobs", type=int, default=4, help="worker processes (default 4)")
-    rep = sub.add_parser("report", help="merge JSON reports into one Markdown support table")
-    rep.add_argument("reports", nargs="+", help="JSON reports written by `run --json` or `pytest --json-report`")
-    rep.add_argument("--json", default="", help="also write the merged results as one JSON report here")
-    rep.add_argument("--html", default="", help="also write a self-contained HTML report here (sortable, filterable, "
-                     "each failure with the command that reruns it)")
-    rep.add_argument("--heatmap", default="", help="also write a PNG of the worst err/tol per backend x scenario "
-                     "(needs matplotlib: the `plots` extra)")
-    rep.add_argument("--flakes", action="store_true", help="the reports are runs of the same cases over several "
-                     "base seeds (flake-check --json, or pytest --seed N --json-report): report the pairs that fail "
-                     "on some seed, flaky ones first")
-    b = sub.add_parser("bench", help="latency and GB/s of backends on chosen cases (judged first)")
-    b.add_argument("--backend", action="append", required=True, help="backend name(s), comma-separated or repeated")
-    b.add_argument("--scenario", action="append", required=True, help="scenario name(s)")
-    b.add_argument("--profile", choices=("cpu", "gpu"), help="scenario sizes (default: gpu with CUDA, else cpu)")
-    b.add_argument("--heads", default="llama3_8b", help="head-config preset, dense or MLA (default llama3_8b)")
-    b.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="(default bf16)")
-    b.add_argument("--block-size", type=int, default=16, help="(default 16)")
-    b.add_argument("--kv-dtype", default="auto", choices=KV_DTYPES, help="(default auto)")
-    b.add_argument("--iters", type=int, default=20, help="calls per timed repeat (default 20)")
-    b.add_argument("--baseline", action="append", default=[],
-                   help="backend(s) the 'vs' column compares with: the first that passed on a case")
-    b.add_argument("--json", default="", help="also write the rows as JSON here")
-    b.add_argument("--load", action="append", default=[], help="also import this adapter module")
-    d = sub.add_parser("diff", help="what changed between two JSON reports (regressions first; exit 1 if any)")
-    d.add_argument("before", help="the earlier report (e.g. last night's, merged with `report --json`)")
-    d.add_argument("after", help="the later report")
-    d.add_argument("--ratio-factor", type=float, default=RATIO_FACTOR,
-                   help=f"a passing pair's err/tol that grew this many times ... (default {RATIO_FACTOR:g})")
-    d.add_argument("--ratio-floor", type=float, default=RATIO_FLOOR,
-                   help=f"... to at least this is a regression (default {RATIO_FLOOR:g})")
-    lst = sub.add_parser("list", help="list registered backends, KV-cache managers and scenarios")
-    lst.add_argument("--load", action="append", default=[], help="also import this adapter module")
+    commands = {name: sub.add_parser(name, help=text, description=text) for name, text in _COMMANDS.items()}
+    for name, command in commands.items():
+        add_options(command.add_argument, name)
+    commands["report"].add_argument("reports", nargs="+", help="JSON reports written by `run --json` or "
+                                    "`pytest --attn-json`")
+    commands["diff"].add_argument("before", help="the earlier report (e.g. last night's, merged with `report --json`)")
+    commands["diff"].add_argument("after", help="the later report")
     return p
 
 
@@ -94,17 +67,17 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         return code
     if args.command == "list":
-        return _list(load_backends(tuple(args.load)), load_managers())
+        return _list(load_backends(tuple(args.load)), load_managers(tuple(args.load)))
     if args.command == "bench":
         return _bench(args)
     try:
-        config = RunConfig.from_options(lambda name, default: getattr(args, name, default), CATALOG,
+        config = RunConfig.from_options(lambda name: getattr(args, name, default(name)), CATALOG,
                                         main_job=args.command == "run")
     except (RegistryError, SpecError) as e:
         print(e, file=sys.stderr)
         return 2
     if args.command == "warm-up":
-        config.warm_up(args.jobs)
+        config.warm_up()
         return 0
     config.warm_up()
     pairs = config.pairs()
@@ -162,12 +135,12 @@ def _run_pairs(pairs, runners, label: str = "") -> list:
 
 def _flake_check(args, config: RunConfig, pairs) -> int:
     by_seed, start = {}, time.time()
-    for seed in range(args.first_seed, args.first_seed + args.seeds):
+    for seed in range(config.seed, config.seed + args.seeds):
         by_seed[seed] = _run_pairs(pairs, [config.runner(seed)], f"seed {seed} ")
         if args.json:
             write_json(f"{args.json.removesuffix('.json')}.seed{seed}.json", by_seed[seed], config.report_meta(seed))
     return _print_flakes(by_seed, f"flake check: {len(pairs)} backend x case pairs x {args.seeds} base seeds "
-                                  f"({args.first_seed}..{args.first_seed + args.seeds - 1}) on {config.device}, "
+                                  f"({config.seed}..{config.seed + args.seeds - 1}) on {config.device}, "
                                   f"profile {config.profile}, in {time.time() - start:.0f}s")
 
 
@@ -240,17 +213,23 @@ def _list(backends, managers) -> int:
 
 def _bench(args) -> int:
     try:
+        if not args.backend or not args.scenario:
+            raise SpecError(f"bench: --backend = {args.backend} and --scenario = {args.scenario}: both are needed "
+                            f"(a benchmark of everything would take hours)")
         backends = select_backends(split_names(args.backend), tuple(args.load))
         profile = args.profile or default_profile()
+        if profile not in CATALOG.profiles:
+            raise SpecError(f"profile = {profile!r}: must be one of {sorted(CATALOG.profiles)}")
+        sizes = CATALOG.profiles[profile].sizes  # the scenarios' batch sizes of that profile
         heads = CATALOG.head_config(args.heads)
         scenarios = [CATALOG.scenario(name) for name in split_names(args.scenario)]
-        specs = [CaseSpec(sc.name, sc.batch(profile), heads, DTYPES[args.dtype], args.block_size, causal=sc.causal,
+        specs = [CaseSpec(sc.name, sc.batch(sizes), heads, DTYPES[args.dtype], args.block_size, causal=sc.causal,
                           kv_dtype=args.kv_dtype)
-                 for sc in scenarios if sc.batch(profile) is not None]
+                 for sc in scenarios if sc.batch(sizes) is not None]
     except (RegistryError, SpecError) as e:
         print(e, file=sys.stderr)
         return 2
-    device = default_device()
+    device = default_device(args.device)
     rows = bench(backends, specs, Runner(device), iters=args.iters)
     env = environment(device)
     print(f"{env.get('gpu') or env['device']}, torch {env['torch']}, triton {env['triton']}, "

@@ -9,6 +9,7 @@ import json
 import re
 
 from .known import known_outcome
+from .options import pytest_flag
 from .report import failing, format_table
 from .runner import Result, Status
 
@@ -18,8 +19,9 @@ def reproduce(r: Result, profile: str, seed: int) -> str:
     mla = re.match(r"h\d", r.heads)  # MLAHeads ids: h16, h128-l...; dense ones: gqa4-d128 ...
     test = "tests/test_mla_backend.py::test_mla_backend" if mla else "tests/test_backend.py::test_backend"
     backend = r.backend.removeprefix("probe-") if r.probe else r.backend
-    return (f'python -m pytest "{test}[{r.id}]" --backend {backend} --scenario {r.scenario} '
-            f"--profile {profile} --seed {seed}" + (" --probe" if r.probe else ""))
+    flag = pytest_flag
+    return (f'python -m pytest "{test}[{r.id}]" {flag("backend")} {backend} {flag("scenario")} {r.scenario} '
+            f"{flag('profile')} {profile} {flag('seed')} {seed}" + (f" {flag('probe')}" if r.probe else ""))
 
 
 def _status(r: Result) -> str:

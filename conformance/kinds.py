@@ -35,6 +35,15 @@ class CaseKind:
     # ones among them for a case's heads: (capabilities, heads) -> reasons.
     head_capabilities: tuple[str, ...]
     head_rules: Callable[[object, object], list[str]]
+    # The pytest test that runs this kind's pairs, in tests/<test>.py: ids read `<test>[<backend>-<case id>]`.
+    test: str = ""
+
+    def test_id(self, backend: str, case_id: str) -> str:
+        return f"{self.test}[{backend}-{case_id}]"
+
+    def keywords(self, backend: str, case_id: str) -> set[str]:
+        """The names pytest's -k matches for this pair's test: its id, its module's and its folder's."""
+        return {self.test_id(backend, case_id), f"{self.test}.py", "tests"}
 
 
 def _dense_caches(case: Case, inputs) -> list[ExpectedCache]:
@@ -85,10 +94,10 @@ def _latent_head_rules(caps, h) -> list[str]:
 
 DENSE = CaseKind("mha", make_dense_inputs, dense_reference, scatter_to_cache, _dense_caches, _dense_bytes,
                  reference_widths=lambda h: (h.head_dim, h.out_dim),
-                 head_capabilities=("head_dims", "gqa_ratios"), head_rules=_dense_head_rules)
+                 head_capabilities=("head_dims", "gqa_ratios"), head_rules=_dense_head_rules, test="test_backend")
 MLA = CaseKind("mla", make_mla_inputs, mla_reference, scatter_latent, _latent_caches, _latent_bytes,
                reference_widths=lambda h: (h.latent_dim, h.kv_lora_rank),  # the absorbed form
-               head_capabilities=("latent_dims",), head_rules=_latent_head_rules)
+               head_capabilities=("latent_dims",), head_rules=_latent_head_rules, test="test_mla_backend")
 KINDS = {kind.name: kind for kind in (DENSE, MLA)}
 
 

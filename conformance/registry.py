@@ -288,5 +288,5 @@ def select_backends(names: list[str] | None, modules: tuple[str, ...] = ()) -> l
     names = names or sorted(backends)
     unknown = [n for n in names if n not in backends]
     if unknown:
-        raise RegistryError(f"--backend {unknown}: not registered (registered: {', '.join(sorted(backends))})")
+        raise RegistryError(f"backend = {unknown}: not registered (registered: {', '.join(sorted(backends))})")
     return [backends[n] for n in names]

@@ -18,7 +18,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     """'I/N' -> (I, N), 1 <= I <= N."""
     i, _, n = text.partition("/")
     if not (i.isdigit() and n.isdigit() and 1 <= int(i) <= int(n)):
-        raise SpecError(f"--shard = {text!r}: must be I/N, two integers with 1 <= I <= N (e.g. 2/8)")
+        raise SpecError(f"shard = {text!r}: must be I/N, two integers with 1 <= I <= N (e.g. 2/8)")
     return int(i), int(n)
 
 

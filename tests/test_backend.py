@@ -1,7 +1,7 @@
 """The conformance test: every registered backend on every case of the profile.
 
-    pytest -k "flex and mixed_small"            one backend, one scenario
-    pytest --backend sdpa --profile cpu -n auto the CPU profile of one backend on all cores
+    pytest -k "flex and mixed_small"                      one backend, one scenario
+    pytest --attn-backend sdpa --attn-profile cpu -n auto  the CPU profile of one backend, all cores
 """
 from conformance.fixtures.pytest_plugin import check
 

@@ -4,7 +4,7 @@ attention runs through a backend, judged against the float64 model.
 
     pytest -k manager                                  all of them
     pytest -k "manager and reference" --hypothesis-profile conformance-nightly   more runs, longer
-    pytest -k manager --load my_package.managers       a manager of yours
+    pytest -k manager --attn-load my_package.managers  a manager of yours
 """
 import pytest
 

@@ -70,3 +70,10 @@ def _out_of_bounds_kernel():
         tl.store(out_ptr, tl.load(x_ptr + offset))
 
     return load_far
+
+
+class AbortsDeclaringFp16Only(Aborts):
+    """Declares fp32 unsupported: its probe (probe.py) runs an fp32 case anyway, and takes the worker down."""
+
+    name, capabilities = "isolation-aborts-fp16-only", Capabilities(devices=frozenset({"cpu", "cuda"}),
+                                                                     dtypes=frozenset({torch.float16}))

@@ -20,7 +20,7 @@ def test_run_writes_a_report_that_report_turns_into_a_table(tmp_path, capsys):
 
 def test_unknown_backend_is_named_and_exits_2(capsys):
     assert main(["run", "--backend", "nope", "--json", ""]) == 2
-    assert "--backend ['nope']: not registered" in capsys.readouterr().err
+    assert "backend = ['nope']: not registered" in capsys.readouterr().err
 
 
 def test_report_merges_reruns_and_writes_one_json(tmp_path, capsys):
@@ -56,7 +56,7 @@ def test_report_writes_its_json_even_when_the_reader_stops_early(tmp_path, monke
 
 def test_flake_check_runs_every_seed_and_isolated_runs_match(tmp_path, capsys):
     args = ["--backend", "sdpa", "--scenario", "small_decode", "--profile", "cpu"]
-    assert main(["flake-check", *args, "--seeds", "2", "--first-seed", "5", "--json", str(tmp_path / "f.json")]) == 0
+    assert main(["flake-check", *args, "--seeds", "2", "--seed", "5", "--json", str(tmp_path / "f.json")]) == 0
     out = capsys.readouterr().out
     assert "x 2 base seeds (5..6)" in out and "no pair failed on any seed" in out
     assert main(["report", "--flakes", *(str(tmp_path / f"f.seed{s}.json") for s in (5, 6))]) == 0

@@ -33,7 +33,7 @@ def test_html_report_reruns_each_failure_and_heatmap(tmp_path, capsys):
     failing = [row for row in rows if row[3] == "FAIL"]
     assert rows and failing and all(row[6].startswith("python -m pytest ") for row in failing)
     assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rerun = subprocess.run([sys.executable, *shlex.split(failing[0][6])[1:], "--load", "mutant_adapters", "-q",
+    rerun = subprocess.run([sys.executable, *shlex.split(failing[0][6])[1:], "--attn-load", "mutant_adapters", "-q",
                             "-p", "no:cacheprovider"], capture_output=True, text=True,
                            env=cpu)
     assert "1 failed" in rerun.stdout, rerun.stdout[-2000:]

@@ -84,7 +84,7 @@ def test_pytest_reports_xfail_and_strict_xpass(tmp_path):
             register_backend(adapter)
     """))
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_backend.py",
-                          "--load", "known_adapters", "--backend", "listed-broken,listed-correct",
+                          "--attn-load", "known_adapters", "--attn-backend", "listed-broken,listed-correct",
                           "-k", CASE.id, "-rxf"],
                          capture_output=True, text=True,  # on the CPU, where the torch mutants run
                          env={**os.environ, "PYTHONPATH": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}).stdout

@@ -1,4 +1,4 @@
-"""--probe: a case a backend declares unsupported runs anyway as probe-<backend>; a library that
+"""probe (--attn-probe, run --probe): a case a backend declares unsupported runs anyway as probe-<backend>; a library that
 accepts it and computes it right passes, one that accepts it and gets it wrong fails (the bug class
 probes exist for), one that refuses it is a skip."""
 import dataclasses

@@ -1,4 +1,4 @@
-"""--shard I/N: every test in exactly one shard, the same split on every machine, balanced by the
+"""shard I/N (--attn-shard, run --shard): every test in exactly one shard, the same split on every machine, balanced by the
 durations of an earlier run where it has them (conformance/shard.py)."""
 import random
 import subprocess
@@ -33,13 +33,13 @@ def test_with_durations_the_longest_shard_is_near_the_ideal_and_the_split_does_n
 
 @pytest.mark.parametrize("text", ["0/3", "4/3", "2", "a/b", "1/0"])
 def test_a_bad_shard_names_the_option_and_the_rule(text):
-    with pytest.raises(SpecError, match=f"--shard = '{text}': must be I/N"):
+    with pytest.raises(SpecError, match=f"shard = '{text}': must be I/N"):
         parse_shard(text)
 
 
 def _collect(*args):
     out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                          "tests/test_backend.py", "--profile", "quick",  # the smallest: only the split matters
+                          "tests/test_backend.py", "--attn-profile", "quick",  # the smallest: only the split matters
                           "-k", "sdpa and small_decode and fp16", *args],
                          capture_output=True, text=True, check=True).stdout
     return {line for line in out.splitlines() if "::" in line}
@@ -55,6 +55,6 @@ def test_pytest_shards_cover_the_run_exactly_once(tmp_path):
     assert [r.id for r in results] == ids
     report = tmp_path / "last.json"
     write_json(str(report), results, {"profile": "quick", "seed": 0, "environment": {}})
-    shards = [_collect("--shard", f"{i}/3", "--shard-durations", str(report)) for i in (1, 2, 3)]
+    shards = [_collect("--attn-shard", f"{i}/3", "--attn-shard-durations", str(report)) for i in (1, 2, 3)]
     assert set().union(*shards) == every and sum(map(len, shards)) == len(every)
     assert sorted(map(len, shards)) == [1, (len(every) - 1) // 2, len(every) - 1 - (len(every) - 1) // 2]

@@ -5,6 +5,7 @@ import torch
 
 import conformance.registry as registry
 from conformance.fixtures import CATALOG
+from conformance.options import default
 from conformance.warmup import warm_up, warm_up_plan
 
 CASES = CATALOG.cases("cpu", ["small_decode", "mixed_small"], kind="mha")
@@ -56,9 +57,9 @@ class _Config:
     def __init__(self):
         self.stash = {}
 
-    def getoption(self, name, default=None):
-        return {"warm_up_jobs": 4, "backend": None, "scenario": None, "profile": "cpu", "device": "cpu",
-                "load": []}.get(name, default)
+    def getoption(self, dest):
+        values = {"warm_up_jobs": 4, "profile": "cpu", "device": "cpu"}
+        return values.get(dest.removeprefix("attn_"), default(dest.removeprefix("attn_")))
 
 
 def test_warm_up_takes_exactly_the_collected_conformance_tests(monkeypatch):
