@@ -13,6 +13,7 @@ serves many cases: torch.compile of flex_attention costs seconds per new graph.
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 
 import torch
@@ -28,6 +29,9 @@ def _bucket(n: int, least: int) -> int:
 @functools.cache
 def _compiled_flex(dynamic: bool):
     from torch.nn.attention.flex_attention import flex_attention
+    # The first call compiles (a long silence: the main job sat at its first case for 20-45 s on a CPU).
+    print("flex: compiling FlexAttention with torch.compile (its first use takes ~15-45 s on a CPU, less with a warm "
+          "inductor cache) ...", file=sys.stderr, flush=True)
     return torch.compile(flex_attention, dynamic=dynamic)
 
 

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     results = _run_pairs(pairs, config.runners())
     print(format_table(results))
-    print(summarize(results))
+    print(summarize(results, verbose=args.verbose))
     print(f"{len(results)} results in {time.time() - start:.1f}s")
     if args.json:
         write_json(args.json, results, config.report_meta())
@@ -187,7 +187,7 @@ def _report(paths: list[str], merged_path: str = "", html_path: str = "", heatma
     lines = ["# Conformance results", ""]
     lines += [f"- {', '.join(f'`{n}`' for n in names)}: {run}" for run, (_, names) in runs.items()]
     lines += ["", "Cell: passed/run, r = worst err/tol (at most 1 passes), xf = known failures, s = skipped.", "",
-              format_table(results, markdown=True), "", "```", summarize(results), "```", "",
+              format_table(results, markdown=True), "", "```", summarize(results, verbose=True), "```", "",
               "### Cost", "", format_cost(results)]
     print("\n".join(lines))
     return 1 if any(failing(r) for r in results) else 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import lzma
 import platform
+import re
 import sys
 from collections import Counter, defaultdict
 from importlib.metadata import PackageNotFoundError, version
@@ -139,7 +140,9 @@ def format_cost(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def summarize(results: list[Result]) -> str:
+def summarize(results: list[Result], verbose: bool = False) -> str:
+    """The run in a few lines: counts, probes, what went wrong, the bad results, the skips by
+    cause (verbose: every skip reason too)."""
     counts = Counter(r.status for r in results)
     lines = ["  ".join(f"{s.value} {counts[s]}" for s in Status if counts[s])]
     probed = Counter(("accepted and right" if r.status == Status.PASS else "accepted, silently wrong"
@@ -172,8 +175,92 @@ def summarize(results: list[Result]) -> str:
         lines.append(f"  {what} {ids[0]}{f' (and {len(ids) - 1} more of {backend})' if len(ids) > 1 else ''}: {reason}")
     if len(bad) > 30:
         lines.append(f"  ... and {len(bad) - 30} more kinds (see the JSON report)")
-    reasons = Counter((r.backend, r.reason) for r in results if r.status == Status.SKIP)
-    if reasons:
+    skips = skip_summary(results, verbose)
+    return "\n".join(lines + ([skips] if skips else []))
+
+
+# The fix for a missing library, by the module its adapter imports (a dotted name, else its top
+# level): pyproject.toml's extra where there is one.
+LIBRARY_FIXES = {
+    "flashinfer": 'pip install -e ".[flashinfer]"',
+    "flash_attn": 'pip install -e ".[flash-attn]"',
+    "flash_attn.cute": "pip install flash-attn-4",
+    "flash_attn_interface": "FlashAttention-3 has no package: build hopper/ of github.com/Dao-AILab/flash-attention",
+    "flash_mla": "FlashMLA has no PyPI release: build github.com/deepseek-ai/FlashMLA",
+    "triton": 'pip install -e ".[triton]"',
+    "numpy": 'pip install -e ".[triton]"',  # Triton's interpreter needs it (triton_rules.no_triton_here)
+    "vllm": "pip install vllm",
+}
+
+
+def _library_fix(m: re.Match) -> str | None:
+    module = m["module"]
+    return LIBRARY_FIXES.get(module) or LIBRARY_FIXES.get(module.split(".")[0])
+
+
+def _cc_fix(m: re.Match) -> str:
+    return f"needs {m['lo']}" if m["lo"] == m["hi"] else f"needs {m['lo']}..{m['hi']}"
+
+
+# What a skip reason means, from its wording (registry.Capabilities.unsupported, Backend.unavailable
+# and the adapters' in backends/, triton_rules.py): (pattern, cause, fix or a function of the match).
+# A reason joins rules with "; ", behind "<which call>: " for a call of many: the first pattern that
+# matches one of its rules wins, so the order says what to fix first (the library, then the device).
+# A ModuleNotFoundError only: a build that is there and fails to import is no "not installed".
+_RULE = r"(?:^|[:;] )"
+SKIP_CAUSES = (
+    (_RULE + r"(?P<module>[\w.]+) is not (?:installed|importable \(ModuleNotFoundError)", "{module} not installed",
+     _library_fix),
+    (_RULE + r"torch\.nn\.attention\.flex_attention not importable", "torch without FlexAttention", "needs torch>=2.5"),
+    (_RULE + r"(?:no CUDA and TRITON_INTERPRET|CPU tensors need Triton's interpreter)", "Triton's interpreter is off",
+     "TRITON_INTERPRET=1, or CUDA"),
+    (_RULE + r"device (?P<device>\w+) not supported \(supports: cuda\)", "device {device} not supported", "needs CUDA"),
+    (_RULE + r"device (?P<device>\w+) not supported", "device {device} not supported", None),
+    (_RULE + r"compute capability (?P<cc>sm_\d+) outside (?P<lo>sm_\d+)\.\.(?P<hi>sm_\d+)", "compute capability {cc}",
+     _cc_fix),
+    (_RULE + r"bf16 under Triton's interpreter", "bf16 under Triton's interpreter (wrong bits)", "covered on CUDA"),
+    (_RULE + r"under Triton's interpreter", "big batches and variants run plain only under Triton's interpreter",
+     "covered on CUDA"),
+    (_RULE + r"no CUDA-graph replay", "no CUDA-graph replay (Capabilities.cuda_graphs)", None),
+    # The declared rules: "feature sinks not supported (supports: ...)" -> "feature sinks not supported".
+    (_RULE + r"(?P<rule>[^;:]*?) not supported\b", "{rule} not supported", None),
+)
+_CALL_PREFIX = re.compile(r"^(?:call \d+ of \d+ \(\w+\)|the captured batch|the \w+ replay|the rollout's \w+ call \d+): ")
+MAX_SKIP_CAUSES = 14  # console lines of causes; past it the rest is counted on one line (-v lists them)
+
+
+def skip_cause(reason: str) -> tuple[str, str | None]:
+    """(cause, fix or None) of a skip reason; a reason no pattern knows is its own cause (without
+    the call it names: every call of a case meets the same rule)."""
+    for pattern, cause, fix in SKIP_CAUSES:
+        m = re.search(pattern, reason)
+        if m:
+            return cause.format(**m.groupdict()), fix(m) if callable(fix) else fix
+    return _CALL_PREFIX.sub("", reason), None
+
+
+def skip_summary(results: list[Result], verbose: bool = False) -> str:
+    """The skips grouped by cause, one line each (backends, cases, the fix), most skips first; with
+    verbose, every cause and then every backend's every reason ("" without skips)."""
+    skipped = [r for r in results if r.status == Status.SKIP]
+    if not skipped:
+        return ""
+    groups = defaultdict(list)
+    for r in skipped:
+        groups[skip_cause(r.reason)].append(r)
+    ordered = sorted(groups.items(), key=lambda g: -len(g[1]))
+    shown = ordered if verbose or len(ordered) <= MAX_SKIP_CAUSES else ordered[:MAX_SKIP_CAUSES - 1]
+    lines = []
+    for (cause, fix), rs in shown:
+        backends = sorted({r.backend for r in rs})
+        who = ", ".join(backends) if len(backends) <= 2 else f"{len(backends)} backends"
+        lines.append(f"  {cause}: {who}, {len({r.case for r in rs})} cases" + (f" -> {fix}" if fix else ""))
+    rest = ordered[len(shown):]
+    if rest:
+        lines.append(f"  ... {len(rest)} more causes, {sum(len(rs) for _, rs in rest)} skips (-v lists them)")
+    lines.insert(0, f"skipped {len(skipped)} by cause" + ("" if verbose else " (-v: every reason)") + ":")
+    if verbose:
+        reasons = Counter((r.backend, r.reason) for r in skipped)
         lines.append("skip reasons:")
         lines += [f"  {b}: {reason} ({n} cases)" for (b, reason), n in sorted(reasons.items())]
     return "\n".join(lines)

@@ -8,7 +8,7 @@ def test_run_writes_a_report_that_report_turns_into_a_table(tmp_path, capsys):
     path = str(tmp_path / "r.json")
     assert main(["run", "--profile", "cpu", "--backend", "sdpa", "--scenario", "small_decode", "--json", path]) == 0
     out = capsys.readouterr().out
-    assert "small_decode" in out and "PASS 66  SKIP 36" in out and "feature softcap not supported (12 cases)" in out
+    assert "small_decode" in out and "PASS 66  SKIP 36" in out and "  feature softcap not supported: sdpa, 12 cases" in out
     meta, results = read_json(path)
     assert meta["environment"]["torch"] and meta["environment"]["reference_dtype"] == "float64"
     assert len(results) == 102 and {r.backend for r in results} == {"sdpa"}
