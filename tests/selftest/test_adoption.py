@@ -18,7 +18,9 @@ from conformance.options import PYTEST_PREFIX
 # The common plugins a user's environment may hold (pip name, pytest's plugin name).
 COMMON_PLUGINS = {"pytest-json-report": "pytest_jsonreport", "pytest-html": "html", "pytest-timeout": "timeout",
                   "pytest-rerunfailures": "rerunfailures", "pytest-randomly": "randomly", "pytest-benchmark": "benchmark"}
-CPU_ONLY = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the torch mutants of other tests; here: fast and alike
+# A pytest of its own: on the CPU (fast, the same everywhere), and no xdist worker's variables (its
+# JSON report would take the worker's name).
+CPU_ONLY = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}, "CUDA_VISIBLE_DEVICES": ""}
 
 
 def _installed(distribution: str) -> bool:
