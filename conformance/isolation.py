@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .registry import Backend, load_backends
-from .runner import Category, Result, Runner, Status, failed, identify, refusal
+from .runner import Category, Result, Runner, Status, failed, finish, identify, refusal
 from .spec import CaseSpec
 
 if TYPE_CHECKING:
@@ -61,7 +61,9 @@ class IsolatedRunner:
         return self._proc.pid if self._proc is not None else None
 
     def run(self, backend: Backend, spec: CaseSpec) -> Result:
-        result = self._run(backend, spec)
+        # Finished here, on every path of _run: the results this process makes itself (skip, crash,
+        # timeout, not started) too. The worker's Runner finished its own already; again is the same.
+        result = finish(self._run(backend, spec), backend, spec, self.device)
         self.results.append(result)
         return result
 

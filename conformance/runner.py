@@ -136,6 +136,15 @@ class Result:
         return d
 
 
+def finish(result: Result, backend: Backend, spec: CaseSpec, device: torch.device) -> Result:
+    """`result` with what the backend declares of the case: the refusal a probe overrides and the
+    matching known failure. Every runner's results go through it, whoever made them (a crash or a
+    timeout that IsolatedRunner makes itself too), so a listed failure is an XFAIL either way.
+    Idempotent: it only reads the backend's declarations."""
+    return dataclasses.replace(result, probe=declared(backend, spec, device),
+                               known_failure=known_failure(backend, spec.id, device))
+
+
 class _Prepared:
     """A case's inputs and both references, shared by every backend run on the same case. The
     references are computed when first judged against (a graph case's captured batch never is)."""
@@ -199,8 +208,7 @@ class Runner:
             self._prepared.popitem(last=False)
 
     def run(self, backend: Backend, spec: CaseSpec) -> Result:
-        result = dataclasses.replace(self._run(backend, spec), probe=declared(backend, spec, self.device),
-                                     known_failure=known_failure(backend, spec.id, self.device))
+        result = finish(self._run(backend, spec), backend, spec, self.device)
         self.results.append(result)
         return result
 
