@@ -207,7 +207,7 @@ class Profile:
 @dataclass(frozen=True)
 class Catalog:
     """What the suite runs on: the scenarios, head presets and profiles. The library receives it (the
-    `fixtures` package holds the suite's own, `fixtures.CATALOG`); another project can bring its own."""
+    `conformance.fixtures` package holds the suite's own, `CATALOG`); another project can bring its own."""
 
     scenarios: dict[str, Scenario]
     heads: dict[str, HeadConfig | MLAHeads]
