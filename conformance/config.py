@@ -91,6 +91,9 @@ class RunConfig:
         return [self.runner(device=torch.device("cuda", i)) for i in range(gpus)]
 
     def warm_up(self, jobs: int | None = None, wanted=None) -> None:
+        """Build the kernel variants of the pairs `wanted` picks (default: those -k selects, or all)."""
+        if wanted is None and self.keyword:
+            wanted = lambda b, s, chosen=set(self.pairs()): (b, s) in chosen  # noqa: E731
         warm_up(list(self.backends), list(self.cases), self.device, self.warm_up_jobs if jobs is None else jobs,
                 self.modules, wanted)
 

@@ -254,7 +254,8 @@ def skip_summary(results: list[Result], verbose: bool = False) -> str:
     for (cause, fix), rs in shown:
         backends = sorted({r.backend for r in rs})
         who = ", ".join(backends) if len(backends) <= 2 else f"{len(backends)} backends"
-        lines.append(f"  {cause}: {who}, {len({r.case for r in rs})} cases" + (f" -> {fix}" if fix else ""))
+        cases = len({r.case for r in rs})
+        lines.append(f"  {cause}: {who}, {cases} case{'s' * (cases != 1)}" + (f" -> {fix}" if fix else ""))
     rest = ordered[len(shown):]
     if rest:
         lines.append(f"  ... {len(rest)} more causes, {sum(len(rs) for _, rs in rest)} skips (-v lists them)")

@@ -51,9 +51,9 @@ def test_one_line_per_cause_with_counts():
     lines = text.splitlines()
     assert lines[0] == f"skipped {len(RESULTS)} by cause (-v: every reason):"
     assert lines[1] == '  flashinfer not installed: 3 backends, 3 cases -> pip install -e ".[flashinfer]"'
-    assert '  flash_attn not installed: fa2, 1 cases -> pip install -e ".[flash-attn]"' in lines
+    assert '  flash_attn not installed: fa2, 1 case -> pip install -e ".[flash-attn]"' in lines
     assert "  device cpu not supported: cu, 2 cases -> needs CUDA" in lines
-    assert "  feature sinks not supported: sd, 1 cases" in lines
+    assert "  feature sinks not supported: sd, 1 case" in lines
     assert sum("flashinfer" in line for line in lines) == 1
     assert "skip reasons:" not in text
 
