@@ -100,9 +100,12 @@ class FlashInferBackend(Backend):
                 return "decode wrapper: the same number of new tokens in every sequence (q_len_per_req)"
             if not spec.causal:
                 return "decode wrapper: causal only (its mask is derived from q_len_per_req)"
-            if spec.calls == "graph" and max(spec.batch.query_lens) > 1:
-                return ("graph replay with q_len_per_req > 1: a padding request (no pages) breaks the plan's rule "
-                        "kv_len >= q_len_per_req")
+        return None
+
+    def graph_unsupported(self, spec, device):
+        if self.wrapper == "decode_tc" and max(spec.batch.query_lens) > 1:
+            return ("graph replay with q_len_per_req > 1: a padding request (no pages) breaks the plan's rule "
+                    "kv_len >= q_len_per_req")
         return None
 
     def compile_key(self, spec):

@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # isort: split
+from . import modes  # noqa: F401 - first: the call modes' rules check every CaseSpec (spec.CALL_MODES)
 from .kinds import make_inputs, reference_attention
 from .known import KnownFailure
 from .managers import KVCacheManager, OutOfBlocks, load_managers, register_manager
@@ -28,7 +29,8 @@ from .mla import (BatchPart, MLACase, MLAInputs, absorb_queries, causal_softmax,
 from .reference import Reference
 from .registry import (ENTRY_POINT_GROUP, Backend, Capabilities, MLABackend, RegistryError, get_backend,
                        load_backends, register_backend, Unsupported)
-from .runner import Category, Result, Runner, Status
+from .result import Category, Result, Status
+from .runner import Runner
 from .spec import BatchSpec, CaseSpec, HeadConfig, MLAHeads, Scenario, SpecError
 from .tolerance import Tolerance, compare
 

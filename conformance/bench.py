@@ -16,7 +16,8 @@ import torch
 
 from .kinds import kind_of
 from .registry import Backend
-from .runner import Runner, Status
+from .result import Status
+from .runner import Runner
 from .spec import CaseSpec
 
 

@@ -1,5 +1,6 @@
-"""Many calls on one cache (CaseSpec.calls): the calls a case makes, each a PagedBatch over the
-same paged cache, and the bookkeeping that maps their output rows back to the whole batch.
+"""Many calls on one cache: a call of a case as Picks of its sequences and tokens, made a PagedBatch
+over the same paged cache, and the bookkeeping that maps its output rows back to the whole batch
+(the call modes of modes/paths.py and modes/invariance.py make their calls of these).
 
 A call is a list of Picks: which sequence of the case, and which of its new tokens. A picked
 sequence sees its context and every new token before the picked ones, which earlier calls wrote
@@ -15,10 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .paged import NULL_BLOCK, PagedBatch, _cumsum
-from .spec import BatchSpec, CaseSpec
-
-CHUNK_SIZES = (1, 7, 64)  # "chunks": sequence b's i-th chunk takes CHUNK_SIZES[(i + b) % 3] tokens
-
+from .spec import ONE_CALL, BatchSpec, CaseSpec
 
 @dataclass(frozen=True)
 class Pick:
@@ -27,39 +25,11 @@ class Pick:
     count: int = 0  # new tokens in this call
 
 
-def path(batch: BatchSpec, calls: str) -> list[list[Pick]]:
-    """The calls that bring every new token in: chunks of CHUNK_SIZES (each sequence starting at
-    a different size, so one call mixes decode steps and prefill chunks), or one token per call.
-    A sequence leaves the batch once its tokens are in."""
-    sizes = {"chunks": CHUNK_SIZES, "tokens": (1,)}[calls]
-    done, out = [0] * batch.batch_size, []
-    while any(d < q for d, q in zip(done, batch.query_lens)):
-        step = []
-        for b, q in enumerate(batch.query_lens):
-            if done[b] < q:
-                n = min(sizes[(len(out) + b) % len(sizes)], q - done[b])
-                step.append(Pick(b, done[b], n))
-                done[b] += n
-        out.append(step)
-    return out
-
-
-def variants(batch: BatchSpec) -> dict[str, list[Pick]]:
-    """The same sequences in other batches: reordered, every other one removed, and between empty
-    padding sequences (a sequence's rows must not change with its neighbours)."""
-    live = [b for b, q in enumerate(batch.query_lens) if q]
-    whole = [Pick(b, 0, batch.query_lens[b]) for b in live]
-    padded = [Pick(None)]
-    for p in whole:
-        padded += [p, Pick(None)]
-    return {"reordered": whole[::-1], "halved": whole[::2], "padded": padded}
-
-
 def call_spec(spec: CaseSpec, picks: list[Pick]) -> CaseSpec:
     """The spec of one call: its own batch (what a backend's rules judge), in one call."""
     b = spec.batch
     seq_lens = [b.context_lens[p.seq] + p.first + p.count if p.seq is not None else 0 for p in picks]
-    return spec.replace(batch=BatchSpec(seq_lens, [p.count for p in picks]), calls="one")
+    return spec.replace(batch=BatchSpec(seq_lens, [p.count for p in picks]), calls=ONE_CALL)
 
 
 def sub_case(case: PagedBatch, picks: list[Pick]) -> PagedBatch:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from .known import expected
 from .report import BAD, read_json
-from .runner import Result, Status
+from .result import Result, Status
 
 RATIO_FACTOR = 2.0
 RATIO_FLOOR = 0.5

@@ -11,7 +11,7 @@ import re
 from .known import known_outcome
 from .options import pytest_flag
 from .report import failing, format_table
-from .runner import Result, Status
+from .result import Result, Status
 
 
 def reproduce(r: Result, profile: str, seed: int) -> str:

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from .registry import Backend, load_backends
-from .runner import Category, Result, Runner, Status, failed, finish, identify, refusal
+from .result import Category, Result, Status, failed, identify
+from .runner import Runner, finish, refusal
 from .spec import CaseSpec
 
 if TYPE_CHECKING:

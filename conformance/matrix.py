@@ -1,8 +1,13 @@
-"""Profiles and their expansion into cases: scenario x head config x dtype x block size x features."""
+"""Profiles and their expansion into cases: scenario x head config x dtype x block size x features.
+
+A Profile names its sizes and, per case kind (kinds.KINDS), the cases of that kind: a DenseProfile
+for "mha", an MLAProfile for "mla", each expanding the catalog's scenarios in its own vocabulary.
+"""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -14,6 +19,8 @@ from .spec import KV_LAYOUTS, SPLIT_LATENT, CaseSpec, HeadConfig, MLAHeads, Scen
 class MLAProfile:
     """The MLA cases of a profile: its scenarios x heads x dtypes x block sizes, each with the
     latent cache in the case's dtype and in fp8 (e4m3, one scale); some also in the split layouts."""
+
+    kind: ClassVar[str] = "mla"
 
     scenarios: tuple[str, ...]
     heads: tuple[MLAHeads, ...]
@@ -60,6 +67,10 @@ class MLAProfile:
                         for c in calls_cases(CaseSpec(sc.name, batch, self.heads[0], dtype, self.block_sizes[0]))]
         return out
 
+    def scenario_names(self) -> set[str]:
+        return set(self.scenarios + self.long_scenarios + (self.all_heads_scenarios or ()) + self.calls_scenarios
+                   + self.split_scenarios + self.sparse_scenarios)
+
 
 def calls_cases(base: CaseSpec, window: int | None = None) -> list[CaseSpec]:
     """`base` in many calls (CaseSpec.calls): its batch varied around each sequence; captured in a
@@ -86,8 +97,8 @@ EXTREME_LOGIT_STD = 2500.0
 
 
 @dataclass(frozen=True)
-class Profile:
-    """One sizing of the matrix. "cpu": scenarios scaled down for CI; "gpu": full sizes.
+class DenseProfile:
+    """The dense ("mha") cases of a profile.
 
     Main grid: every scenario x head config x dtype x block size, each run plain, with a sliding
     window (causal scenarios), a logit softcap, attention sinks and an fp8 KV cache. Sweep: a few
@@ -99,11 +110,10 @@ class Profile:
     scenarios over the main heads, dtypes and block sizes with logits near 1e4, and (full size
     only: the caches take gigabytes) a few over the first head config with every page past 2^31
     elements, cache in the dtype and in fp8. Calls: a few scenarios on the first heads and block
-    size in many calls over one cache (calls_cases). MLA: the latent-cache cases (MLAProfile).
+    size in many calls over one cache (calls_cases).
     """
 
-    name: str
-    sizes: str  # the scenarios' "cpu" (scaled down) or "gpu" (full) batch sizes
+    kind: ClassVar[str] = "mha"
     heads: tuple[HeadConfig, ...]
     dtypes: tuple[torch.dtype, ...]
     block_sizes: tuple[int, ...]
@@ -127,18 +137,17 @@ class Profile:
     calls_scenarios: tuple[str, ...] = ()
     rollout_scenarios: tuple[str, ...] = ()
     calls_dtypes: tuple[torch.dtype, ...] | None = None  # None: every dtype
-    mla: MLAProfile | None = None
 
     def __post_init__(self):
         distinct = set(self.heads + self.sweep_heads + self.spot_heads + self.long_heads)
         ids = sorted(h.id for h in distinct)
         if len(set(ids)) != len(ids):  # two head configs a test id could not tell apart
-            raise SpecError(f"Profile({self.name}).heads = {ids}: head-config ids must be unique within a profile")
+            raise SpecError(f"DenseProfile.heads = {ids}: head-config ids must be unique within a profile")
 
-    def cases(self, scenarios: dict[str, Scenario]) -> list[CaseSpec]:
+    def cases(self, scenarios: dict[str, Scenario], sizes: str) -> list[CaseSpec]:
         out = []
         for sc in scenarios.values():
-            batch = sc.batch(self.sizes)
+            batch = sc.batch(sizes)
             if batch is None:
                 continue
             # Many calls and rollouts, whether the main grid holds the scenario or not.
@@ -189,19 +198,36 @@ class Profile:
                 out += [CaseSpec(sc.name, batch, self.heads[0], dtype, bs, causal=sc.causal, kv_dtype=kv_dtype,
                                  far_pages=True)
                         for dtype in self.dtypes for bs in self.block_sizes for kv_dtype in ("auto", "fp8_e4m3")]
-        if self.mla:
-            out += self.mla.cases(scenarios, self.sizes)
         return out
 
     def scenario_names(self) -> set[str]:
+        return set(self.scenarios or ()) | set(self.sweep_scenarios + self.layout_scenarios + self.long_scenarios
+                                               + self.extreme_logit_scenarios + self.far_page_scenarios
+                                               + self.calls_scenarios + self.rollout_scenarios)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One sizing of the matrix ("cpu": scenarios scaled down for CI; "gpu": full sizes) and, keyed
+    by case kind, the cases of each kind (a DenseProfile for "mha", an MLAProfile for "mla")."""
+
+    name: str
+    sizes: str  # the scenarios' "cpu" (scaled down) or "gpu" (full) batch sizes
+    kinds: dict[str, DenseProfile | MLAProfile]
+
+    def __post_init__(self):
+        for key, part in self.kinds.items():
+            if key not in KINDS or getattr(part, "kind", None) != key:
+                raise SpecError(f"Profile({self.name}).kinds[{key!r}] = {type(part).__name__}: must be keyed by "
+                                f"its kind, one of {sorted(KINDS)}")
+
+    def cases(self, scenarios: dict[str, Scenario], kind: str | None = None) -> list[CaseSpec]:
+        """The cases of every kind, or of `kind` only."""
+        return [c for key, part in self.kinds.items() if kind in (None, key) for c in part.cases(scenarios, self.sizes)]
+
+    def scenario_names(self) -> set[str]:
         """Every scenario the profile names (checked against the catalog)."""
-        names = set(self.scenarios or ()) | set(self.sweep_scenarios + self.layout_scenarios + self.long_scenarios
-                                                 + self.extreme_logit_scenarios + self.far_page_scenarios
-                                                 + self.calls_scenarios + self.rollout_scenarios)
-        if self.mla:
-            names |= set(self.mla.scenarios + self.mla.long_scenarios + (self.mla.all_heads_scenarios or ())
-                         + self.mla.calls_scenarios + self.mla.split_scenarios + self.mla.sparse_scenarios)
-        return names
+        return set().union(*(part.scenario_names() for part in self.kinds.values()))
 
 
 @dataclass(frozen=True)
@@ -232,7 +258,7 @@ class Catalog:
             if unknown:
                 raise SpecError(f"scenario = {unknown}: not in the catalog (known: {', '.join(catalog)})")
             catalog = {n: s for n, s in catalog.items() if n in scenarios}
-        return [c for c in self.profiles[profile].cases(catalog) if kind in (None, c.kind)]
+        return self.profiles[profile].cases(catalog, kind)
 
     def scenario(self, name: str) -> Scenario:
         return _lookup("scenario", name, self.scenarios)

@@ -2,7 +2,8 @@
 
 pytest-xdist workers (and their isolated case workers) each run cases on the same GPU and know
 nothing of each other; six of them each holding a 37 GB `wide_decode` case run an H200 out of
-memory. So a case carries an estimate of the device memory it needs (case_bytes), and before a
+memory. So a case carries an estimate of the device memory it needs (its call mode's, modes.case_bytes,
+built on call_bytes here), and before a
 big one a process claims that much in a per-GPU ledger (a small JSON file under the temp dir,
 locked with flock, one entry per process id) and waits while the claims of the others leave no
 room. Small cases run under each process's standing idle claim, without touching the ledger, so
@@ -41,7 +42,6 @@ import torch
 
 from .kinds import kind_of
 from .reference import SCORE_CHUNK_ELEMENTS
-from .rollout import LAYERS, Rollout
 from .spec import CaseSpec
 
 GiB = 1 << 30
@@ -53,24 +53,17 @@ STALL_SECONDS = 10.0  # nothing runs and no claim changed this long: waiting lon
 
 
 @functools.lru_cache(maxsize=4096)  # asked for on every run of a case
-def case_bytes(spec: CaseSpec) -> int:
-    """An upper estimate of the device memory one backend run of `spec` takes in a runner: the
-    paged cache, the logical inputs and both references, the reference's padded queries and
-    accumulators (a ragged batch pads every sequence to the longest query) and chunked working set,
-    an adapter's copies of the cache (a gather; K and V padded up to twice the slots), each
-    sequence's keys expanded to every query head, the cache check's masks, a second cache for a
-    path's one-call twin, a sparse case's listed keys, and a margin. A rollout: its largest call,
-    and a cache per layer. A graph:
-    the captured case and its two replays (each prepared, its fresh cache copied into the captured one)."""
-    if spec.calls == "graph":
-        return 3 * case_bytes(spec.replace(calls="one"))
-    if spec.calls == "rollout":  # its largest call (one layer at a time), every layer's cache
-        largest = max((call for _, call in Rollout.of(spec.batch).calls(spec)), key=case_bytes)
-        return case_bytes(largest) + (LAYERS - 1) * _cache_bytes(largest)
+def call_bytes(spec: CaseSpec) -> int:
+    """An upper estimate of the device memory one backend run of `spec` in one call takes in a
+    runner (whatever its call mode; a mode's estimate builds on this one): the paged cache, the
+    logical inputs and both references, the reference's padded queries and accumulators (a ragged
+    batch pads every sequence to the longest query) and chunked working set, an adapter's copies of
+    the cache (a gather; K and V padded up to twice the slots), each sequence's keys expanded to
+    every query head, the cache check's masks, a sparse case's listed keys, and a margin."""
     b, h = spec.batch, spec.heads
     elem = torch.empty((), dtype=spec.dtype).element_size()
     token = h.cache_elements_per_token
-    cache = _cache_bytes(spec)
+    cache = cache_bytes(spec)
     logical = sum(b.seq_lens) * token * elem + b.num_query_tokens * h.num_q_heads * h.head_dim * elem
     references = b.num_query_tokens * h.num_q_heads * (h.out_dim * (8 + elem + 3 * 8) + 4 * 8)
     qk, v = kind_of(spec).reference_widths(h)
@@ -79,14 +72,13 @@ def case_bytes(spec: CaseSpec) -> int:
     reference_chunks = 8 * min(scores, SCORE_CHUNK_ELEMENTS) * 8
     adapter = 4 * cache + max(b.seq_lens) * h.num_q_heads * (h.head_dim + h.out_dim) * 4 * 2
     cache_check = 2 * spec.pool_blocks * spec.block_size * token
-    if spec.calls in ("chunks", "tokens"):
-        cache *= 2  # the one call over the whole batch runs on a cache of its own
     if spec.topk:  # sparse: the reference's mask of listed keys; an adapter's gathered latents (fp32, twice)
         adapter += b.batch_size * max(b.query_lens) * max(b.seq_lens) + 2 * b.num_query_tokens * spec.topk * token * 4
     return cache + logical + references + padded + reference_chunks + adapter + cache_check + GiB // 4
 
 
-def _cache_bytes(spec: CaseSpec) -> int:
+def cache_bytes(spec: CaseSpec) -> int:
+    """The paged cache's bytes."""
     return spec.pool_blocks * spec.block_size * spec.cache_bytes_per_token
 
 
@@ -94,11 +86,12 @@ def gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB"
 
 
-def too_big(spec: CaseSpec, device: torch.device) -> str | None:
-    """Why `spec` cannot run on `device` even alone, or None (CPU cases are not admitted)."""
+def too_big(need: int, device: torch.device) -> str | None:
+    """Why a case that needs `need` bytes cannot run on `device` even alone, or None (CPU cases are
+    not admitted)."""
     if device.type != "cuda":
         return None
-    need, total = case_bytes(spec), torch.cuda.get_device_properties(device).total_memory
+    total = torch.cuda.get_device_properties(device).total_memory
     if need + IDLE_CLAIM > BUDGET_FRACTION * total:
         return (f"needs about {gib(need)} of GPU memory (estimate: cache, inputs, references, adapter "
                 f"copies); the GPU has {gib(total)}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .registry import Backend
-from .spec import CaseSpec
+from .spec import ONE_CALL, CaseSpec
 
 
 class Probe(Backend):
@@ -29,7 +29,7 @@ class Probe(Backend):
 
     def skip_reason(self, spec: CaseSpec, device: torch.device) -> str | None:
         real = self.declared_by
-        if spec.calls != "one":
+        if spec.calls != ONE_CALL:
             return "probes run single-call cases"
         if spec.kind != real.kind or real.unavailable() or device.type not in real.capabilities.devices:
             return real.skip_reason(spec, device)  # it cannot run here at all

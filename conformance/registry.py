@@ -29,7 +29,7 @@ ALL_FEATURES = frozenset({"causal", "non_causal", "sliding_window", "softcap", "
 # cases it never claimed.
 DEFAULT_FEATURES = frozenset({"causal", "non_causal", "sliding_window", "softcap"})
 # What a backend may promise to give bit for bit the same output as one call over the whole batch
-# (CaseSpec.calls): the tokens brought in "chunks" or one by one ("tokens"), a sequence in another
+# (in the call modes of modes/paths.py and modes/invariance.py): the tokens brought in "chunks" or one by one ("tokens"), a sequence in another
 # "batch" (reordered, halved, padded), the same call again ("run_to_run"). Undeclared, the
 # difference is reported in ULPs and held to the case's tolerance.
 BIT_EXACT = frozenset({"chunks", "tokens", "batch", "run_to_run"})
@@ -63,7 +63,7 @@ class Capabilities:
     returns_lse: bool = False
     bit_exact: frozenset[str] = frozenset()  # of BIT_EXACT
     # prepare_graph()'s call may be captured in a CUDA graph once and replayed on other batches of
-    # the same shape (CaseSpec.calls "graph"); replays pad with empty sequences, so it needs those.
+    # the same shape (the "graph" call mode); replays pad with empty sequences, so it needs those.
     cuda_graphs: bool = False
     requires: tuple[str, ...] = ()  # importable modules; a missing one skips every case, naming it
     # The precision of the matmuls (Q.K, P.V) on fp32 inputs (FP32_PRECISIONS): "ieee", true fp32 products (the
@@ -97,8 +97,6 @@ class Capabilities:
         longest = max(spec.batch.query_lens)
         if self.max_query_len is not None and longest > self.max_query_len:
             unmet.append(f"{longest} new tokens in a sequence; at most {self.max_query_len} (max_query_len)")
-        if spec.calls == "graph" and not self.cuda_graphs:
-            unmet.append("no CUDA-graph replay (Capabilities.cuda_graphs)")
         missing = sorted(spec.features - self.features)
         if missing:
             unmet.append(f"feature {', '.join(missing)} not supported")
@@ -145,6 +143,11 @@ class Backend:
             return self._unavailable
         unmet = (self.capabilities.unsupported(spec, device), self.unsupported(spec, device))
         return "; ".join(r for r in unmet if r) or None
+
+    def graph_unsupported(self, spec: CaseSpec, device: torch.device) -> str | None:
+        """Extra rules for a call captured in a CUDA graph and replayed (Capabilities.cuda_graphs),
+        asked of each batch the graph meets beyond unsupported()'s; override to add them."""
+        return None
 
     def compile_key(self, spec: CaseSpec):
         """For a library that compiles a kernel per variant on first use: what selects the variant

@@ -12,7 +12,8 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 
 from .known import expected, known_outcome
-from .runner import Result, Status
+from .result import Result, Status
+from .spec import ONE_CALL
 
 # Libraries of the built-in backends, by their distribution names (what records a version).
 LIBRARIES = {"triton": "triton", "flashinfer": "flashinfer-python", "flash_attn": "flash-attn",
@@ -100,7 +101,7 @@ def format_table(results: list[Result], markdown: bool = False) -> str:
     backends = [b for b in backends if b not in idle]
     by = defaultdict(list)
     for r in results:
-        by[r.scenario if r.calls == "one" else f"{r.scenario} {r.calls}", r.backend].append(r)
+        by[r.scenario if r.mode == ONE_CALL else f"{r.scenario} {r.mode}", r.backend].append(r)
     rows = list(dict.fromkeys(row for row, _ in by))
     one = [[s, *(_cell(by[s, b]) for b in backends)] for s in rows if " " not in s]
     calls = [[s, *(_cell(by[s, b]) for b in backends)] for s in rows if " " in s]

@@ -9,7 +9,7 @@ import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
@@ -57,15 +57,12 @@ KV_DTYPES = ("auto", "fp8_e4m3", *SPLIT_LATENT)
 # (vLLM's); "hnd": separate, [num_blocks, Hkv, block_size, D]; "combined_nhd" / "combined_hnd": one
 # [num_blocks, 2, ...] tensor holding each page's K then V (FlashInfer's single-tensor form).
 KV_LAYOUTS = ("nhd", "hnd", "combined_nhd", "combined_hnd")
-# How a case reaches the backend (conformance/calls.py): "one" call over the whole batch; its new
-# tokens appended and attended in "chunks" of 1, 7 and 64 tokens, or one by one ("tokens", a decode
-# replay), each a call over the same cache and compared with the one call; or "invariance": the
-# one call, then the batch reordered, halved and padded with empty sequences, and the same call
-# again, each sequence's rows compared with the one call's; or "rollout": a tiny LM generating
-# over the batch's prompts through the backend, then rescoring (conformance/rollout.py); or "graph":
-# the call captured in a CUDA graph on the batch, then replayed on other batches of its shape
-# (conformance/graphs.py).
-CALLS = ("one", "chunks", "tokens", "invariance", "rollout", "graph")
+# How a case reaches the backend: the name of its call mode (conformance/modes/, whose table holds
+# each mode). ONE_CALL, the default: one call over the whole batch. CALL_MODES: each mode's rules,
+# name -> check(spec) raising SpecError, which conformance.modes puts here when it is imported
+# (importing any part of conformance does), so a CaseSpec is checked by its mode when it is made.
+ONE_CALL = "one"
+CALL_MODES: dict[str, Callable[["CaseSpec"], None]] = {}
 # Which blocks a sequence gets: a random pick from the pool ("shuffled"), or, as schedulers hand
 # them out under churn, "interleaved": block ids alternating between the batch's sequences, each
 # sequence's in decreasing order (so its new tokens' slots decrease across blocks).
@@ -286,7 +283,7 @@ class CaseSpec:
     logit_std: float = 1.0
     far_pages: bool = False
     page_order: str = "shuffled"
-    calls: str = "one"
+    calls: str = ONE_CALL  # the call mode (conformance/modes/), which checks the case is one it can run
     # Sparse MLA (DeepSeek V3.2's indexer): each query attends only the keys its index list names,
     # at most topk positions of its sequence (MLACase.topk_indices, -1 padded).
     topk: int | None = None
@@ -324,27 +321,14 @@ class CaseSpec:
         _require(isinstance(self.far_pages, bool), "CaseSpec.far_pages", self.far_pages, "must be True or False")
         _require(self.page_order in PAGE_ORDERS, "CaseSpec.page_order", self.page_order,
                  f"must be one of {PAGE_ORDERS}")
-        _require(self.calls in CALLS, "CaseSpec.calls", self.calls, f"must be one of {CALLS}")
         if self.topk is not None:
             _require(isinstance(self.topk, int) and not isinstance(self.topk, bool) and self.topk >= 1, "CaseSpec.topk",
                      self.topk, "must be None or an int >= 1")
-            _require(self.calls == "one", "CaseSpec.topk", self.topk,
-                     f"needs calls='one' (its index lists are drawn per query of the whole batch), not {self.calls!r}")
-        _require(self.calls in ("one", "invariance") or self.causal, "CaseSpec.calls", self.calls,
-                 "needs a causal case (a chunk's queries would see tokens not yet in the cache)")
-        plain_causal = (self.kind == "mha" and self.features <= {"causal", "sliding_window"} and self.kv_dtype == "auto"
-                        and self.kv_layout == "nhd" and self.logit_std == 1.0 and not self.far_pages)
-        _require(self.calls != "rollout" or plain_causal, "CaseSpec.calls", self.calls,
-                 "a rollout runs a dense model of causal attention, its layers alternating full attention and "
-                 "the sliding window if one is given (no softcap, sinks, empty sequences, fp8 cache, other "
-                 "layout or adversarial variant)")
-        if self.calls == "graph":
-            _require(not self.batch.shared_prefix_lens and self.batch.batch_size >= 2, "CaseSpec.batch", self.batch,
-                     "a graph case's batch needs 2 sequences or more and no shared prompts (its replays reverse "
-                     "and halve it)")
         for field, plain in self.heads.fixed_case_fields.items():
             _require(getattr(self, field) == plain, f"CaseSpec.{field}", getattr(self, field),
                      f"must be {plain!r} in a case whose heads are {type(self.heads).__name__} ({self.kind})")
+        _require(self.calls in CALL_MODES, "CaseSpec.calls", self.calls, f"must be one of {tuple(CALL_MODES)}")
+        CALL_MODES[self.calls](self)  # the call mode's own rules
 
     @property
     def kind(self) -> str:
@@ -373,7 +357,7 @@ class CaseSpec:
         fp8 cache, other layout, large logits, far or interleaved pages), in one call."""
         return (len(self.features) == 1 and self.kv_dtype == "auto" and self.kv_layout == "nhd"
                 and self.logit_std == 1.0 and not self.far_pages and self.page_order == "shuffled"
-                and self.calls == "one")
+                and self.calls == ONE_CALL)
 
     @property
     def first_block(self) -> int:
@@ -430,7 +414,7 @@ class CaseSpec:
             parts.append(self.page_order)
         if self.topk is not None:
             parts.append(f"sparse{self.topk}")
-        if self.calls != "one":
+        if self.calls != ONE_CALL:
             parts.append(self.calls)
         return "-".join(parts)
 

@@ -16,7 +16,8 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 from .registry import Backend, load_backends
-from .runner import Runner, refused_call
+from .modes import mode_of
+from .runner import Runner
 from .spec import CaseSpec
 
 
@@ -29,7 +30,7 @@ def warm_up_plan(backends: list[Backend], specs: list[CaseSpec], device: torch.d
         for spec in specs:
             try:
                 key = backend.compile_key(spec)
-                if key is None or refused_call(backend, spec, device) or (wanted and not wanted(backend, spec)):
+                if key is None or mode_of(spec).refusal(backend, spec, device) or (wanted and not wanted(backend, spec)):
                     continue
             except Exception:  # noqa: BLE001 - the run reports the adapter's error on this case
                 continue

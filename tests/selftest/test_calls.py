@@ -1,12 +1,15 @@
-"""Many calls on one cache (conformance/calls.py, graphs.py): the calls cover every new token once,
+"""Many calls on one cache (conformance/calls.py, modes/): the calls cover every new token once,
 in order; a call over part of a batch is the batch's own data; a graph's replays are loaded into the
 captured tensors, padded; the specs and declarations are checked."""
 import pytest
 import torch
 
 from conformance import BatchSpec, CaseSpec, HeadConfig, SpecError, make_inputs
-from conformance.calls import CHUNK_SIZES, call_spec, path, sub_case, token_rows, variants
-from conformance.graphs import PAD_SLOT, load, replays
+from conformance.calls import call_spec, sub_case, token_rows
+from conformance.modes import MODES
+from conformance.modes.graph import PAD_SLOT, load, replays
+from conformance.modes.invariance import variants
+from conformance.modes.paths import CHUNK_SIZES
 from conformance.paged import bits
 from conformance.registry import Backend, Capabilities, RegistryError, register_backend
 from conformance.runner import Runner, Status
@@ -19,7 +22,7 @@ SPEC = CaseSpec("t", BATCH, HeadConfig(4, 2, 16), torch.float16, 8)
 @pytest.mark.parametrize("calls", ["chunks", "tokens"])
 def test_a_path_brings_every_new_token_once_in_order(calls):
     seen = {b: [] for b in range(BATCH.batch_size)}
-    for step in path(BATCH, calls):
+    for step in MODES[calls].steps(BATCH):
         assert len({p.seq for p in step}) == len(step)  # a sequence at most once per call
         for p in step:
             assert p.first == len(seen[p.seq]) and p.count >= 1
@@ -30,7 +33,7 @@ def test_a_path_brings_every_new_token_once_in_order(calls):
 
 
 def test_a_chunked_call_mixes_decode_steps_and_prefill_chunks():
-    first = path(BATCH, "chunks")[0]
+    first = MODES["chunks"].steps(BATCH)[0]
     assert {p.count for p in first} == {1, 7, 5}  # sizes start staggered: 1, 7, 64 (capped by the tokens left)
 
 
@@ -47,7 +50,7 @@ def test_a_call_over_part_of_the_batch_is_that_part():
     assert part.k_cache is case.k_cache  # the same cache: what one call writes, the next reads
     assert torch.equal(part.block_table[1], case.block_table[0]) and not part.block_table[0].any()
     assert part.out.isnan().all() and part.out.shape[0] == rows.numel()
-    mid = sub_case(case, path(BATCH, "tokens")[5])  # the sixth token of sequence 0 sees 28 + 5 earlier tokens
+    mid = sub_case(case, MODES["tokens"].steps(BATCH)[5])  # the sixth token of sequence 0 sees 28 + 5 earlier tokens
     assert mid.spec.batch.seq_lens[0] == 28 + 6 and mid.spec.batch.query_lens[0] == 1
 
 

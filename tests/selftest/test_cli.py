@@ -109,7 +109,7 @@ def test_cases_in_many_calls_have_their_own_table():
 
     def result(calls, ulp=None, deterministic=None):
         return Result(backend="b", case=f"c-{calls}", scenario="s", dtype="fp16", block_size=16, heads="h",
-                      device="cpu", status=Status.PASS, ratio=0.5, calls=calls, calls_ulp=ulp,
+                      device="cpu", status=Status.PASS, ratio=0.5, mode=calls, calls_ulp=ulp,
                       deterministic=deterministic)
 
     text = format_table([result("one"), result("tokens", 3), result("invariance", 0, False)])

@@ -6,7 +6,7 @@ import pytest
 
 from conformance.cli import main
 from conformance.report import write_json
-from conformance.runner import Result, Status
+from conformance.result import Result, Status
 
 ENV = {"torch": "2.11.0", "flashinfer": "0.7.2", "gpu": "NVIDIA H200"}
 

@@ -8,7 +8,8 @@ import time
 import torch
 
 from conformance.fixtures import CATALOG
-from conformance.memory import GiB, DeviceMemory, _ledger, case_bytes, shrink_local_memory
+from conformance.memory import GiB, DeviceMemory, _ledger, shrink_local_memory
+from conformance.modes import case_bytes
 
 
 def _two(tmp_path, budget=10 * GiB, free=lambda: 100 * GiB, stall=1.5):
@@ -167,14 +168,16 @@ def test_the_runner_claims_a_big_case_while_it_runs_and_settles_after(tmp_path, 
     held_at_admission = []
     admit = runner.memory.admit
     monkeypatch.setattr(runner.memory, "admit",
-                        lambda need, *a: held_at_admission.append(list(runner._prepared)) or admit(need, *a))
+                        lambda need, *a: held_at_admission.append(list(runner.cases)) or admit(need, *a))
     runner.run(PagedTorch(), CATALOG.cases("cpu", ["small_decode"], kind="mha")[1])
     assert held_at_admission == [[]]  # the big case it kept was dropped before it asked for memory
 
     def out_of_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(runner_module, "_judge", out_of_memory)  # judging needs memory too
+    import conformance.modes.one
+
+    monkeypatch.setattr(conformance.modes.one, "judge_output", out_of_memory)  # judging needs memory too
     result = runner.run(PagedTorch(), big)
     assert result.status == Status.ERROR and result.reason.startswith("the case does not fit in memory here")
     assert result.categories == (runner_module.Category.OUT_OF_MEMORY,)

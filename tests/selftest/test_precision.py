@@ -11,7 +11,7 @@ import torch
 from conformance import Capabilities, Runner, Status, register_backend
 from conformance.reference import to_tf32
 from conformance.registry import RegistryError
-from conformance.runner import Category
+from conformance.result import Category
 from conformance.fixtures import CATALOG
 from mutants import PagedTorch
 

@@ -1,9 +1,11 @@
-"""Rollout vs rescore (conformance/rollout.py): what a batch asks of the rollout, the model's
+"""Rollout vs rescore (conformance/rollout/, modes/rollout.py): what a batch asks of the rollout, the model's
 pieces, and the verdict of a correct adapter (its bugs: test_mutants.py)."""
 import torch
 
 from conformance import BatchSpec, CaseSpec, HeadConfig, Runner, Status
-from conformance.rollout import Rollout, Step, TinyLM, _rope, reference_logprobs
+from conformance.modes.rollout import ROLLOUT
+from conformance.rollout.model import TinyLM, _rope, reference_logprobs
+from conformance.rollout.schedule import Rollout, Step
 
 SHARED = BatchSpec([12, 15, 9, 10], [1, 1, 1, 1], shared_prefix_lens=[10, 7])
 SPEC = CaseSpec("t", SHARED, HeadConfig(4, 2, 16), torch.float32, 4, calls="rollout")
@@ -19,7 +21,7 @@ def test_a_shared_batch_is_prompts_and_their_samples():
     assert [(s.requests, s.starts) for s in steps[1:-1]] == [((2, 3, 4, 5), (10, 10, 7, 7)), ((3, 5), (11, 8)),
                                                              ((3,), (12,)), ((3,), (13,))]
     assert steps[-1] == Step("rescore", (6, 7, 8, 9), (0, 0, 0, 0), r.sample_lens)
-    calls = r.calls(SPEC)
+    calls = ROLLOUT.calls(SPEC)
     assert len(calls) == len(steps) and calls[-1][1].batch.query_lens == r.sample_lens
 
 
@@ -33,7 +35,7 @@ def test_a_windowed_rollout_prefills_in_calls_of_the_window_and_every_request_en
     added = {op[1] for op in ops if not isinstance(op, Step) and op[0] == "add"}
     assert added == {op[1] for op in ops if not isinstance(op, Step) and op[0] == "free"}
     windowed = SPEC.replace(batch=BatchSpec([12, 9], [3, 2]), sliding_window=4)
-    assert {call.sliding_window for _, call in r.calls(windowed)} == {None, 4}  # full and sliding layers
+    assert {call.sliding_window for _, call in ROLLOUT.calls(windowed)} == {None, 4}  # full and sliding layers
 
 
 def test_rotary_positions_keep_norms_and_make_scores_depend_on_distance_only():

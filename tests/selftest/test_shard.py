@@ -8,7 +8,7 @@ import pytest
 
 from conformance import SpecError
 from conformance.report import write_json
-from conformance.runner import Result, Status
+from conformance.result import Result, Status
 from conformance.shard import parse_shard, shard_of
 
 KEYS = [f"t{i:03d}" for i in range(100)]

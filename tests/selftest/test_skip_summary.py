@@ -9,7 +9,7 @@ def skip(backend: str, reason: str, case: str = "c") -> Result:
                   status=Status.SKIP, reason=reason)
 
 
-# Reasons as registry.py, backends/*.py and runner.refused_call word them.
+# Reasons as registry.py, backends/*.py and the call modes word them.
 RESULTS = [
     *(skip(b, "flashinfer is not installed", c) for b in ("fi-a", "fi-b", "fi-c") for c in ("c1", "c2")),
     skip("fi-a", "the captured batch: flashinfer is not installed", "c3"),

@@ -13,7 +13,7 @@ import torch
 from conformance import Runner, Status
 from conformance.isolation import IsolatedRunner
 from conformance.matrix import default_device
-from conformance.runner import Category
+from conformance.result import Category
 from conformance.fixtures import CATALOG
 
 pytest.importorskip("triton")

@@ -21,8 +21,13 @@ import math
 
 import torch
 
-from .paged import NULL_BLOCK, PagedBatch
-from .spec import BatchSpec, SpecError
+from ..judge import Judgment, judge_output
+from ..memory import call_bytes
+from ..paged import NULL_BLOCK, PagedBatch
+from ..prepared import Prepared
+from ..registry import Backend
+from ..spec import ONE_CALL, BatchSpec, CaseSpec, SpecError
+from .base import CallMode, Context, unpack
 
 PAD_SLOT = -1  # a padding row's slot (vLLM's PAD_SLOT_ID): no cache write
 # What a tensor holds past a replay's own part: the null block, no slot, length 0; floats: poison
@@ -84,3 +89,77 @@ class Captured:
             return self.call()
         self.graph.replay()
         return self.returned
+
+
+class Graph(CallMode):
+    name = "graph"
+    description = "the call captured in a CUDA graph on the batch, then replayed on other batches of its shape"
+
+    def check(self, spec: CaseSpec) -> None:
+        super().check(spec)
+        if spec.batch.shared_prefix_lens or spec.batch.batch_size < 2:
+            raise SpecError(f"CaseSpec.batch = {spec.batch!r}: a graph case's batch needs 2 sequences or more and "
+                            f"no shared prompts (its replays reverse and halve it)")
+
+    def calls(self, spec: CaseSpec) -> list[tuple[str, CaseSpec]]:
+        """Each batch the graph meets, as it reaches the backend (padding included)."""
+        return [("the captured batch", spec.replace(calls=ONE_CALL))] + [
+            (f"the {name} replay", spec.replace(batch=batch, calls=ONE_CALL)) for name, batch in replays(spec.batch).items()]
+
+    def refusal(self, backend: Backend, spec: CaseSpec, device: torch.device) -> str | None:
+        for which, call in self.calls(spec):
+            why = backend.skip_reason(call, device) or (
+                backend.graph_unsupported(call, device) if backend.capabilities.cuda_graphs
+                else "no CUDA-graph replay (Capabilities.cuda_graphs)")
+            if why:
+                return f"{which}: {why}"
+        return None
+
+    def memory(self, spec: CaseSpec) -> int:
+        return 3 * call_bytes(spec)  # the captured case and its two replays, each prepared
+
+    def run(self, ctx: Context, spec: CaseSpec) -> Judgment:
+        """The call captured on the case's batch, replayed on the other batches of its shape, each
+        replay judged against its own batch's truth before the next one overwrites it; the worst
+        replay's numbers are the case's."""
+        backend = ctx.backend
+        static = ctx.fresh(ctx.prepared(spec))
+        preps = {name: _replay_prepared(ctx, spec.replace(batch=batch, calls=ONE_CALL), static)
+                 for name, batch in replays(spec.batch).items()}
+
+        def capture():
+            backend.write_cache(static)
+            return Captured(backend, static)
+
+        def replay(case):
+            backend.write_cache(case)
+            returned = graph.replay()
+            ctx.sync()
+            return unpack(returned, static, backend)
+
+        graph = ctx.timed(capture)
+        problems, worst = [], None
+        for name, prep in preps.items():
+            case = load(static, ctx.fresh(prep))
+            returned = ctx.timed(lambda: replay(case))  # noqa: B023 - called at once
+            rows = slice(0, case.out.shape[0])  # past them: padding rows
+            out, lse = returned[0][rows], None if returned[1] is None else returned[1][rows]
+            judged = judge_output(backend, case, prep, out, lse)
+            problems += [(category, f"replay on the {name} batch: {text}") for category, text in judged.problems]
+            if worst is None or judged.numbers.ratio >= worst.ratio:
+                worst = judged.numbers
+        how = "captured in a CUDA graph" if ctx.device.type == "cuda" else "no CUDA graph on a CPU: the prepared call"
+        return Judgment(tuple(problems), (f"{how}, replayed on the {' and '.join(preps)} batches",), worst)
+
+
+def _replay_prepared(ctx: Context, spec: CaseSpec, static: PagedBatch) -> Prepared:
+    """A replay's inputs and references, its fp8 cache with the captured batch's scales (an engine's
+    stay fixed; the captured call holds them)."""
+    prep = ctx.prepared(spec)
+    scales = {f.name: getattr(static, f.name) for f in dataclasses.fields(prep.inputs) if f.name.endswith("_scale")}
+    if all(getattr(prep.inputs, name) == value for name, value in scales.items()):
+        return prep
+    return Prepared(dataclasses.replace(prep.inputs, **scales))
+
+
+GRAPH = Graph()
