@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import html
 import json
-import re
 
+from .kinds import KINDS
 from .known import known_outcome
 from .options import pytest_flag
 from .report import failing, format_table
@@ -16,11 +16,10 @@ from .result import Result, Status
 
 def reproduce(r: Result, profile: str, seed: int) -> str:
     """The one command that reruns this pair alone."""
-    mla = re.match(r"h\d", r.heads)  # MLAHeads ids: h16, h128-l...; dense ones: gqa4-d128 ...
-    test = "tests/test_mla_backend.py::test_mla_backend" if mla else "tests/test_backend.py::test_backend"
+    test = KINDS[r.kind].test  # the pair's test, in tests/<test>.py
     backend = r.backend.removeprefix("probe-") if r.probe else r.backend
     flag = pytest_flag
-    return (f'python -m pytest "{test}[{r.id}]" {flag("backend")} {backend} {flag("scenario")} {r.scenario} '
+    return (f'python -m pytest "tests/{test}.py::{KINDS[r.kind].test_id(r.backend, r.case)}" {flag("backend")} {backend} {flag("scenario")} {r.scenario} '
             f"{flag('profile')} {profile} {flag('seed')} {seed}" + (f" {flag('probe')}" if r.probe else ""))
 
 

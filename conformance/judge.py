@@ -144,7 +144,8 @@ def _cache_mismatch(got: torch.Tensor, writes: list, inputs, poison: float) -> P
     bs = got.shape[1]
     per_slot = tuple(range(2, held.dim()))
     poison_bits = bits(torch.tensor([poison], dtype=got.dtype, device=got.device))
-    bad = (held != poison_bits).any(dim=per_slot)  # [num_blocks, block_size]: anything but poison, until proven expected
+    # [num_blocks, block_size]: anything but poison, until proven expected
+    bad = (held != poison_bits).any(dim=per_slot)
     for slots, want in writes:
         at = (slots // bs, slots % bs)
         bad[at] = (held[at] != bits(want)).any(dim=tuple(range(1, held.dim() - 1)))

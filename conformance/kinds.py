@@ -35,8 +35,10 @@ class CaseKind:
     # ones among them for a case's heads: (capabilities, heads) -> reasons.
     head_capabilities: tuple[str, ...]
     head_rules: Callable[[object, object], list[str]]
-    # The pytest test that runs this kind's pairs, in tests/<test>.py: ids read `<test>[<backend>-<case id>]`.
+    # The pytest test that runs this kind's pairs, in tests/<test>.py: ids read `<test>[<backend>-<case id>]`;
+    # the fixture that hands it a (backend, case) pair (the plugin parametrizes every kind's the same way).
     test: str = ""
+    fixture: str = ""
 
     def test_id(self, backend: str, case_id: str) -> str:
         return f"{self.test}[{backend}-{case_id}]"
@@ -94,10 +96,12 @@ def _latent_head_rules(caps, h) -> list[str]:
 
 DENSE = CaseKind("mha", make_dense_inputs, dense_reference, scatter_to_cache, _dense_caches, _dense_bytes,
                  reference_widths=lambda h: (h.head_dim, h.out_dim),
-                 head_capabilities=("head_dims", "gqa_ratios"), head_rules=_dense_head_rules, test="test_backend")
+                 head_capabilities=("head_dims", "gqa_ratios"), head_rules=_dense_head_rules, test="test_backend",
+                 fixture="conformance_case")
 MLA = CaseKind("mla", make_mla_inputs, mla_reference, scatter_latent, _latent_caches, _latent_bytes,
                reference_widths=lambda h: (h.latent_dim, h.kv_lora_rank),  # the absorbed form
-               head_capabilities=("latent_dims",), head_rules=_latent_head_rules, test="test_mla_backend")
+               head_capabilities=("latent_dims",), head_rules=_latent_head_rules,
+               test="test_mla_backend", fixture="mla_case")
 KINDS = {kind.name: kind for kind in (DENSE, MLA)}
 
 

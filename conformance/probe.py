@@ -27,13 +27,13 @@ class Probe(Backend):
         self.capabilities, self.tolerance, self.finite_poison = backend.capabilities, backend.tolerance, \
             backend.finite_poison
 
-    def skip_reason(self, spec: CaseSpec, device: torch.device) -> str | None:
+    def skip_reason(self, spec: CaseSpec, device: torch.device, captured: bool = False) -> str | None:
         real = self.declared_by
         if spec.calls != ONE_CALL:
             return "probes run single-call cases"
         if spec.kind != real.kind or real.unavailable() or device.type not in real.capabilities.devices:
-            return real.skip_reason(spec, device)  # it cannot run here at all
-        if not real.skip_reason(spec, device):
+            return real.skip_reason(spec, device, captured)  # it cannot run here at all
+        if not real.skip_reason(spec, device, captured):
             return "declared supported: the backend itself runs it"
         return None
 

@@ -132,21 +132,25 @@ class Backend:
         """Extra per-case rules beyond Capabilities; override to add them (return the reason)."""
         return None
 
-    def skip_reason(self, spec: CaseSpec, device: torch.device) -> str | None:
+    def skip_reason(self, spec: CaseSpec, device: torch.device, captured: bool = False) -> str | None:
         """Why this backend does not run `spec` here: the kind, its absence, or every unmet rule
-        (the Capabilities' and unsupported()'s together, so one reason tells the whole story)."""
+        (the Capabilities' and unsupported()'s together, so one reason tells the whole story; with
+        `captured`, as a call captured in a CUDA graph and replayed: graph_unsupported()'s too)."""
         if spec.kind != self.kind:
             return f"an {spec.kind} case; {self.name} runs {self.kind} cases"
         if "_unavailable" not in vars(self):  # asked once per backend: it is about the machine, not the case
             self._unavailable = self.unavailable()
         if self._unavailable:  # its rules may need what is missing
             return self._unavailable
-        unmet = (self.capabilities.unsupported(spec, device), self.unsupported(spec, device))
+        unmet = [self.capabilities.unsupported(spec, device), self.unsupported(spec, device)]
+        if captured:
+            unmet.append(self.graph_unsupported(spec, device) if self.capabilities.cuda_graphs
+                         else "no CUDA-graph replay (Capabilities.cuda_graphs)")
         return "; ".join(r for r in unmet if r) or None
 
     def graph_unsupported(self, spec: CaseSpec, device: torch.device) -> str | None:
         """Extra rules for a call captured in a CUDA graph and replayed (Capabilities.cuda_graphs),
-        asked of each batch the graph meets beyond unsupported()'s; override to add them."""
+        asked of each batch the graph meets, beside unsupported()'s; override to add them."""
         return None
 
     def compile_key(self, spec: CaseSpec):

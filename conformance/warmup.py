@@ -30,7 +30,8 @@ def warm_up_plan(backends: list[Backend], specs: list[CaseSpec], device: torch.d
         for spec in specs:
             try:
                 key = backend.compile_key(spec)
-                if key is None or mode_of(spec).refusal(backend, spec, device) or (wanted and not wanted(backend, spec)):
+                if (key is None or mode_of(spec).refusal(backend, spec, device)
+                        or (wanted and not wanted(backend, spec))):
                     continue
             except Exception:  # noqa: BLE001 - the run reports the adapter's error on this case
                 continue

@@ -69,33 +69,34 @@ def _profile_axes(p) -> list[tuple[str, str]]:
     """(axis, value) rows of one profile, the empty ones left out."""
     from conformance.fixtures import SCENARIOS
 
-    main = p.scenarios if p.scenarios is not None else tuple(
-        n for n, s in SCENARIOS.items() if s.batch(p.sizes) is not None and n not in p.long_scenarios)
+    d = p.kinds["mha"]
+    main = d.scenarios if d.scenarios is not None else tuple(
+        n for n, s in SCENARIOS.items() if s.batch(p.sizes) is not None and n not in d.long_scenarios)
     rows = [
         ("sizes", "full (`gpu` batches)" if p.sizes == "gpu" else "scaled down (`cpu` batches)"),
-        ("main grid scenarios", _names(main) + ("" if p.scenarios is not None else
+        ("main grid scenarios", _names(main) + ("" if d.scenarios is not None else
                                         " (every scenario of these sizes" + (", but the long sequences below)"
-                                                                              if p.long_scenarios else ")"))),
-        ("heads", _heads(p.heads)),
-        ("dtypes", _dtypes(p.dtypes)),
-        ("block sizes", _ints(p.block_sizes)),
-        ("variants of each main case", f"plain, sliding window {p.sliding_window} (causal scenarios), softcap "
-                                       f"{p.softcap:g}, attention sinks, fp8 e4m3 KV cache"),
-        ("sweep scenarios (plain)", _names(p.sweep_scenarios)),
-        ("sweep heads", _heads(p.sweep_heads)),
-        ("sweep block sizes", _ints(p.sweep_block_sizes)),
-        ("spot heads (first sweep scenario, first block size)", _heads(p.spot_heads)),
-        ("cache layouts `hnd`, `combined_nhd`, `combined_hnd` and interleaved pages", _names(p.layout_scenarios)),
-        ("large logits (`-logits2500`, fp16 and bf16)", _names(p.extreme_logit_scenarios)),
-        ("far pages (`-farpages`, cache past 2^31 elements)", _names(p.far_page_scenarios)),
-        ("long sequences (plain and windowed)", _names(p.long_scenarios)),
-        ("long-sequence heads", _heads(p.long_heads)),
-        ("many calls (first heads and block size)", _names(p.calls_scenarios)),
-        ("rollout vs rescore", _names(p.rollout_scenarios)),
-        ("dtypes of many calls", _dtypes(p.calls_dtypes) if p.calls_dtypes else ("every dtype" if p.calls_scenarios
+                                                                              if d.long_scenarios else ")"))),
+        ("heads", _heads(d.heads)),
+        ("dtypes", _dtypes(d.dtypes)),
+        ("block sizes", _ints(d.block_sizes)),
+        ("variants of each main case", f"plain, sliding window {d.sliding_window} (causal scenarios), softcap "
+                                       f"{d.softcap:g}, attention sinks, fp8 e4m3 KV cache"),
+        ("sweep scenarios (plain)", _names(d.sweep_scenarios)),
+        ("sweep heads", _heads(d.sweep_heads)),
+        ("sweep block sizes", _ints(d.sweep_block_sizes)),
+        ("spot heads (first sweep scenario, first block size)", _heads(d.spot_heads)),
+        ("cache layouts `hnd`, `combined_nhd`, `combined_hnd` and interleaved pages", _names(d.layout_scenarios)),
+        ("large logits (`-logits2500`, fp16 and bf16)", _names(d.extreme_logit_scenarios)),
+        ("far pages (`-farpages`, cache past 2^31 elements)", _names(d.far_page_scenarios)),
+        ("long sequences (plain and windowed)", _names(d.long_scenarios)),
+        ("long-sequence heads", _heads(d.long_heads)),
+        ("many calls (first heads and block size)", _names(d.calls_scenarios)),
+        ("rollout vs rescore", _names(d.rollout_scenarios)),
+        ("dtypes of many calls", _dtypes(d.calls_dtypes) if d.calls_dtypes else ("every dtype" if d.calls_scenarios
                                                                                   else "")),
     ]
-    m = p.mla
+    m = p.kinds.get("mla")
     if m:
         rows += [
             ("MLA scenarios (latents in the dtype and in fp8)", _names(m.scenarios)),

@@ -103,14 +103,13 @@ class Graph(CallMode):
 
     def calls(self, spec: CaseSpec) -> list[tuple[str, CaseSpec]]:
         """Each batch the graph meets, as it reaches the backend (padding included)."""
-        return [("the captured batch", spec.replace(calls=ONE_CALL))] + [
-            (f"the {name} replay", spec.replace(batch=batch, calls=ONE_CALL)) for name, batch in replays(spec.batch).items()]
+        captured = [("the captured batch", spec.replace(calls=ONE_CALL))]
+        return captured + [(f"the {name} replay", spec.replace(batch=batch, calls=ONE_CALL))
+                           for name, batch in replays(spec.batch).items()]
 
     def refusal(self, backend: Backend, spec: CaseSpec, device: torch.device) -> str | None:
         for which, call in self.calls(spec):
-            why = backend.skip_reason(call, device) or (
-                backend.graph_unsupported(call, device) if backend.capabilities.cuda_graphs
-                else "no CUDA-graph replay (Capabilities.cuda_graphs)")
+            why = backend.skip_reason(call, device, captured=True)
             if why:
                 return f"{which}: {why}"
         return None

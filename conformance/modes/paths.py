@@ -38,7 +38,8 @@ class Path(CallMode):
 
     def calls(self, spec: CaseSpec) -> list[tuple[str, CaseSpec]]:
         steps = self.steps(spec.batch)
-        return [(f"call {i + 1} of {len(steps)} ({self.name})", call_spec(spec, picks)) for i, picks in enumerate(steps)]
+        return [(f"call {i + 1} of {len(steps)} ({self.name})", call_spec(spec, picks))
+                for i, picks in enumerate(steps)]
 
     def memory(self, spec: CaseSpec) -> int:
         return call_bytes(spec) + cache_bytes(spec)  # the one call over the whole batch has a cache of its own

@@ -38,7 +38,8 @@ class RollOut(CallMode):
         """Every call the rollout makes; with a sliding window, each twice: for the full and the sliding layers."""
         windows = sorted({TinyLM.window_of(spec, layer) for layer in range(LAYERS)}, key=lambda w: w or 0)
         steps = (op for op in Rollout.of(spec.batch).schedule(spec.sliding_window) if isinstance(op, Step))
-        return [(f"the rollout's {op.phase} call {i + 1}", spec.replace(batch=op.batch, calls=ONE_CALL, sliding_window=w))
+        return [(f"the rollout's {op.phase} call {i + 1}",
+                 spec.replace(batch=op.batch, calls=ONE_CALL, sliding_window=w))
                 for i, op in enumerate(steps) for w in windows]
 
     def memory(self, spec: CaseSpec) -> int:

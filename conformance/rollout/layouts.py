@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..managers import (KINDS_OF_LAYER, HybridBlocks, HybridManager, KVCacheManager, RefCountedBlocks, RingBufferManager,
-                        RingSlots)
+from ..managers import (KINDS_OF_LAYER, HybridBlocks, HybridManager, KVCacheManager, RefCountedBlocks,
+                        RingBufferManager, RingSlots)
 from ..paged import NULL_BLOCK, _allocate_cache
 from ..spec import CaseSpec
 from .model import LAYERS, TinyLM

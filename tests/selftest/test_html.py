@@ -37,3 +37,17 @@ def test_html_report_reruns_each_failure_and_heatmap(tmp_path, capsys):
                             "-p", "no:cacheprovider"], capture_output=True, text=True,
                            env=cpu)
     assert "1 failed" in rerun.stdout, rerun.stdout[-2000:]
+
+
+def test_the_rerun_command_names_the_test_of_the_pairs_kind():
+    from conformance.html import reproduce
+    from conformance.result import Result, Status
+
+    def result(kind, heads):
+        return Result(backend="b", case=f"small_decode-fp16-bs16-{heads}", scenario="small_decode", dtype="fp16",
+                      block_size=16, heads=heads, device="cpu", status=Status.FAIL, kind=kind)
+
+    assert reproduce(result("mla", "h16"), "cpu", 0).startswith(
+        'python -m pytest "tests/test_mla_backend.py::test_mla_backend[b-small_decode-fp16-bs16-h16]" ')
+    assert reproduce(result("mha", "gqa4-d128"), "cpu", 0).startswith(
+        'python -m pytest "tests/test_backend.py::test_backend[b-small_decode-fp16-bs16-gqa4-d128]" ')
