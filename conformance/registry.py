@@ -29,9 +29,9 @@ ALL_FEATURES = frozenset({"causal", "non_causal", "sliding_window", "softcap", "
 # cases it never claimed.
 DEFAULT_FEATURES = frozenset({"causal", "non_causal", "sliding_window", "softcap"})
 # What a backend may promise to give bit for bit the same output as one call over the whole batch
-# (in the call modes of modes/paths.py and modes/invariance.py): the tokens brought in "chunks" or one by one ("tokens"), a sequence in another
-# "batch" (reordered, halved, padded), the same call again ("run_to_run"). Undeclared, the
-# difference is reported in ULPs and held to the case's tolerance.
+# (the call modes of modes/paths.py and modes/invariance.py): the tokens brought in "chunks" or one
+# by one ("tokens"), a sequence in another "batch" (reordered, halved, padded), the same call again
+# ("run_to_run"). Undeclared, the difference is reported in ULPs and held to the case's tolerance.
 BIT_EXACT = frozenset({"chunks", "tokens", "batch", "run_to_run"})
 FP32_PRECISIONS = ("ieee", "tf32")  # Capabilities.fp32_precision
 

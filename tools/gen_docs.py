@@ -160,6 +160,19 @@ def profiles_page() -> str:
     out.append("\nA backend meets the cases of its kind (dense or MLA); the pairs are what pytest collects "
                "for the built-in backends, skips included.\n")
 
+    from conformance.modes import MODES
+
+    out.append("## Call modes\n")
+    out.append("How a case reaches the backend (`CaseSpec.calls`, `conformance/modes/`; a case's id ends "
+               "`-<mode>` but for `one`), and the cases of each mode in each profile.\n")
+    out.append("| mode | what it does | " + " | ".join(f"`{p}`" for p in PROFILES) + " |")
+    out.append("| --- | --- |" + " --- |" * len(PROFILES))
+    by_mode = {p: Counter(c.calls for k in kinds for c in cases[p, k]) for p in PROFILES}
+    for mode in MODES.values():
+        out.append(f"| `{mode.name}` | {mode.description} | "
+                   + " | ".join(str(by_mode[p].get(mode.name, "-")) for p in PROFILES) + " |")
+    out.append("")
+
     for name, p in PROFILES.items():
         out.append(f"## `{name}`\n")
         out.append("| axis | value |")

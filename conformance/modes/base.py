@@ -22,7 +22,7 @@ class CallMode:
     their memory, and runs a case on a Context, returning its Judgment."""
 
     name: str = ""
-    description: str = ""  # for people: docs/cases.md lists it
+    description: str = ""  # for people: what it does, in a line (docs/profiles.md lists the modes)
     sparse = False  # it can run sparse cases (CaseSpec.topk): their index lists are drawn for the whole batch
     non_causal = False  # it can run non-causal cases (a chunk's queries would see tokens not yet in the cache)
 

@@ -19,6 +19,8 @@ CHUNK_SIZES = (1, 7, 64)  # "chunks": sequence b's i-th chunk takes CHUNK_SIZES[
 
 
 class Path(CallMode):
+    """A case's new tokens in calls of `sizes` tokens a sequence, each call over the same cache."""
+
     def __init__(self, name: str, sizes: tuple[int, ...], description: str):
         self.name, self.sizes, self.description = name, sizes, description
 

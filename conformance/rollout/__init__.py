@@ -1,5 +1,5 @@
-"""Rollout vs rescore (the "rollout" call mode, modes/rollout.py): a tiny causal LM whose attention runs through a
-backend over a paged cache, as an RL framework uses an inference engine.
+"""Rollout vs rescore (the "rollout" call mode, modes/rollout.py): a tiny causal LM whose attention
+runs through a backend over a paged cache, as an RL framework uses an inference engine.
 
 The model: seeded weights (no downloads), a vocabulary of VOCAB tokens, LAYERS layers of RMSNorm,
 attention with rotary positions over the case's heads, and a residual; then RMSNorm and the

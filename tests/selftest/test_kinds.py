@@ -32,3 +32,21 @@ def test_the_bench_counts_each_kinds_own_bytes_and_times_it():
     assert kind_of(mla).bytes_moved(case) == latent + case.q.numel() * case.q.element_size() + \
         case.out.numel() * case.out.element_size()
     assert case.latent_cache.dim() == 3 and not hasattr(case, "k_cache")  # what the old dense count read
+
+
+def test_a_profile_holds_its_cases_by_kind_and_each_kind_its_own():
+    import pytest
+
+    from conformance import SpecError
+    from conformance.fixtures import SCENARIOS
+    from conformance.matrix import MLAProfile, Profile
+
+    quick = CATALOG.profiles["quick"]
+    assert set(quick.kinds) == set(KINDS) and all(part.kind == kind for kind, part in quick.kinds.items())
+    for kind in KINDS:
+        assert {c.kind for c in quick.cases(SCENARIOS, kind)} == {kind}
+    dense = quick.kinds["mha"]
+    with pytest.raises(SpecError, match=r"Profile\(mine\).kinds\['mla'\] = DenseProfile: must be keyed by its kind"):
+        Profile("mine", "cpu", kinds={"mla": dense})
+    with pytest.raises(SpecError, match=r"kinds\['gqa'\] = MLAProfile"):
+        Profile("mine", "cpu", kinds={"gqa": MLAProfile((), (), (), ())})
