@@ -55,3 +55,12 @@ def test_noise_and_improvements_are_no_regression(tmp_path, capsys):
                  _write(tmp_path, "tonight.json", tonight, {**ENV, "flashinfer": "0.8.0"})])
     out = capsys.readouterr().out
     assert code == 0 and "## fixed: 1" in out and "flashinfer 0.7.2 -> 0.8.0" in out, out
+
+
+def test_a_report_of_before_the_call_modes_still_reads():
+    """Reports written before results named their call `mode` (the field was `calls`) still read,
+    so a nightly diff against an old report works; a new report names the kind and mode."""
+    old = {k: v for k, v in _r("a", Status.PASS).to_dict().items() if k not in ("kind", "mode")}
+    r = Result.from_dict({**old, "calls": "tokens"})
+    assert (r.kind, r.mode) == ("mha", "tokens")
+    assert {"kind", "mode"} <= set(r.to_dict()) and "calls" not in r.to_dict()
