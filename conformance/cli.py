@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         return _flakes(args.reports) if args.flakes else _report(args.reports, args.json, args.html, args.heatmap)
     if args.command == "diff":
-        text, code = diff_reports(args.before, args.after, args.ratio_factor, args.ratio_floor)
+        text, code = diff_reports(args.before, args.after, args.ratio_factor, args.ratio_floor, args.exact)
         print(text)
         return code
     if args.command == "list":

@@ -13,9 +13,14 @@ Also listed: fixed pairs, pairs new or gone, and every environment field (librar
 torch, GPU) whose value changed. A pair its adapter lists as a known failure (known.py) is no
 regression while it fails and the entry has not expired; a probe (probe.py) regresses only when it
 is newly wrong without a word.
+
+With `--exact`, for a change that must change nothing (a refactor of the suite or of an adapter):
+every pair whose status, categories or any measured number changed at all, and every pair new or
+gone, is a regression.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .known import expected
@@ -25,7 +30,10 @@ from .result import Result, Status
 RATIO_FACTOR = 2.0
 RATIO_FLOOR = 0.5
 REGRESSIONS = ("now failing", "new error", "newly skipped", "ratio grew")
-KINDS = REGRESSIONS + ("fixed", "new pair", "gone")
+KINDS = REGRESSIONS + ("fixed", "new pair", "gone", "changed")
+# What `--exact` holds every pair to: its verdict and every number a run measures of it.
+MEASURED = ("status", "categories", "err", "ref_err", "tol", "ratio", "lse_err", "lse_tol", "calls_ulp",
+            "deterministic", "rescore_diff", "noise", "seed")
 ERRORS = (Status.ERROR, Status.CRASH, Status.TIMEOUT)
 
 
@@ -35,8 +43,12 @@ class Change:
     id: str
     before: Result | None
     after: Result | None
+    fields: tuple[str, ...] = ()  # "changed": the MEASURED fields that differ
 
     def line(self) -> str:
+        if self.fields:
+            return f"{self.id}: " + "; ".join(f"{f} {getattr(self.before, f)!r} -> {getattr(self.after, f)!r}"
+                                              for f in self.fields)
         was = _state(self.before) if self.before else "absent"
         now = _state(self.after) if self.after else "absent"
         why = f": {self.after.reason[:160]}" if self.after and self.after.status != Status.PASS else ""
@@ -75,6 +87,23 @@ def changes(before: list[Result], after: list[Result], factor: float = RATIO_FAC
     return sorted(out, key=lambda c: (KINDS.index(c.kind), c.id))
 
 
+def exact_changes(before: list[Result], after: list[Result]) -> list[Change]:
+    """Every pair new, gone, or whose status, categories or a measured number (MEASURED) is not the
+    same (NaN the same as NaN)."""
+    old, new = {r.id: r for r in before}, {r.id: r for r in after}
+    out = [Change("new pair", rid, None, a) for rid, a in new.items() if rid not in old]
+    out += [Change("gone", rid, b, None) for rid, b in old.items() if rid not in new]
+    for rid, a in new.items():
+        moved = tuple(f for f in MEASURED if rid in old and not _same(getattr(old[rid], f), getattr(a, f)))
+        if moved:
+            out.append(Change("changed", rid, old[rid], a, moved))
+    return sorted(out, key=lambda c: (KINDS.index(c.kind), c.id))
+
+
+def _same(x, y) -> bool:
+    return x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))
+
+
 def version_changes(before_env: dict, after_env: dict) -> list[str]:
     """`field old -> new` for each environment field whose value changed."""
     return [f"{k} {before_env.get(k)} -> {after_env.get(k)}" for k in sorted(set(before_env) | set(after_env))
@@ -82,11 +111,11 @@ def version_changes(before_env: dict, after_env: dict) -> list[str]:
 
 
 def diff_reports(before_path: str, after_path: str, factor: float = RATIO_FACTOR,
-                 floor: float = RATIO_FLOOR) -> tuple[str, int]:
-    """The Markdown the command prints, and its exit code (1: a regression)."""
+                 floor: float = RATIO_FLOOR, exact: bool = False) -> tuple[str, int]:
+    """The Markdown the command prints, and its exit code (1: a regression; with `exact`, any change)."""
     (b_meta, before), (a_meta, after) = read_json(before_path), read_json(after_path)
-    found = changes(before, after, factor, floor)
-    regressions = [c for c in found if c.kind in REGRESSIONS]
+    found = exact_changes(before, after) if exact else changes(before, after, factor, floor)
+    regressions = found if exact else [c for c in found if c.kind in REGRESSIONS]
     lines = [f"# {after_path} against {before_path}", "",
              f"{len(after)} pairs tonight, {len(before)} before; "
              f"{len(regressions)} regression{'s' * (len(regressions) != 1)}"]
@@ -96,7 +125,7 @@ def diff_reports(before_path: str, after_path: str, factor: float = RATIO_FACTOR
     for kind in KINDS:
         of_kind = [c for c in found if c.kind == kind]
         if of_kind:
-            shown = 200 if kind in REGRESSIONS else 20  # regressions in full (within reason), a sample of the rest
+            shown = 200 if exact or kind in REGRESSIONS else 20  # regressions in full (within reason), else a sample
             title = kind + (f" (passing, err/tol {factor:g}x, to {floor:g} or more)" if kind == "ratio grew" else "")
             lines += ["", f"## {title}: {len(of_kind)}", ""] + [f"- {c.line()}" for c in of_kind[:shown]]
             if len(of_kind) > shown:

@@ -104,6 +104,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("ratio_factor", "a passing pair's err/tol that grew this many times ...", ("diff",), RATIO_FACTOR,
            type=float),
     Option("ratio_floor", "... to at least this is a regression", ("diff",), RATIO_FLOOR, type=float),
+    Option("exact", "every pair must keep its status, categories and every measured number (err, tol, ratio, "
+           "ULPs ...), and no pair may be new or gone: any change is a regression (for a change that must "
+           "change nothing, such as a refactor)", ("diff",), action="store_true"),
     Option("heads", "head-config preset, dense or MLA", ("bench",), "llama3_8b", metavar="NAME"),
     Option("dtype", "query and cache dtype", ("bench",), "bf16", choices=tuple(DTYPES)),
     Option("block_size", "page size in tokens", ("bench",), 16, type=int),

@@ -1,6 +1,7 @@
 """`python -m conformance diff`: a planted regression of each kind is flagged (exit 1), a run
 against itself is not, and library versions that changed are named."""
 import dataclasses
+import math
 
 import pytest
 
@@ -64,3 +65,17 @@ def test_a_report_of_before_the_call_modes_still_reads():
     r = Result.from_dict({**old, "calls": "tokens"})
     assert (r.kind, r.mode) == ("mha", "tokens")
     assert {"kind", "mode"} <= set(r.to_dict()) and "calls" not in r.to_dict()
+
+
+def test_exact_holds_every_number_of_every_pair(tmp_path, capsys):
+    """`diff --exact`: a refactor's check. A number one ULP off, a pair gone and a pair new are each a
+    regression; the same report, NaN numbers included, is none."""
+    last = [dataclasses.replace(r, err=0.125, lse_err=math.nan) for r in LAST]
+    before = _write(tmp_path, "before.json", last)
+    assert main(["diff", "--exact", before, before]) == 0
+    moved = [dataclasses.replace(last[0], err=math.nextafter(0.125, 1))] + last[1:-1] + [_r("g", Status.PASS)]
+    assert main(["diff", "--exact", before, _write(tmp_path, "after.json", moved)]) == 1
+    out = capsys.readouterr().out
+    assert "3 regressions" in out and "a-mixed_small-fp16-bs16-gqa4-d128: err 0.125 -> 0.12500000000000003" in out
+    assert "## new pair: 1" in out and "## gone: 1" in out
+    assert main(["diff", before, _write(tmp_path, "after.json", moved)]) == 0  # below the usual diff's notice
