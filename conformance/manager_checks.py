@@ -11,7 +11,8 @@ After every step:
 - every token of every request reads back what was written for it, through its table (a block
   handed out twice, freed too early or written while shared shows here, as attention would see it);
 - a write goes only into a block its request holds alone (a shared partial block is copied first);
-- an allocation that raises OutOfBlocks changed nothing;
+- an allocation that raises OutOfBlocks changed nothing, and the free blocks really did not cover
+  its new blocks and copies (a manager that refuses with room to spare starves the engine);
 - and when every request has ended (a step of its own), every block is free.
 
 Sliding-window ring buffers (RingBufferManager) and hybrid managers (HybridManager) have contracts of
@@ -162,14 +163,25 @@ def contract(manager: type[KVCacheManager], num_blocks: int = NUM_BLOCKS, block_
 
         def _allocate(self, request: int, n: int) -> bool:
             """The manager's allocate, its copies made in the cache; False when it ran out of blocks."""
+            need, free = self._needed(request, n), self.manager.num_free_blocks()
             copies = self._unless_exhausted(f"allocate({request}, {n})", lambda: self.manager.allocate(request, n))
             if copies is EXHAUSTED:
+                assert free < need, (f"allocate({request}, {n}) raised OutOfBlocks with {free} free blocks; it needs "
+                                     f"{need} (new blocks, and a copy of a shared partial last block)")
                 return False
             for src, dst in copies:
                 for slot in range(bs):
                     if (src, slot) in self.cache:
                         self.cache[dst, slot] = self.cache[src, slot]
             return True
+
+        def _needed(self, request: int, n: int) -> int:
+            """The blocks n more tokens of `request` take, by the protocol: the new ones, and a copy of
+            its last block when that is partly filled and shared."""
+            held = len(self.tokens.get(request, ()))
+            table = self.manager.block_table(request) if request in self.tokens else []
+            shared_partial = held % bs != 0 and self.manager.ref_count(table[-1]) > 1
+            return -(-(held + n) // bs) - len(table) + shared_partial
 
         def _grow(self, request: int, n: int) -> bool:
             """Room for n more tokens, then their ids into the slots the table gives them."""

@@ -99,9 +99,7 @@ class RefCountedBlocks(KVCacheManager):
         if num_tokens < 1:
             raise ValueError(f"allocate(num_tokens={num_tokens}): must be >= 1")
         table, held = self._tables.get(request, []), self._tokens.get(request, 0)
-        new_blocks = -(-(held + num_tokens) // self.block_size) - len(table)
-        # The next token goes into the last block, unless that is full: copy it first if shared.
-        copy = held % self.block_size != 0 and self._refs[table[-1]] > 1
+        new_blocks, copy = self._needed(request, num_tokens)
         if new_blocks + copy > len(self._free):
             raise OutOfBlocks(f"request {request} needs {new_blocks + copy} blocks for {num_tokens} tokens; "
                               f"{len(self._free)} free")
@@ -114,6 +112,13 @@ class RefCountedBlocks(KVCacheManager):
         table += [self._take() for _ in range(new_blocks)]
         self._tables[request], self._tokens[request] = table, held + num_tokens
         return copies
+
+    def _needed(self, request: int, num_tokens: int) -> tuple[int, bool]:
+        """The new blocks `num_tokens` more tokens of `request` take, and whether its last block must
+        be copied first (the next token goes into it unless it is full: copied if shared)."""
+        table, held = self._tables.get(request, []), self._tokens.get(request, 0)
+        copy = held % self.block_size != 0 and self._refs[table[-1]] > 1
+        return -(-(held + num_tokens) // self.block_size) - len(table), copy
 
     def fork(self, parent, child):
         if child in self._tables:

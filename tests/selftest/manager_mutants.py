@@ -13,6 +13,7 @@ BUGS = {
                              "mid-step loses them)",
     "half_allocated_on_exhaustion": "allocate that runs out of blocks raises only after taking every free one",
     "fork_without_sharing": "fork gives the child fresh blocks for the parent's full blocks instead of sharing them",
+    "refuses_with_room": "allocate raises OutOfBlocks when it would take the last free block (one held back)",
 }
 
 
@@ -20,6 +21,8 @@ class BrokenBlocks(RefCountedBlocks):
     bug = ""
 
     def allocate(self, request, num_tokens):
+        if self.bug == "refuses_with_room" and sum(self._needed(request, num_tokens)) == len(self._free) > 0:
+            raise OutOfBlocks(f"request {request}: keeping the last free block back")
         if self.bug == "half_allocated_on_exhaustion":
             try:
                 return super().allocate(request, num_tokens)
