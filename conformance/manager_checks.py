@@ -11,6 +11,9 @@ After every step:
 - every token of every request reads back what was written for it, through its table (a block
   handed out twice, freed too early or written while shared shows here, as attention would see it);
 - a write goes only into a block its request holds alone (a shared partial block is copied first);
+- a step changes no table but its own request's, and that one only by new blocks and the copy of a
+  shared partial last block: nothing else is un-shared, copied or moved (a fork leaves its parent
+  as it was, a free every other request);
 - an allocation that raises OutOfBlocks changed nothing, and the free blocks really did not cover
   its new blocks and copies (a manager that refuses with room to spare starves the engine);
 - and when every request has ended (a step of its own), every block is free.
@@ -120,7 +123,9 @@ def contract(manager: type[KVCacheManager], num_blocks: int = NUM_BLOCKS, block_
             if parent not in self.tokens:
                 return multiple()
             child = next(self.ids)
+            before = self._tables()
             self.manager.fork(parent, child)
+            self._kept(f"fork({parent}, {child})", before, child)
             self.tokens[child] = list(self.tokens[parent])
             full = len(self.tokens[parent]) // bs
             mine, theirs = self.manager.block_table(child)[:full], self.manager.block_table(parent)[:full]
@@ -163,25 +168,44 @@ def contract(manager: type[KVCacheManager], num_blocks: int = NUM_BLOCKS, block_
 
         def _allocate(self, request: int, n: int) -> bool:
             """The manager's allocate, its copies made in the cache; False when it ran out of blocks."""
-            need, free = self._needed(request, n), self.manager.num_free_blocks()
+            before, free = self._tables(), self.manager.num_free_blocks()
+            need, copied = self._needed(request, n, before), self._shared_partial(request, before)
             copies = self._unless_exhausted(f"allocate({request}, {n})", lambda: self.manager.allocate(request, n))
             if copies is EXHAUSTED:
                 assert free < need, (f"allocate({request}, {n}) raised OutOfBlocks with {free} free blocks; it needs "
                                      f"{need} (new blocks, and a copy of a shared partial last block)")
                 return False
+            stays = before.get(request, [])[:len(self.tokens.get(request, ())) // bs if copied else None]
+            self._kept(f"allocate({request}, {n})", before, request, stays)
             for src, dst in copies:
                 for slot in range(bs):
                     if (src, slot) in self.cache:
                         self.cache[dst, slot] = self.cache[src, slot]
             return True
 
-        def _needed(self, request: int, n: int) -> int:
+        def _needed(self, request: int, n: int, tables: dict) -> int:
             """The blocks n more tokens of `request` take, by the protocol: the new ones, and a copy of
             its last block when that is partly filled and shared."""
             held = len(self.tokens.get(request, ()))
-            table = self.manager.block_table(request) if request in self.tokens else []
-            shared_partial = held % bs != 0 and self.manager.ref_count(table[-1]) > 1
-            return -(-(held + n) // bs) - len(table) + shared_partial
+            return -(-(held + n) // bs) - len(tables.get(request, [])) + self._shared_partial(request, tables)
+
+        def _shared_partial(self, request: int, tables: dict) -> bool:
+            """Whether the request's last block is partly filled and shared: its next write copies it."""
+            held = len(self.tokens.get(request, ()))
+            return held % bs != 0 and self.manager.ref_count(tables[request][-1]) > 1
+
+        def _tables(self) -> dict[int, list[int]]:
+            return {r: self.manager.block_table(r) for r in self.tokens}
+
+        def _kept(self, step: str, before: dict, request: int | None = None, stays: list | None = None) -> None:
+            """After `step`: every table but `request`'s as before, and `request`'s beginning with `stays`."""
+            after = self._tables() | ({request: self.manager.block_table(request)} if request is not None else {})
+            for r, table in before.items():
+                want = table if r != request else stays
+                got = after.get(r, [])[:len(want)]
+                assert r not in after or got == want, (f"{step} changed request {r}'s blocks {want} to {got}: "
+                                                       f"only new blocks and the copy of a shared partial last "
+                                                       f"block may change, and only the step's own request's")
 
         def _grow(self, request: int, n: int) -> bool:
             """Room for n more tokens, then their ids into the slots the table gives them."""
@@ -203,8 +227,10 @@ def contract(manager: type[KVCacheManager], num_blocks: int = NUM_BLOCKS, block_
             return True
 
         def _end(self, request: int) -> None:
+            before = self._tables()
             self.manager.free(request)
             del self.tokens[request]
+            self._kept(f"free({request})", {r: t for r, t in before.items() if r != request})
 
         def _free_units(self) -> int:
             return self.manager.num_free_blocks()

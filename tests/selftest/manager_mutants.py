@@ -14,6 +14,7 @@ BUGS = {
     "half_allocated_on_exhaustion": "allocate that runs out of blocks raises only after taking every free one",
     "fork_without_sharing": "fork gives the child fresh blocks for the parent's full blocks instead of sharing them",
     "refuses_with_room": "allocate raises OutOfBlocks when it would take the last free block (one held back)",
+    "unshares_full_blocks": "allocate copies the request's shared full blocks too (data kept, sharing lost)",
 }
 
 
@@ -39,6 +40,14 @@ class BrokenBlocks(RefCountedBlocks):
                 self._refs[src] += 1
                 self._release(dst)
             copies = []
+        if self.bug == "unshares_full_blocks":
+            table = self._tables[request]
+            for i in range(self._tokens[request] // self.block_size):
+                if self._refs[table[i]] > 1 and self._free:
+                    dst = self._take()
+                    copies.append((table[i], dst))
+                    self._release(table[i])
+                    table[i] = dst
         self._latest = getattr(self, "_latest", {})
         self._latest[request] = self._tables[request][before:]
         return copies
