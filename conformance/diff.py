@@ -93,10 +93,11 @@ def exact_changes(before: list[Result], after: list[Result]) -> list[Change]:
     old, new = {r.id: r for r in before}, {r.id: r for r in after}
     out = [Change("new pair", rid, None, a) for rid, a in new.items() if rid not in old]
     out += [Change("gone", rid, b, None) for rid, b in old.items() if rid not in new]
-    for rid, a in new.items():
-        moved = tuple(f for f in MEASURED if rid in old and not _same(getattr(old[rid], f), getattr(a, f)))
+    for rid, b in old.items():
+        a = new.get(rid)
+        moved = tuple(f for f in MEASURED if a is not None and not _same(getattr(b, f), getattr(a, f)))
         if moved:
-            out.append(Change("changed", rid, old[rid], a, moved))
+            out.append(Change("changed", rid, b, a, moved))
     return sorted(out, key=lambda c: (KINDS.index(c.kind), c.id))
 
 

@@ -16,11 +16,12 @@ from .result import Result, Status
 
 def reproduce(r: Result, profile: str, seed: int) -> str:
     """The one command that reruns this pair alone."""
-    test = KINDS[r.kind].test  # the pair's test, in tests/<test>.py
+    kind = KINDS[r.kind]  # its test is in tests/<test>.py
     backend = r.backend.removeprefix("probe-") if r.probe else r.backend
     flag = pytest_flag
-    return (f'python -m pytest "tests/{test}.py::{KINDS[r.kind].test_id(r.backend, r.case)}" {flag("backend")} {backend} {flag("scenario")} {r.scenario} '
-            f"{flag('profile')} {profile} {flag('seed')} {seed}" + (f" {flag('probe')}" if r.probe else ""))
+    return (f'python -m pytest "tests/{kind.test}.py::{kind.test_id(r.backend, r.case)}" {flag("backend")} {backend} '
+            f"{flag('scenario')} {r.scenario} {flag('profile')} {profile} {flag('seed')} {seed}"
+            + (f" {flag('probe')}" if r.probe else ""))
 
 
 def _status(r: Result) -> str:

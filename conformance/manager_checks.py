@@ -169,25 +169,20 @@ def contract(manager: type[KVCacheManager], num_blocks: int = NUM_BLOCKS, block_
         def _allocate(self, request: int, n: int) -> bool:
             """The manager's allocate, its copies made in the cache; False when it ran out of blocks."""
             before, free = self._tables(), self.manager.num_free_blocks()
-            need, copied = self._needed(request, n, before), self._shared_partial(request, before)
+            held, copied = len(self.tokens.get(request, ())), self._shared_partial(request, before)
+            need = -(-(held + n) // bs) - len(before.get(request, [])) + copied  # new blocks and the copy
             copies = self._unless_exhausted(f"allocate({request}, {n})", lambda: self.manager.allocate(request, n))
             if copies is EXHAUSTED:
                 assert free < need, (f"allocate({request}, {n}) raised OutOfBlocks with {free} free blocks; it needs "
                                      f"{need} (new blocks, and a copy of a shared partial last block)")
                 return False
-            stays = before.get(request, [])[:len(self.tokens.get(request, ())) // bs if copied else None]
+            stays = before.get(request, [])[:held // bs if copied else None]
             self._kept(f"allocate({request}, {n})", before, request, stays)
             for src, dst in copies:
                 for slot in range(bs):
                     if (src, slot) in self.cache:
                         self.cache[dst, slot] = self.cache[src, slot]
             return True
-
-        def _needed(self, request: int, n: int, tables: dict) -> int:
-            """The blocks n more tokens of `request` take, by the protocol: the new ones, and a copy of
-            its last block when that is partly filled and shared."""
-            held = len(self.tokens.get(request, ()))
-            return -(-(held + n) // bs) - len(tables.get(request, [])) + self._shared_partial(request, tables)
 
         def _shared_partial(self, request: int, tables: dict) -> bool:
             """Whether the request's last block is partly filled and shared: its next write copies it."""

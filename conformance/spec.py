@@ -327,7 +327,8 @@ class CaseSpec:
         for field, plain in self.heads.fixed_case_fields.items():
             _require(getattr(self, field) == plain, f"CaseSpec.{field}", getattr(self, field),
                      f"must be {plain!r} in a case whose heads are {type(self.heads).__name__} ({self.kind})")
-        _require(isinstance(self.calls, str) and self.calls in CALL_MODES, "CaseSpec.calls", self.calls, f"must be one of {tuple(CALL_MODES)}")
+        _require(isinstance(self.calls, str) and self.calls in CALL_MODES, "CaseSpec.calls", self.calls,
+                 f"must be one of {tuple(CALL_MODES)}")
         CALL_MODES[self.calls](self)  # the call mode's own rules
 
     @property
