@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from .costs import phase
 from .kinds import make_inputs, reference_attention
 from .memory import SMALL_CASE
 from .paged import Pages
@@ -23,15 +24,19 @@ class Prepared:
 
     @functools.cached_property
     def ref(self) -> Reference:
-        return reference_attention(self.inputs, "float64")
+        return self._reference("float64")
 
     @functools.cached_property
     def ref_lowp(self) -> Reference:
-        return reference_attention(self.inputs, "lowp")
+        return self._reference("lowp")
 
     @functools.cached_property
     def ref_tf32(self) -> Reference:  # an fp32 case computed as by TF32 matmuls (reference.to_tf32)
-        return reference_attention(self.inputs, "tf32")
+        return self._reference("tf32")
+
+    def _reference(self, precision: str) -> Reference:
+        with phase("reference"):
+            return reference_attention(self.inputs, precision)
 
 
 class PreparedCases:
@@ -47,7 +52,8 @@ class PreparedCases:
     def __call__(self, spec: CaseSpec) -> Prepared:
         if spec not in self._cases:
             self.make_room(spec)
-            self._cases[spec] = Prepared(make_inputs(spec, self.device, spec.seed(self.base_seed)))
+            with phase("inputs"):
+                self._cases[spec] = Prepared(make_inputs(spec, self.device, spec.seed(self.base_seed)))
         self._cases.move_to_end(spec)
         return self._cases[spec]
 

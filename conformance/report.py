@@ -5,6 +5,7 @@ import json
 import lzma
 import platform
 import re
+import statistics
 import sys
 from collections import Counter, defaultdict
 from importlib.metadata import PackageNotFoundError, version
@@ -18,6 +19,7 @@ from .spec import ONE_CALL
 # Libraries of the built-in backends, by their distribution names (what records a version).
 LIBRARIES = {"triton": "triton", "flashinfer": "flashinfer-python", "flash_attn": "flash-attn",
              "flash_attn_3": "flash_attn_3", "flash_attn_4": "flash-attn-4"}
+GiB = 1 << 30
 REPORT_SCHEMA = "attention-conformance/report/v1"
 BAD = (Status.FAIL, Status.ERROR, Status.CRASH, Status.TIMEOUT)
 
@@ -127,18 +129,53 @@ def _text_table(rows: list[list[str]]) -> str:
 
 
 def format_cost(results: list[Result]) -> str:
-    """Markdown: the seconds each backend and each scenario cost (the backend's and the harness's
-    time of every pair run, summed over a run's processes: the device time a tier takes), largest first."""
-    lines = []
+    """Markdown: where the time went (each phase of costs.py over the pairs run: in all, and the
+    median pair), the 20 longest pairs by wall, the memory estimates against the measured peaks
+    (CUDA), and the seconds each backend and each scenario cost (the backend's and the harness's time
+    of every pair run, summed over a run's processes: the device time a tier takes), largest first."""
+    ran = [r for r in results if r.status != Status.SKIP and r.backend_seconds is not None]
+    lines = ["| phase | seconds in all | median pair, ms |", "| --- | --- | --- |"]
+    for name, what in PHASE_NAMES.items():
+        seconds = [getattr(r, f"{name}_seconds") or 0.0 for r in ran]
+        if seconds:
+            lines.append(f"| {what} | {sum(seconds):.1f} | {1000 * statistics.median(seconds):.1f} |")
+    lines += ["", f"The {min(20, len(ran))} longest pairs by wall (seconds):", "",
+              "| pair | wall | " + " | ".join(PHASE_NAMES) + " |", "| --- |" + " --- |" * (len(PHASE_NAMES) + 1)]
+    for r in sorted(ran, key=lambda r: -r.wall)[:20]:
+        lines.append(f"| {r.id} | {r.wall:.1f} | "
+                     + " | ".join(f"{getattr(r, f'{name}_seconds') or 0:.1f}" for name in PHASE_NAMES) + " |")
+    lines += ["", memory_accuracy(ran), ""]
     for what in ("backend", "scenario"):
         seconds, pairs = Counter(), Counter()
-        for r in results:
-            if r.status != Status.SKIP:
-                seconds[getattr(r, what)] += r.seconds
-                pairs[getattr(r, what)] += 1
+        for r in ran:
+            seconds[getattr(r, what)] += r.seconds
+            pairs[getattr(r, what)] += 1
         lines += [f"| {what} | seconds | pairs run |", "| --- | --- | --- |"]
         lines += [f"| {name} | {s:.1f} | {pairs[name]} |" for name, s in seconds.most_common()] + [""]
     return "\n".join(lines)
+
+
+# The phases of a pair's time (costs.py), as the Result's `<name>_seconds` fields hold them.
+PHASE_NAMES = {"wait": "waiting for GPU memory", "inputs": "inputs and fresh caches", "reference": "references",
+               "backend": "backend calls", "compile": "... of which compiling", "judge": "judging"}
+
+
+def memory_accuracy(results: list[Result]) -> str:
+    """How close the memory estimates (what a case is admitted with) came to the measured peaks, over
+    the pairs that took more than the idle claim: the ratio estimate / peak, whose median sets how
+    many big cases share the GPU at once."""
+    pairs = [r for r in results if r.memory_peak and r.memory_estimate and r.memory_peak > GiB]
+    if not pairs:
+        return "Memory estimates: no pair measured over 1 GiB (CUDA only)."
+    ratios = sorted(r.memory_estimate / r.memory_peak for r in pairs)
+    q = statistics.quantiles(ratios, n=10) if len(ratios) > 1 else ratios * 9
+    under = [r for r in pairs if r.memory_estimate < r.memory_peak]
+    text = (f"Memory estimate / measured peak over {len(pairs)} pairs that peaked over 1 GiB: median "
+            f"{statistics.median(ratios):.2f}, 10th-90th percentile {q[0]:.2f}-{q[-1]:.2f}, least {ratios[0]:.2f}, "
+            f"most {ratios[-1]:.2f}; {len(under)} under their peak")
+    worst = min(under, key=lambda r: r.memory_estimate / r.memory_peak, default=None)
+    return text + (f" (the least: {worst.id}, {worst.memory_estimate / GiB:.1f} GiB for a peak of "
+                   f"{worst.memory_peak / GiB:.1f} GiB)." if worst else ".")
 
 
 def summarize(results: list[Result], verbose: bool = False) -> str:
@@ -158,12 +195,16 @@ def summarize(results: list[Result], verbose: bool = False) -> str:
     categories = Counter(c.value for r in results for c in r.categories)
     if categories:
         lines.append("what went wrong: " + ", ".join(f"{c} {n}" for c, n in categories.most_common()))
-    harness = sum(r.harness_seconds or 0 for r in results)
-    backend = sum(r.backend_seconds or 0 for r in results)
-    n_cases = len({r.case for r in results if r.harness_seconds is not None})
-    if n_cases:
-        lines.append(f"time: harness {harness:.1f}s over {n_cases} cases run ({1000 * harness / n_cases:.1f} ms/case: "
-                     f"inputs, references, judging), backends {backend:.1f}s")
+    ran = [r for r in results if r.harness_seconds is not None]
+    if ran:
+        def ms(name: str) -> str:
+            return f"{1000 * statistics.median(getattr(r, f'{name}_seconds') or 0.0 for r in ran):.1f}"
+        lines.append(f"time: {len(ran)} pairs run; the median pair's harness {ms('harness')} ms (inputs {ms('inputs')}, "
+                     f"references {ms('reference')}, judging {ms('judge')}), backend {ms('backend')} ms; in all "
+                     f"harness {sum(r.harness_seconds for r in ran):.1f}s, backends "
+                     f"{sum(r.backend_seconds or 0 for r in ran):.1f}s (compiling "
+                     f"{sum(r.compile_seconds or 0 for r in ran):.1f}s), waiting for memory "
+                     f"{sum(r.wait_seconds or 0 for r in ran):.1f}s")
     # Bad results grouped by backend, status and the first line of the reason, one example each.
     bad = defaultdict(list)
     for r in results:

@@ -80,8 +80,14 @@ class Result:
     ratio: float | None = None  # err / tol, <= 1 passes
     lse_err: float | None = None
     lse_tol: float | None = None
-    backend_seconds: float | None = None
-    harness_seconds: float | None = None  # inputs, references and judging; the backend excluded
+    # Where the run's time went (costs.py: exclusive phases that add up to its wall time):
+    backend_seconds: float | None = None  # the backend's calls ...
+    compile_seconds: float | None = None  # ... of which torch.compile's and Triton's compiles
+    harness_seconds: float | None = None  # inputs, references and judging: the rest but the wait
+    inputs_seconds: float | None = None  # building the case and its fresh caches
+    reference_seconds: float | None = None  # the float64 and low-precision references
+    judge_seconds: float | None = None  # comparing, and the call mode's bookkeeping
+    wait_seconds: float | None = None  # CUDA: waiting for GPU memory (memory.DeviceMemory)
     seed: int | None = None
     memory_estimate: int | None = None  # CUDA: bytes the case was admitted with (modes.case_bytes)
     memory_peak: int | None = None  # CUDA: the most bytes this process had allocated during the run
@@ -100,6 +106,11 @@ class Result:
     def seconds(self) -> float:
         """What the pair cost: the backend's and the harness's time."""
         return (self.backend_seconds or 0.0) + (self.harness_seconds or 0.0)
+
+    @property
+    def wall(self) -> float:
+        """How long the pair took in its process: its cost and its wait for memory."""
+        return self.seconds + (self.wait_seconds or 0.0)
 
     @classmethod
     def of(cls, identity: dict, verdict: Verdict, **measured) -> "Result":

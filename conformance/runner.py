@@ -4,10 +4,10 @@ judged, or the refusal that ended it, into the Result."""
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import torch
 
+from .costs import phase, timing
 from .known import known_failure
 from .managers import RefCountedBlocks
 from .memory import SMALL_CASE, DeviceMemory, shrink_local_memory, too_big
@@ -61,19 +61,19 @@ class Runner:
         refused = refusal(backend, spec, self.device)
         if refused:
             return Result.of(who, refused)
-        measured = self._admit(spec) if self.memory else {}
-        t0 = time.perf_counter()  # the harness's time starts once the case has its memory
-        ctx = Context(backend, self.device, self.cases, self.finite_poison, self.manager)
-        try:
-            judged = mode.run(ctx, spec)
-            verdict = judged.verdict()
-            measured.update(judged.numbers.fields(), backend_seconds=ctx.backend_seconds,
-                            harness_seconds=time.perf_counter() - t0 - ctx.backend_seconds)
-        except Refused as e:  # the adapter refused the call, raised or returned something wrong
-            verdict = e.verdict
-        except torch.OutOfMemoryError as e:  # the machine's limit, not the backend's fault: say so, go on
-            self.cases.clear()  # (the backend's own OOM is its ERROR)
-            verdict = failed(Category.OUT_OF_MEMORY, f"the case does not fit in memory here: {error_text(e)}")
+        with timing() as watch:
+            measured = self._admit(spec) if self.memory else {}
+            ctx = Context(backend, self.device, self.cases, self.finite_poison, self.manager)
+            try:
+                judged = mode.run(ctx, spec)
+                verdict = judged.verdict()
+                measured.update(judged.numbers.fields())
+            except Refused as e:  # the adapter refused the call, raised or returned something wrong
+                verdict = e.verdict
+            except torch.OutOfMemoryError as e:  # the machine's limit, not the backend's fault: say so, go on
+                self.cases.clear()  # (the backend's own OOM is its ERROR)
+                verdict = failed(Category.OUT_OF_MEMORY, f"the case does not fit in memory here: {error_text(e)}")
+            measured.update(watch.fields())
         if self.memory:
             measured["memory_peak"] = torch.cuda.max_memory_allocated(self.device)
         self._release()  # the case's cache is gone with the mode's frame: the memory can go back
@@ -84,8 +84,9 @@ class Runner:
         self.cases.make_room(spec)  # a process waiting for memory holds no case it will not run again
         self.memory.settle(torch.cuda.memory_allocated(self.device))
         need = case_bytes(spec)
-        if self.memory.admit(need, self.on_waiting):  # waits for room on the GPU
-            self.on_admitted()
+        with phase("wait"):
+            if self.memory.admit(need, self.on_waiting):  # waits for room on the GPU
+                self.on_admitted()
         torch.cuda.reset_peak_memory_stats(self.device)
         return {"memory_estimate": need}
 

@@ -2,11 +2,11 @@
 to run a case with (the backend's checked, timed call and the prepared cases)."""
 from __future__ import annotations
 
-import time
 import traceback
 
 import torch
 
+from ..costs import backend_phase, phase
 from ..judge import Judgment
 from ..memory import call_bytes
 from ..paged import PagedBatch
@@ -75,13 +75,12 @@ class BadOutput(Exception):
 class Context:
     """What a mode runs one backend on one case with: the runner's device and prepared cases, the
     poison for unused slots, the manager of a rollout's blocks, the base seed; and the backend's
-    checked call, timed (backend_seconds sums every timed block)."""
+    checked call, timed (costs.backend_phase: every timed block is the run's backend time)."""
 
     def __init__(self, backend: Backend, device: torch.device, prepared: PreparedCases, finite_poison: bool,
                  manager: type):
         self.backend, self.device, self.prepared, self.manager = backend, device, prepared, manager
         self.finite_poison = backend.finite_poison or finite_poison
-        self.backend_seconds = 0.0
 
     @property
     def base_seed(self) -> int:
@@ -89,22 +88,22 @@ class Context:
 
     def fresh(self, prep: Prepared) -> PagedBatch:
         """The prepared case's tensors, its cache new and poisoned, its output NaN."""
-        return prep.inputs.materialize(finite_poison=self.finite_poison)
+        with phase("inputs"):
+            return prep.inputs.materialize(finite_poison=self.finite_poison)
 
     def timed(self, calls):
-        """What calls() returned, its time added to backend_seconds; an adapter's refusal at call
-        time, bad return or exception raises Refused with the verdict it means."""
+        """What calls() returned, timed as the backend's; an adapter's refusal at call time, bad
+        return or exception raises Refused with the verdict it means."""
         self.sync()
-        t = time.perf_counter()
         try:
-            returned = calls()
+            with backend_phase():
+                returned = calls()
         except Unsupported as e:
             raise Refused(Verdict(Status.SKIP, f"refused at call time: {e}")) from None
         except BadOutput as e:
             raise Refused(failed(Category.BAD_RETURN, str(e))) from None
         except Exception as e:  # noqa: BLE001 - an adapter's exception is its result, not the run's end
             raise Refused(failed(Category.ADAPTER_RAISED, error_text(e))) from None
-        self.backend_seconds += time.perf_counter() - t
         return returned
 
     def call(self, case: PagedBatch):

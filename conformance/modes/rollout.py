@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..costs import phase
 from ..judge import Judgment, Numbers
 from ..memory import cache_bytes, call_bytes
 from ..paged import poison_value
@@ -50,9 +51,12 @@ class RollOut(CallMode):
     def run(self, ctx: Context, spec: CaseSpec) -> Judgment:
         check_manager(ctx.manager, spec)  # a manager that cannot run this rollout is the caller's error
         poison = poison_value(spec.cache_dtype, ctx.finite_poison)
-        got = ctx.timed(lambda: roll_out(spec, ctx.device, spec.seed(ctx.base_seed), lambda case: ctx.call(case)[0],
-                                         poison, ctx.manager))
-        return judge(ctx.backend, spec, got, score(got))
+        with phase("inputs"):  # the tiny LM around the backend's calls, which time as its own
+            got = roll_out(spec, ctx.device, spec.seed(ctx.base_seed), lambda case: ctx.timed(lambda: ctx.call(case))[0],
+                           poison, ctx.manager)
+        with phase("reference"):
+            scores = score(got)
+        return judge(ctx.backend, spec, got, scores)
 
 
 def judge(backend, spec: CaseSpec, got: Generated, ref: Scores) -> Judgment:

@@ -64,7 +64,7 @@ def test_the_library_has_no_import_cycle():
 # from lower ranks and from its own layer only: runners and reports share a rank and know nothing
 # of each other (a report reads Results; it never runs anything).
 LAYERS = {
-    "values": (0, {"spec", "result", "tolerance", "known", "managers", "manager_checks", "triton_rules"}),
+    "values": (0, {"spec", "result", "costs", "tolerance", "known", "managers", "manager_checks", "triton_rules"}),
     "cases": (1, {"paged", "reference", "mla", "kinds", "calls", "memory", "prepared", "registry", "probe", "judge",
                   "matrix", "rollout", "rollout.*"}),
     "call modes": (2, {"modes", "modes.*"}),
