@@ -11,7 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
 import torch
 
@@ -19,6 +19,8 @@ from .registry import Backend, load_backends
 from .modes import mode_of
 from .runner import Runner
 from .spec import CaseSpec
+
+HEARTBEAT_SECONDS = 30  # how often a warm-up with nothing finished says what it is still building
 
 
 def warm_up_plan(backends: list[Backend], specs: list[CaseSpec], device: torch.device,
@@ -58,12 +60,21 @@ def warm_up(backends: list[Backend], specs: list[CaseSpec], device: torch.device
     plan = warm_up_plan(backends, specs, device, wanted)
     if not plan or jobs < 1:
         return
-    print(f"warm-up: {len(plan)} kernel variants in {jobs} processes", file=sys.stderr, flush=True)
+    print(f"warm-up: building {len(plan)} kernel variants in {jobs} processes (FlashInfer's JIT: about a minute of "
+          f"nvcc each on a cold cache; a warm one loads them in seconds):\n"
+          + "\n".join(f"  {name}-{spec.id}" for name, spec in plan), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         where = {b.name: type(b).__module__ for b in backends}  # a spawned process imports it to find the backend
-        futures = [pool.submit(_warm_one, name, spec, str(device), (*modules, where[name])) for name, spec in plan]
-        for f in futures:
-            case, status, seconds = f.result()
-            print(f"warm-up: {case} {status} {seconds:.0f}s", file=sys.stderr, flush=True)
+        futures = {pool.submit(_warm_one, name, spec, str(device), (*modules, where[name])): f"{name}-{spec.id}"
+                   for name, spec in plan}
+        waiting = set(futures)
+        while waiting:
+            done, waiting = wait(waiting, timeout=HEARTBEAT_SECONDS, return_when=FIRST_COMPLETED)
+            for f in done:
+                case, status, seconds = f.result()
+                print(f"warm-up: {case} {status} {seconds:.0f}s", file=sys.stderr, flush=True)
+            if not done:  # a long silence reads as a hang: say what is still building
+                print(f"warm-up: {len(plan) - len(waiting)}/{len(plan)} built in {time.perf_counter() - t0:.0f}s; "
+                      f"still building: {', '.join(sorted(futures[f] for f in waiting))}", file=sys.stderr, flush=True)
     print(f"warm-up: done in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)

@@ -42,6 +42,17 @@ def test_backends_without_keys_or_skipped_cases_plan_nothing(CompilingBackend):
     assert warm_up_plan([NoKeys(), CudaOnly()], CASES, CPU) == []
 
 
+def test_a_long_warm_up_says_what_it_is_building(CompilingBackend, tmp_path, monkeypatch, capsys):
+    import conformance.warmup as warmup
+    monkeypatch.setattr(warmup, "HEARTBEAT_SECONDS", 0.5)
+    monkeypatch.setenv("WARM_LOG", str(tmp_path / "warm.log"))
+    monkeypatch.setenv("WARM_SECONDS", "3")
+    warm_up([CompilingBackend()], CASES[:1], CPU, jobs=1, modules=("warm_backend",))
+    err = capsys.readouterr().err
+    assert "warm-up: building 1 kernel variants" in err and f"  compiling-{CASES[0].id}" in err
+    assert "0/1 built in" in err and f"still building: compiling-{CASES[0].id}" in err
+
+
 def test_warm_up_runs_one_case_per_key_in_worker_processes(CompilingBackend, tmp_path, monkeypatch):
     log = tmp_path / "warm.log"
     monkeypatch.setenv("WARM_LOG", str(log))
