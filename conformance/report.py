@@ -18,7 +18,9 @@ from .spec import ONE_CALL
 
 # Libraries of the built-in backends, by their distribution names (what records a version).
 LIBRARIES = {"triton": "triton", "flashinfer": "flashinfer-python", "flash_attn": "flash-attn",
-             "flash_attn_3": "flash_attn_3", "flash_attn_4": "flash-attn-4"}
+             "flash_attn_3": "flash_attn_3", "flash_attn_4": "flash-attn-4",
+             # FlashInfer's prebuilt kernels, used only at exactly flashinfer-python's version:
+             "flashinfer_jit_cache": "flashinfer-jit-cache", "flashinfer_cubin": "flashinfer-cubin"}
 GiB = 1 << 30
 REPORT_SCHEMA = "attention-conformance/report/v1"
 BAD = (Status.FAIL, Status.ERROR, Status.CRASH, Status.TIMEOUT)
