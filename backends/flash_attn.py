@@ -47,7 +47,8 @@ class FlashAttentionBackend(Backend):
         self.name, self.module, self.description = name, module, description
         self.finite_poison = finite_poison
         self.capabilities = Capabilities(**{
-            "devices": frozenset({"cuda"}), "dtypes": HALF, "head_dims": FA_HEAD_DIMS, "returns_lse": True, **caps})
+            "devices": frozenset({"cuda"}), "dtypes": HALF, "head_dims": FA_HEAD_DIMS, "returns_lse": True,
+            "cache_copies": 0, **caps})  # the pages read in place (flash-torch's gather is of the tokens)
 
     def unavailable(self):
         try:

@@ -85,6 +85,7 @@ class FlashInferBackend(Backend):
             returns_lse=True,
             cuda_graphs=wrapper != "prefill",  # the decode wrapper's use_cuda_graph mode (prepare_graph)
             requires=("flashinfer",),
+            cache_copies=0,  # the pages read in place
         )
 
     def unsupported(self, spec, device):
@@ -189,7 +190,7 @@ class FlashInferMLA(MLACommon):
     capabilities = Capabilities(
         devices=frozenset({"cuda"}), compute_capability=((8, 0), (9, 0)), features=frozenset({"causal"}),
         dtypes=frozenset({torch.float16, torch.bfloat16}), kv_dtypes=frozenset({"auto", "fp8_e4m3"}),
-        returns_lse=True, requires=("flashinfer",),
+        returns_lse=True, requires=("flashinfer",), cache_copies=0,
     )
 
     def __init__(self, name: str, absorbed_prefill: bool):

@@ -34,6 +34,7 @@ class FlashMLA(MLACommon):
         devices=frozenset({"cuda"}), compute_capability=((9, 0), (9, 0)), features=frozenset({"causal"}),
         dtypes=frozenset({torch.float16, torch.bfloat16}), block_sizes=frozenset({64}),
         latent_dims=frozenset({(512, 64)}),  # the only shape FlashMLA is built for
+        cache_copies=0,
         returns_lse=True, requires=("flash_mla",),
     )
 
@@ -57,7 +58,7 @@ class FlashMLASparse(MLACommon):
     description = "FlashMLA flash_mla_sparse_fwd over each query's listed cache slots (sparse cases only)"
     capabilities = Capabilities(
         devices=frozenset({"cuda"}), compute_capability=((9, 0), (10, 0)), features=frozenset({"causal", "sparse"}),
-        dtypes=frozenset({torch.bfloat16}), latent_dims=frozenset({(512, 64)}), returns_lse=True,
+        dtypes=frozenset({torch.bfloat16}), latent_dims=frozenset({(512, 64)}), returns_lse=True, cache_copies=0,
         requires=("flash_mla",),
     )
     head_tile = 64  # the kernel takes 64 or 128 query heads

@@ -88,7 +88,7 @@ class MLATorch(MLACommon):
     description = (f"plain torch MLA: absorbed decode (up to {DECODE_THRESHOLD} new tokens) over the paged latents, "
                    "expanded prefill over latents gathered through the block table")
     capabilities = Capabilities(features=frozenset({"causal", "sparse"}), kv_dtypes=frozenset(KV_DTYPES),
-                                returns_lse=True)
+                                returns_lse=True, cache_copies=0)  # gathers the sequences' latents, no pool copy
 
     def latent_attention(self, case, part, q_abs):
         L = case.spec.heads.kv_lora_rank
@@ -116,7 +116,7 @@ class MLATriton(MLACommon):
     description = (f"our split-KV Triton MLA decode kernel (up to {DECODE_THRESHOLD} new tokens) over the paged "
                    "latents; prefill expanded in torch")
     capabilities = Capabilities(features=frozenset({"causal", "sparse"}), kv_dtypes=frozenset(KV_DTYPES),
-                                returns_lse=True, requires=("triton",))
+                                returns_lse=True, requires=("triton",), cache_copies=0)
 
     def __init__(self, kernels=None):
         self._kernels = kernels  # a module like backends.triton_mla_kernels (self-tests pass broken copies)

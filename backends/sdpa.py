@@ -39,7 +39,8 @@ class SdpaBackend(Backend):
         self.name, self.kernel = name, kernel
         kernel_name = kernel.name.lower() if kernel else "default dispatch"
         self.description = f"torch SDPA ({kernel_name}) per sequence over K/V gathered through the block table"
-        caps = dict(devices=frozenset(devices), features=NO_SOFTCAP, kv_layouts=ALL_KV_LAYOUTS)
+        # cache_copies: the gather is of the sequences' tokens, which the harness's estimate holds already
+        caps = dict(devices=frozenset(devices), features=NO_SOFTCAP, kv_layouts=ALL_KV_LAYOUTS, cache_copies=0)
         if kernel != SDPBackend.CUDNN_ATTENTION:  # cuDNN gave other bits on the same call twice (H200)
             # One SDPA call per sequence, on that sequence's tensors alone: its neighbours cannot change it.
             caps["bit_exact"] = frozenset({"batch", "run_to_run"})

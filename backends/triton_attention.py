@@ -44,6 +44,7 @@ class TritonBackend(Backend):
         # Launches read every per-batch value from the case's tensors; the grid comes from shapes.
         cuda_graphs=True,
         requires=("triton",),
+        cache_copies=0,  # the kernels read the pages in place
     )
 
     def __init__(self, name: str, split: bool, kernels=None):

@@ -42,6 +42,7 @@ import torch
 
 from .kinds import kind_of
 from .reference import SCORE_CHUNK_ELEMENTS
+from .registry import Capabilities
 from .spec import CaseSpec
 
 GiB = 1 << 30
@@ -52,14 +53,17 @@ POLL_SECONDS = 0.2
 STALL_SECONDS = 10.0  # nothing runs and no claim changed this long: waiting longer frees nothing
 
 
-@functools.lru_cache(maxsize=4096)  # asked for on every run of a case
-def call_bytes(spec: CaseSpec) -> int:
+@functools.lru_cache(maxsize=8192)  # asked for on every run of a case
+def call_bytes(spec: CaseSpec, cache_copies: float = Capabilities.cache_copies) -> int:
     """An upper estimate of the device memory one backend run of `spec` in one call takes in a
     runner (whatever its call mode; a mode's estimate builds on this one): the paged cache, the
     logical inputs and both references, the reference's padded queries and accumulators (a ragged
-    batch pads every sequence to the longest query) and chunked working set, an adapter's copies of
-    the cache (a gather; K and V padded up to twice the slots), each sequence's keys expanded to
-    every query head, the cache check's masks, a sparse case's listed keys, and a margin."""
+    batch pads every sequence to the longest query) and chunked working set, the cache check's
+    masks, the harness's working copies of slices of the cache and, for a quantized cache, of the
+    tokens in fp32; then the adapter's: `cache_copies` copies of the cache (Capabilities.cache_copies),
+    each sequence's keys expanded to every query head, a sparse case's listed keys; and a margin.
+    Against the peaks measured on an H200 (results/README.md), the harness's part alone covers
+    every big case of the backends that declare no copies; flex, which pads a copy, needed 1.5."""
     b, h = spec.batch, spec.heads
     elem = torch.empty((), dtype=spec.dtype).element_size()
     token = h.cache_elements_per_token
@@ -70,11 +74,12 @@ def call_bytes(spec: CaseSpec) -> int:
     padded = b.batch_size * max(b.query_lens) * h.num_q_heads * (qk + 3 * v) * 8  # float64; acc lives thrice
     scores = b.batch_size * h.num_q_heads * max(b.query_lens) * max(b.seq_lens)  # all at once, if under a chunk
     reference_chunks = 8 * min(scores, SCORE_CHUNK_ELEMENTS) * 8
-    adapter = 4 * cache + max(b.seq_lens) * h.num_q_heads * (h.head_dim + h.out_dim) * 4 * 2
     cache_check = 2 * spec.pool_blocks * spec.block_size * token
+    working = cache // 2 + (sum(b.seq_lens) * token * 4 if spec.cache_dtype != spec.dtype else 0)
+    adapter = int(cache_copies * cache) + max(b.seq_lens) * h.num_q_heads * (h.head_dim + h.out_dim) * 4 * 2
     if spec.topk:  # sparse: the reference's mask of listed keys; an adapter's gathered latents (fp32, twice)
         adapter += b.batch_size * max(b.query_lens) * max(b.seq_lens) + 2 * b.num_query_tokens * spec.topk * token * 4
-    return cache + logical + references + padded + reference_chunks + adapter + cache_check + GiB // 4
+    return cache + logical + references + padded + reference_chunks + cache_check + working + adapter + GiB // 4
 
 
 def cache_bytes(spec: CaseSpec) -> int:

@@ -70,6 +70,12 @@ class Capabilities:
     # default, judged as fp32); "tf32", operands cut to TF32's 10-bit mantissa (Triton's default tl.dot, cuBLAS
     # with allow_tf32), judged against a reference that does the same. fp16/bf16 inputs multiply exactly.
     fp32_precision: str = "ieee"
+    # For the GPU memory estimate (memory.call_bytes): how many copies of the whole paged cache a call
+    # makes at most beyond what the harness holds (a padded copy of K and V counts one; a gather of the
+    # sequences' tokens none, the harness counts that). 0 for a kernel that reads the pages in place. The
+    # default assumes an adapter that gathers, pads and converts; a lower declaration lets more big cases
+    # share the GPU at once.
+    cache_copies: float = 4.0
 
     def unsupported(self, spec: CaseSpec, device: torch.device) -> str | None:
         """Every rule that keeps this backend from running `spec` on `device` ("; "-joined), or None."""

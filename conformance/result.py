@@ -89,7 +89,7 @@ class Result:
     judge_seconds: float | None = None  # comparing, and the call mode's bookkeeping
     wait_seconds: float | None = None  # CUDA: waiting for GPU memory (memory.DeviceMemory)
     seed: int | None = None
-    memory_estimate: int | None = None  # CUDA: bytes the case was admitted with (modes.case_bytes)
+    memory_estimate: int | None = None  # CUDA: bytes the pair was admitted with (modes.case_bytes)
     memory_peak: int | None = None  # CUDA: the most bytes this process had allocated during the run
     calls_ulp: int | None = None  # many calls: the largest difference from the one call's output (ulp_difference)
     deterministic: bool | None = None  # "invariance": the same call twice gave the same bits

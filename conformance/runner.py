@@ -62,7 +62,7 @@ class Runner:
         if refused:
             return Result.of(who, refused)
         with timing() as watch:
-            measured = self._admit(spec) if self.memory else {}
+            measured = self._admit(spec, backend) if self.memory else {}
             ctx = Context(backend, self.device, self.cases, self.finite_poison, self.manager)
             try:
                 judged = mode.run(ctx, spec)
@@ -79,11 +79,12 @@ class Runner:
         self._release()  # the case's cache is gone with the mode's frame: the memory can go back
         return Result.of(who, verdict, **measured)
 
-    def _admit(self, spec: CaseSpec) -> dict:
-        """Wait for room for the case in the GPU's memory ledger; its estimate, as measured."""
+    def _admit(self, spec: CaseSpec, backend: Backend) -> dict:
+        """Wait for room for the backend's run of the case in the GPU's memory ledger; its estimate,
+        as measured."""
         self.cases.make_room(spec)  # a process waiting for memory holds no case it will not run again
         self.memory.settle(torch.cuda.memory_allocated(self.device))
-        need = case_bytes(spec)
+        need = case_bytes(spec, backend.capabilities.cache_copies)
         with phase("wait"):
             if self.memory.admit(need, self.on_waiting):  # waits for room on the GPU
                 self.on_admitted()
@@ -110,7 +111,8 @@ def refusal(backend: Backend, spec: CaseSpec, device: torch.device) -> Verdict |
     case is to run."""
     mode = mode_of(spec)
     try:
-        reason = mode.refusal(backend, spec, device) or too_big(case_bytes(spec), device)
+        reason = mode.refusal(backend, spec, device) or too_big(case_bytes(spec, backend.capabilities.cache_copies),
+                                                                device)
     except Exception as e:  # noqa: BLE001 - a broken capability rule is the adapter's error, not the run's end
         return failed(Category.ADAPTER_RAISED, f"{backend.name}.skip_reason raised {error_text(e)}")
     return Verdict(Status.SKIP, reason) if reason else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 
+from ..registry import Capabilities
 from ..spec import CALL_MODES, CaseSpec
 from .base import CallMode, Context, Refused
 from .graph import GRAPH
@@ -31,7 +32,9 @@ def mode_of(spec: CaseSpec) -> CallMode:
     return MODES[spec.calls]
 
 
-@functools.lru_cache(maxsize=4096)  # asked for on every run of a case
-def case_bytes(spec: CaseSpec) -> int:
-    """An upper estimate of the device memory one backend run of `spec` takes, as its mode makes it."""
-    return mode_of(spec).memory(spec)
+@functools.lru_cache(maxsize=16384)  # asked for on every run of a case
+def case_bytes(spec: CaseSpec, cache_copies: float = Capabilities.cache_copies) -> int:
+    """An upper estimate of the device memory one backend run of `spec` takes, as its mode makes it,
+    for an adapter that makes `cache_copies` copies of the cache (its Capabilities.cache_copies; the
+    default assumes the most)."""
+    return mode_of(spec).memory(spec, cache_copies)

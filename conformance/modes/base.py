@@ -47,9 +47,10 @@ class CallMode:
                 return f"{which}: {why}" if which else why
         return None
 
-    def memory(self, spec: CaseSpec) -> int:
-        """An upper estimate of the device memory the case takes (memory.call_bytes for one call)."""
-        return call_bytes(spec)
+    def memory(self, spec: CaseSpec, cache_copies: float) -> int:
+        """An upper estimate of the device memory the case takes with an adapter that makes
+        `cache_copies` copies of the cache (memory.call_bytes for one call)."""
+        return call_bytes(spec, cache_copies)
 
     def run(self, ctx: "Context", spec: CaseSpec) -> Judgment:
         """Run the backend on the case in this mode's calls and judge it. An adapter's refusal,

@@ -114,8 +114,8 @@ class Graph(CallMode):
                 return f"{which}: {why}"
         return None
 
-    def memory(self, spec: CaseSpec) -> int:
-        return 3 * call_bytes(spec)  # the captured case and its two replays, each prepared
+    def memory(self, spec: CaseSpec, cache_copies: float) -> int:
+        return 3 * call_bytes(spec, cache_copies)  # the captured case and its two replays, each prepared
 
     def run(self, ctx: Context, spec: CaseSpec) -> Judgment:
         """The call captured on the case's batch, replayed on the other batches of its shape, each

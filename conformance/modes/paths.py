@@ -43,8 +43,8 @@ class Path(CallMode):
         return [(f"call {i + 1} of {len(steps)} ({self.name})", call_spec(spec, picks))
                 for i, picks in enumerate(steps)]
 
-    def memory(self, spec: CaseSpec) -> int:
-        return call_bytes(spec) + cache_bytes(spec)  # the one call over the whole batch has a cache of its own
+    def memory(self, spec: CaseSpec, cache_copies: float) -> int:
+        return call_bytes(spec, cache_copies) + cache_bytes(spec)  # the one call over the whole batch has a cache of its own
 
     def run(self, ctx: Context, spec: CaseSpec) -> Judgment:
         prep = ctx.prepared(spec)

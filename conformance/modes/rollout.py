@@ -43,10 +43,10 @@ class RollOut(CallMode):
                  spec.replace(batch=op.batch, calls=ONE_CALL, sliding_window=w))
                 for i, op in enumerate(steps) for w in windows]
 
-    def memory(self, spec: CaseSpec) -> int:
+    def memory(self, spec: CaseSpec, cache_copies: float) -> int:
         """Its largest call (one layer at a time), and every layer's cache."""
-        largest = max((call for _, call in self.calls(spec)), key=call_bytes)
-        return call_bytes(largest) + (LAYERS - 1) * cache_bytes(largest)
+        largest = max((call for _, call in self.calls(spec)), key=lambda call: call_bytes(call, cache_copies))
+        return call_bytes(largest, cache_copies) + (LAYERS - 1) * cache_bytes(largest)
 
     def run(self, ctx: Context, spec: CaseSpec) -> Judgment:
         check_manager(ctx.manager, spec)  # a manager that cannot run this rollout is the caller's error

@@ -156,7 +156,7 @@ def test_the_runner_claims_a_big_case_while_it_runs_and_settles_after(tmp_path, 
                         ("memory_reserved", 0), ("memory_allocated", GiB), ("empty_cache", None)):
         monkeypatch.setattr(torch.cuda, name, lambda *a, v=value: v)
     big = CATALOG.cases("cpu", ["small_decode"], kind="mha")[0]
-    monkeypatch.setattr(runner_module, "case_bytes", lambda spec: 6 * GiB if spec == big else GiB)
+    monkeypatch.setattr(runner_module, "case_bytes", lambda spec, copies=4.0: 6 * GiB if spec == big else GiB)
     shrunk = []
     monkeypatch.setattr(runner_module, "shrink_local_memory", lambda: shrunk.append(True))
     runner = Runner("cpu")
