@@ -10,6 +10,7 @@ fails on one seed and passes on another is reported."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import threading
@@ -25,6 +26,7 @@ from .diff import diff_reports
 from .html import write_heatmap, write_html
 from .managers import load_managers
 from .matrix import default_device, default_profile, split_names
+from .modes import case_bytes
 from .options import add_options, default
 from .registry import RegistryError, load_backends, select_backends
 from .report import (environment, failing, flake_summary, format_cost, format_table, read_json, summarize,
@@ -61,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "report":
-        return _flakes(args.reports) if args.flakes else _report(args.reports, args.json, args.html, args.heatmap)
+        return _flakes(args.reports) if args.flakes else _report(args.reports, args.json, args.html, args.heatmap,
+                                                                 args.reestimate)
     if args.command == "diff":
         text, code = diff_reports(args.before, args.after, args.ratio_factor, args.ratio_floor, args.exact)
         print(text)
@@ -161,7 +164,8 @@ def _print_flakes(by_seed: dict, header: str) -> int:
     return 0 if clean else 1
 
 
-def _report(paths: list[str], merged_path: str = "", html_path: str = "", heatmap_path: str = "") -> int:
+def _report(paths: list[str], merged_path: str = "", html_path: str = "", heatmap_path: str = "",
+            reestimate: bool = False) -> int:
     """Markdown on stdout: the runs' environments, then one table over all results (and the files
     asked for). A result for a backend and case that an earlier report also holds replaces it (a rerun)."""
     by_id, runs, backends = {}, {}, {}
@@ -175,6 +179,8 @@ def _report(paths: list[str], merged_path: str = "", html_path: str = "", heatma
         runs.setdefault(run, (meta, []))[1].append(path.rsplit("/", 1)[-1])
     results = list(by_id.values())
     first = next(iter(runs.values()))[0]
+    if reestimate:
+        results = _reestimated(results, first["profile"])
     if html_path:  # first: a reader that stops early (`| head`) must not cost the files
         write_html(html_path, results, first["profile"], first["seed"],
                    [f"{', '.join(names)}: {run}" for run, (_, names) in runs.items()])
@@ -191,6 +197,15 @@ def _report(paths: list[str], merged_path: str = "", html_path: str = "", heatma
               "### Cost", "", format_cost(results)]
     print("\n".join(lines))
     return 1 if any(failing(r) for r in results) else 0
+
+
+def _reestimated(results: list, profile: str) -> list:
+    """The results with their memory estimates made again by this version's rule, where the case id
+    is one of the profile's and the backend is registered (else as they were)."""
+    specs = {s.id: s for s in CATALOG.cases(profile, None)}
+    backends = load_backends()
+    return [dataclasses.replace(r, memory_estimate=case_bytes(specs[r.case], backends[r.backend].capabilities.cache_copies))
+            if r.memory_estimate is not None and r.case in specs and r.backend in backends else r for r in results]
 
 
 def _list(backends, managers) -> int:

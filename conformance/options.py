@@ -98,6 +98,9 @@ OPTIONS: tuple[Option, ...] = (
            "command that reruns it)", ("report",), "", metavar="PATH"),
     Option("heatmap", "also write a PNG of the worst err/tol per backend x scenario (the `plots` extra)",
            ("report",), "", metavar="PATH"),
+    Option("reestimate", "before comparing the memory estimates with the measured peaks, estimate each pair again "
+           "with this version's rule (its case from the catalog, its backend's declared cache copies): how a new "
+           "rule would have done on an earlier run", ("report",), action="store_true"),
     Option("flakes", "the reports are runs of the same cases over several base seeds (flake-check --json, or pytest "
            "--attn-seed N --attn-json): report the pairs that fail on some seed, flaky ones first", ("report",),
            action="store_true"),

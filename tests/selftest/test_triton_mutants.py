@@ -158,24 +158,26 @@ class _DeclaresTF32ScaleOff(_DeclaresTF32):
         return super().run(dataclasses.replace(case, q=case.q * 1.005))
 
 
+TF32_CASES = [c for c in CATALOG.cases("gpu", ["mixed_medium", "small_decode", "chunked_context_prefill"], kind="mha")
+              if c.dtype == torch.float32 and c.calls == "one" and c.block_size == 16 and c.kv_dtype == "auto"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton's interpreter ignores tl.dot's input_precision "
                     "(a numpy matmul in fp32): TF32 shows on a GPU only (CPU: test_precision.py)")
-def test_tf32_dots_are_their_own_failure_unless_declared(tmp_path, runner, record_property):
+@pytest.mark.parametrize("spec", TF32_CASES, ids=[c.id for c in TF32_CASES])  # one case a test: xdist spreads them
+def test_tf32_dots_are_their_own_failure_unless_declared(spec, tmp_path, runner, record_property):
     """Our kernel with Triton's default tl.dot on fp32 inputs (TF32) fails the fp32 rule as
     fp32-at-tf32; declared TF32 it passes; declared TF32 with a 0.5 % scale error it fails."""
     record_property("mutant", "triton-mutant-tf32-dots")
     kernels = mutant_module("tf32_dots", 'DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",',
-                            'DOT_PRECISION="tf32",', tmp_path)
+                            'DOT_PRECISION="tf32",', tmp_path)  # the same source each time: Triton's cache has it
     undeclared = TritonBackend("triton-mutant-tf32-dots", False, kernels=kernels)
     declared = _DeclaresTF32("triton-tf32-declared", False, kernels=kernels)
     scale_off = _DeclaresTF32ScaleOff("triton-tf32-declared-scale-off", False, kernels=kernels)
-    specs = [c for c in CATALOG.cases("gpu", ["mixed_medium", "small_decode", "chunked_context_prefill"], kind="mha")
-             if c.dtype == torch.float32 and c.calls == "one" and c.block_size == 16 and c.kv_dtype == "auto"]
-    for spec in specs:
-        result = runner.run(undeclared, spec)
-        assert result.status == Status.FAIL and Category.FP32_AT_TF32 in result.categories, (spec.id, result.reason)
-        assert Category.WRONG_OUTPUT not in result.categories, (spec.id, result.reason)
-        result = runner.run(declared, spec)
-        assert result.status == Status.PASS and result.noise == "tf32", (spec.id, result.reason)
-        result = runner.run(scale_off, spec)
-        assert result.status == Status.FAIL and Category.FP32_AT_TF32 not in result.categories, (spec.id, result.reason)
+    result = runner.run(undeclared, spec)
+    assert result.status == Status.FAIL and Category.FP32_AT_TF32 in result.categories, (spec.id, result.reason)
+    assert Category.WRONG_OUTPUT not in result.categories, (spec.id, result.reason)
+    result = runner.run(declared, spec)
+    assert result.status == Status.PASS and result.noise == "tf32", (spec.id, result.reason)
+    result = runner.run(scale_off, spec)
+    assert result.status == Status.FAIL and Category.FP32_AT_TF32 not in result.categories, (spec.id, result.reason)
