@@ -17,7 +17,10 @@ Idle claims count too: a process between cases holds its context and what stays 
 out of memory). So a process drops the prepared cases it will not reuse before it waits (the runner
 does), and a big case waits while the claims leave no room or the GPU has not enough free. Progress
 is guaranteed: when nothing runs and the ledger has not changed for STALL_SECONDS, no one is going
-to give memory back, and the case goes ahead anyway (the estimate may be generous).
+to give memory back, and the case goes ahead anyway (the estimate may be generous). The GPU's free
+memory moving counts as a change: processes running small cases change no claim, yet are not idle
+(on an H100, a big case let in after 10 s of unchanged claims ran out of memory beside fifteen of
+them).
 
 Local memory: a kernel that spills registers makes the driver grow the context's per-thread stack
 and keep that much local memory for every thread the GPU can hold, for the context's whole life.
@@ -142,8 +145,10 @@ class DeviceMemory:
                 running = sum(n for n, is_running in others.values() if is_running)
                 free = self.free()
                 fits = sum(n for n, _ in others.values()) + need <= self.budget and running + need <= free
-                if others != seen:
-                    seen, since = others, time.monotonic()
+                # A change: another claim, or the GPU's free memory moving by a GiB (other processes
+                # running small cases under their idle claims change no claim, but are not idle).
+                if seen is None or others != seen[0] or abs(free - seen[1]) >= GiB:
+                    seen, since = (others, free), time.monotonic()
                 stalled = not running and time.monotonic() - since >= self.stall_seconds
                 if fits or (not running and need <= free) or stalled:
                     claims[self.pid] = self.claim = (need, True)

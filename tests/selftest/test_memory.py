@@ -80,6 +80,31 @@ def test_a_big_case_waits_for_the_memory_idle_processes_hold_until_the_ledger_st
     assert 1.5 <= time.monotonic() - t0 < 5
 
 
+def test_a_busy_gpu_is_no_stall_though_no_claim_changes(tmp_path):
+    """Other processes running small cases under their idle claims change no claim, but their memory
+    comes and goes: a big case that does not fit waits on while it does, and goes ahead once it stops."""
+    free, busy = [3 * GiB], [True]
+    path, a, b = _two(tmp_path, budget=100 * GiB, free=lambda: free[0])
+    a.settle(6 * GiB)
+
+    def others_at_work():
+        while busy[0]:
+            free[0] = 3 * GiB if free[0] != 3 * GiB else 5 * GiB
+            time.sleep(0.3)
+
+    worker = threading.Thread(target=others_at_work, daemon=True)
+    worker.start()
+    waiter = threading.Thread(target=b.admit, args=(8 * GiB,), daemon=True)
+    waiter.start()
+    time.sleep(3.0)  # twice the stall time, unchanged claims
+    still_waiting = waiter.is_alive()
+    busy[0] = False
+    worker.join()
+    assert still_waiting
+    waiter.join(5)
+    assert not waiter.is_alive() and b.claim == (8 * GiB, True)
+
+
 def test_local_memory_a_spilling_kernel_left_is_given_back():
     """The CUDA driver API faked: the stack limit is set back to the default only when it grew."""
     class Driver:
