@@ -22,7 +22,7 @@ class Stopwatch:
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.compile = 0.0
         self._stack: list[str] = []
-        self._start = self._mark = time.perf_counter()
+        self._mark = time.perf_counter()
 
     @contextlib.contextmanager
     def phase(self, name: str):
